@@ -1,0 +1,123 @@
+"""``tl-sweep run | validate | models | ui``.
+
+User errors (:class:`~tl_sweep.errors.UserError`) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tl_sweep.errors import UserError
+
+
+def _err(msg: str) -> None:
+    print(f"tl-sweep: error: {msg}", file=sys.stderr)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_validate(args) -> int:
+    from tl_sweep import spec
+
+    cfg = spec.load(args.spec, args.set)
+    print(spec.to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from tl_sweep import runner, spec, tracking
+
+    cfg = spec.load(args.spec, args.set)
+    summary = runner.run(cfg, address=args.address, log=_log)
+    print()
+    print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} trials")
+    print(runner.table(summary.trials))
+    uri = cfg.spec.tracking.uri
+    print()
+    if uri.startswith("sqlite:///"):
+        print(f"browse: tl-sweep ui --tracking-uri {uri}   (then open "
+              f"{tracking.ui_link('http://127.0.0.1:5000', summary.experiment_id)})")
+    else:
+        print(f"browse: {tracking.ui_link(uri, summary.experiment_id)}")
+    return 0 if summary.status == "FINISHED" else 1
+
+
+def cmd_models(args) -> int:
+    from tl_sweep import models
+
+    rows = []
+    for arch in models.list_archs():
+        fam = models.family(arch)
+        rows.append((arch, fam.name, str(models.num_blocks(arch)), str(models.input_spec(arch, "DEFAULT")["crop"]),
+                     ", ".join(n for n in models.weight_names(arch) if n != "DEFAULT")))
+    heads = ("arch", "family", "blocks", "input", "weights (plus DEFAULT)")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    for r in [heads, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from tl_sweep import spec, tracking
+
+    uri = spec._abs_uri(args.tracking_uri)
+    tracking.check(uri)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} for {uri}")
+    print(f"training runs of experiment N: {tracking.ui_link(base, 'N')}  (N is printed by tl-sweep run)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    root = tracking.artifact_root(uri)
+    if root:
+        cmd += ["--default-artifact-root", Path(root).as_uri()]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tl-sweep", description="Transfer-learning sweeps: Ray Tune + Optuna + MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_spec(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("spec", help="the YAML spec, e.g. search_spaces/freeze_depth.yaml")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a spec key, e.g. --set search.num_trials=4 (repeatable)")
+        return sp
+
+    r = with_spec("run", "run the sweep a spec describes")
+    r.add_argument("--address", default=None, help="Ray cluster to join (auto or host:port); default: local")
+    r.set_defaults(fn=cmd_run)
+    with_spec("validate", "print the fully resolved config and exit").set_defaults(fn=cmd_validate)
+    sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"
+                   ).set_defaults(fn=cmd_models)
+    u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
+    u.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        _err(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted; finished trials are in MLflow")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

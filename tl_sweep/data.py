@@ -1,0 +1,355 @@
+"""Datasets, honest splits, the decode-once image cache, and augmentation on tensors.
+
+Every dataset becomes one cache file per node: all images decoded once into uint8 ``N×3×S×S`` (``S`` is
+the resize size, a little above the crop size) in a ``.npy`` file that trials memory-map, so a trial never
+decodes an image and never copies the whole set. The cache is keyed by the dataset's fingerprint (file list,
+sizes and content hashes) and ``S``; a rerun reuses it, a half-written one is never reused (written to a
+temporary name, then renamed).
+
+Sources (``data.dataset``):
+
+* ``builtin:digits``: scikit-learn's ``load_digits`` (1,797 real 8×8 images of 0-9), upsampled.
+* ``imagefolder:<path>``: ``train/``, ``val/`` (and optional ``test/``) folders of class folders, or one
+  tree of class folders split by ``data.split`` (stratified, seeded).
+
+Splits are honest: the search sees ``val`` only; ``test`` is kept for the final evaluation of the best
+configurations and never steers the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tl_sweep.errors import UserError
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TL_SWEEP_CACHE", Path.home() / ".cache" / "tl-sweep")).expanduser()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the driver hands to every trial: where the cache is and which rows form each split."""
+
+    cache: str  # path of the uint8 N×3×S×S .npy file
+    labels: tuple[int, ...]  # per cache row, already mapped to 0..C-1 (-1: not in the selected classes)
+    index: dict[str, tuple[int, ...]]  # split name -> cache rows
+    classes: tuple[str, ...]
+    fingerprint: str
+    skipped: tuple[str, ...] = ()
+    reused: bool = False
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The images (a memory-mapped view, not a copy) and labels of one split."""
+        x = np.load(self.cache, mmap_mode="r")
+        rows = np.asarray(self.index[name], dtype=np.int64)
+        return x, np.asarray(self.labels, dtype=np.int64)[rows], rows
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.index.items()}
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def _digits(size: int) -> tuple[np.ndarray, list[int], list[str], str]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = torch.from_numpy(d.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+    x = img.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy()
+    fp = hashlib.blake2b(d.images.tobytes() + d.target.tobytes(), digest_size=16).hexdigest()
+    return x, d.target.tolist(), [str(i) for i in range(10)], f"digits-{fp}"
+
+
+def _files(folder: Path) -> list[Path]:
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+    return out
+
+
+def _scan_classes(folder: Path, where: str) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise UserError(f"{where}: {folder} is not a folder; it must hold one folder per class")
+    classes = {d.name: _files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if not classes:
+        raise UserError(f"{where}: {folder} has no class folders; put each class's images in {folder}/<class>/")
+    empty = [c for c, f in classes.items() if not f]
+    if empty:
+        raise UserError(f"{where}: class folder {folder / empty[0]} is empty; add images or remove it")
+    return classes
+
+
+def _fingerprint(files: list[tuple[str, Path]]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for rel, path in files:
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def to_rgb(img) -> "Image.Image":  # noqa: F821
+    """Any PIL mode as 8-bit RGB: alpha composited on white, 16-bit and float scaled, CMYK/P/LA converted."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray((a / top * 255).clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """One image file → uint8 3×S×S: shorter side resized to S, centre-cropped (torchvision's Resize+CenterCrop)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # truncated files fail here, not later
+        rgb = to_rgb(im)
+    w, h = rgb.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    rgb = rgb.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    rgb = rgb.crop((left, top, left + size, top + size))
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _stratified(labels: list[int], fractions: tuple[float, ...], seed: int) -> list[list[int]]:
+    """Per class, shuffle (seeded) and cut by ``fractions``; returns one row list per fraction."""
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in fractions]
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    for y in sorted(by_class):
+        rows = np.array(by_class[y])[rng.permutation(len(by_class[y]))]
+        edges = np.round(np.cumsum(fractions) * len(rows)).astype(int)
+        start = 0
+        for k, end in enumerate(edges):
+            out[k] += rows[start:end].tolist()
+            start = end
+    return [sorted(o) for o in out]
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+
+def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -> None:
+    """Write N×3×S×S uint8 to ``path`` atomically (a temporary file renamed when complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, size, size))
+        for i, img in enumerate(images):
+            arr[i] = img
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write the image cache in {path.parent} ({e.strerror}); free space there or "
+                        f"set TL_SWEEP_CACHE to a folder with room") from None
+
+
+def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, float],
+            classes: list | None = None, train_per_class: int | None = None, strict: bool = False,
+            log=print) -> Prepared:
+    """Decode the dataset once into the node's cache and choose the rows of each split."""
+    if dataset == "builtin:digits":
+        return _prepare_digits(size, seed, split, classes, train_per_class, log)
+    return _prepare_folder(Path(dataset.removeprefix("imagefolder:")), size, seed, split, classes,
+                           train_per_class, strict, log)
+
+
+def _select(all_classes: list[str], wanted: list | None, where: str) -> list[int]:
+    if wanted is None:
+        return list(range(len(all_classes)))
+    idx = []
+    for c in wanted:
+        if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(all_classes) and str(c) not in all_classes:
+            idx.append(c)
+        elif str(c) in all_classes:
+            idx.append(all_classes.index(str(c)))
+        else:
+            raise UserError(f"data.classes: {c!r} is not a class of {where}; classes: {', '.join(all_classes)}")
+    if len(set(idx)) != len(idx) or len(idx) < 2:
+        raise UserError(f"data.classes: give at least 2 distinct classes (got {wanted})")
+    return idx
+
+
+def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: list[str], keep: list[int],
+            train_per_class: int | None, seed: int, fingerprint: str, skipped, reused: bool) -> Prepared:
+    remap = {old: new for new, old in enumerate(keep)}
+    mapped = [remap.get(y, -1) for y in labels]
+    index = {k: [r for r in v if mapped[r] >= 0] for k, v in rows.items()}
+    if train_per_class:
+        rng = np.random.default_rng(seed + 1)
+        few = []
+        for c in range(len(keep)):
+            rows_c = [r for r in index["train"] if mapped[r] == c]
+            if len(rows_c) < train_per_class:
+                raise UserError(f"data.train_per_class: class {names[keep[c]]!r} has only {len(rows_c)} "
+                                f"training images; lower train_per_class to at most {len(rows_c)}")
+            few += rng.choice(rows_c, size=train_per_class, replace=False).tolist()
+        index["train"] = sorted(few)
+    for k, v in index.items():
+        if not v and k != "test":
+            raise UserError(f"data: the {k} split is empty; add images or change data.split")
+    return Prepared(str(cache), tuple(mapped), {k: tuple(v) for k, v in index.items() if v},
+                    tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused)
+
+
+def _prepare_digits(size, seed, split, classes, train_per_class, log) -> Prepared:
+    x, labels, names, fp = _digits(size)
+    cache = cache_root() / "images" / f"{fp}-{size}.npy"
+    reused = cache.exists()
+    if not reused:
+        _write_cache(cache, x, size)
+    train, val, test = _stratified(labels, split, seed)
+    keep = _select(names, classes, "builtin:digits")
+    return _finish(cache, labels, {"train": train, "val": val, "test": test}, names, keep,
+                   train_per_class, seed, fp, (), reused)
+
+
+def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, strict, log) -> Prepared:
+    where = f"data.dataset imagefolder:{root}"
+    if not root.is_dir():
+        raise UserError(f"{where}: no such folder; give the path to your images (relative to the spec file)")
+    subs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if subs:
+        if "train" not in subs or "val" not in subs:
+            missing = "train" if "train" not in subs else "val"
+            raise UserError(f"{where}: has {', '.join(subs)}/ but no {missing}/ folder; add {root / missing}/<class>/ "
+                            f"or use one tree of class folders split by data.split")
+        trees = {s: _scan_classes(p, where) for s, p in subs.items()}
+        names = sorted(trees["train"])
+        for s, tree in trees.items():
+            if sorted(tree) != names:
+                diff = sorted(set(tree) ^ set(names))
+                raise UserError(f"{where}: classes of {s}/ differ from train/ ({', '.join(diff)}); "
+                                f"every split needs the same class folders")
+        files = [(s, names.index(c), p) for s, tree in trees.items() for c in names for p in tree[c]]
+    else:
+        tree = _scan_classes(root, where)
+        names = sorted(tree)
+        files = [("", names.index(c), p) for c in names for p in tree[c]]
+    listing = [(str(p.relative_to(root)), p) for _, _, p in files]
+    fp = _fingerprint(listing)
+    cache = cache_root() / "images" / f"{fp}-{size}.npy"
+    meta_path = cache.with_suffix(".json")
+    if cache.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        reused = True
+        log(f"data: reusing the decoded cache {cache} ({len(meta['labels'])} images)")
+    else:
+        images, kept, skipped = [], [], []
+        for i, (_, _, p) in enumerate(files):
+            try:
+                images.append(decode(p, size))
+                kept.append(i)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for broken or non-image files
+                skipped.append(f"{p.relative_to(root)}: {type(e).__name__}")
+        if not images:
+            raise UserError(f"{where}: no readable images among {len(files)} files; "
+                            f"supported: {', '.join(sorted(IMAGE_SUFFIXES))}")
+        _write_cache(cache, images, size)
+        meta = {"labels": [files[i][1] for i in kept], "split": [files[i][0] for i in kept],
+                "skipped": skipped, "classes": names}
+        meta_path.write_text(json.dumps(meta))
+        reused = False
+    if meta["skipped"]:
+        if strict:
+            raise UserError(f"{where}: {len(meta['skipped'])} unreadable files (first: {meta['skipped'][0]}); "
+                            f"remove them or set data.strict: false to skip them")
+        log(f"data: skipped {len(meta['skipped'])} unreadable files (listed in the parent run's "
+            f"skipped_files.txt); first: {meta['skipped'][0]}")
+    labels, where_from = meta["labels"], meta["split"]
+    present = {labels[i] for i in range(len(labels))}
+    if len(present) < len(names):
+        lost = [names[c] for c in range(len(names)) if c not in present]
+        raise UserError(f"{where}: class {lost[0]!r} has no readable image; fix its files")
+    if subs:
+        rows = {s: [i for i, w in enumerate(where_from) if w == s] for s in SPLITS}
+    else:
+        rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
+    keep = _select(names, classes, where)
+    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, meta["skipped"], reused)
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+
+class Augmenter:
+    """Batched transforms on uint8 tensors (on the trial's device): random resized crop + flip, or centre crop.
+
+    The random resized crop is one affine grid per image (``F.affine_grid`` + ``grid_sample``), so each
+    image of a batch gets its own crop in one kernel, on the GPU when there is one.
+    """
+
+    def __init__(self, *, crop: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True,
+                 device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+        self.crop, self.scale, self.ratio, self.hflip = crop, scale, ratio, hflip
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.gen = generator
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+    def train(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        r = lambda: torch.rand(n, generator=self.gen).to(self.device)  # noqa: E731
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * r()
+        logr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * r()
+        aspect = torch.exp(logr)
+        w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the side
+        h = torch.sqrt(area / aspect).clamp(max=1.0)
+        cx = (r() * 2 - 1) * (1 - w)
+        cy = (r() * 2 - 1) * (1 - h)
+        flip = torch.where(r() < 0.5, -1.0, 1.0) if self.hflip else torch.ones(n, device=self.device)
+        theta = torch.zeros(n, 2, 3, device=self.device)
+        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        grid = F.affine_grid(theta, (n, 3, self.crop, self.crop), align_corners=False)
+        return F.grid_sample(self._normalise(x), grid, mode="bilinear", padding_mode="reflection",
+                             align_corners=False)
+
+    def eval(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.shape[-1]
+        o = (s - self.crop) // 2
+        return self._normalise(x[..., o:o + self.crop, o:o + self.crop])
+
+
+def describe(p: Prepared) -> dict[str, Any]:
+    c = p.counts()
+    return {"classes": list(p.classes), "fingerprint": p.fingerprint,
+            **{f"n_{k}": c.get(k, 0) for k in SPLITS}, "skipped_files": len(p.skipped),
+            "test_split": "held out" if c.get("test") else "none (this dataset has no test split)"}

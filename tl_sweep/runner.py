@@ -1,0 +1,230 @@
+"""The sweep: pre-flight, MLflow parent run, Ray Tune Tuner with OptunaSearch and ASHA, summary.
+
+Order of work in :func:`run` (nothing expensive starts before every input is checked):
+
+1. tracking URI reachable; data decoded once into the node cache; weights resolved (a ``source:`` model
+   pretrained once) and the model built once on the driver, so a bad checkpoint fails before any trial;
+2. experiment and parent run created on the driver;
+3. ``Tuner.fit`` with :class:`Searcher` (Optuna TPE, seeded, ``constant_liar``) behind a concurrency
+   limit, ASHA on schedule progress (or FIFO), per-trial CPU/GPU resources (fractions share a GPU);
+4. the parent run closed with the best trial; child runs left RUNNING by a killed process are closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from tl_sweep import data, models, sources, space, tracking, train
+from tl_sweep.spec import Config, to_yaml, values_of
+
+log_fn = Callable[[str], None]
+
+
+def _min_epochs(cfg: Config) -> int:
+    return int(min(values_of(cfg.spec.search.space.epochs)))
+
+
+class Searcher(OptunaSearch):
+    """OptunaSearch that tells Optuna how a trial really ended.
+
+    A trial that ran all its epochs is COMPLETE with its best-epoch ``val_acc`` (the checkpoint it keeps).
+    A trial ASHA stopped is PRUNED, not COMPLETE with a mid-schedule value: TPE then ranks it below complete
+    trials by how far it got, instead of mistaking a half-annealed score for a final one.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials or error or not result:
+            return super().on_trial_complete(trial_id, result, error)
+        epochs = int(result.get("config", {}).get("epochs", ot_trial.params.get("epochs", 0)))
+        if result.get("epoch", 0) < epochs:
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return None
+        return super().on_trial_complete(trial_id, {**result, self.metric: result["best_val_acc"]}, error)
+
+
+def make_searcher(cfg: Config) -> ConcurrencyLimiter:
+    """Seeded TPE (``constant_liar`` so concurrent trials do not collide) behind a concurrency limit."""
+    s = cfg.spec
+    n_startup = min(10, max(2, s.search.num_trials // 3))
+    sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=n_startup)
+    searcher = Searcher(space=space.DefineByRun(s.search.space), metric=train.METRIC, mode="max", sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=s.search.max_concurrent)
+
+
+def make_scheduler(cfg: Config):
+    """ASHA on ``progress`` (epochs rescaled to the shortest schedule) or FIFO; see docs/search.md."""
+    sch = cfg.spec.scheduler
+    if sch.kind == "fifo":
+        return FIFOScheduler()
+    max_t = _min_epochs(cfg)  # progress runs 0..min_epochs over every trial's own schedule
+    if sch.grace_period >= max_t:
+        return FIFOScheduler()  # no rung fits before the shortest schedule ends
+    return ASHAScheduler(time_attr="progress", metric=train.METRIC, mode="max", max_t=max_t,
+                         grace_period=sch.grace_period, reduction_factor=sch.reduction_factor)
+
+
+@dataclass
+class Summary:
+    experiment_id: str
+    parent_run_id: str
+    trials: list[dict[str, Any]] = field(default_factory=list)  # one row per trial, best first
+    status: str = "FINISHED"
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.trials[0] if self.trials else None
+
+
+class Progress(tune.Callback):
+    """One line per finished trial with the best so far; closes each trial's MLflow run with its status."""
+
+    def __init__(self, total: int, uri: str, log: log_fn):
+        self.total, self.uri, self.log = total, uri, log
+        self.done, self.best, self.t0 = 0, None, time.perf_counter()
+
+    def _line(self, trial, how: str) -> None:
+        self.done += 1
+        r, c = trial.last_result or {}, trial.config
+        acc = r.get("best_val_acc")
+        if acc is not None and (self.best is None or acc > self.best[0]):
+            self.best = (acc, trial.trial_id)
+        got = f"val_acc {acc:.3f}" if acc is not None else "no result"
+        best = f"best {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
+        self.log(f"[{self.done:>3}/{self.total}] {trial.trial_id} k={c.get('unfrozen_blocks')} {c.get('optimizer')} "
+                 f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.get('epoch', 0)}/"
+                 f"{c.get('epochs')} → {got} {how}| {time.perf_counter() - self.t0:.0f}s | {best}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        stopped = r.get("epoch", 0) < trial.config.get("epochs", 0)
+        self._line(trial, "(early-stopped) " if stopped else "")
+        if r.get("mlflow_run_id"):
+            tags = {"tl_sweep.epochs_run": str(r.get("epoch", 0))}
+            if stopped:
+                tags["tl_sweep.early_stopped"] = "true"
+            tracking.end_run(self.uri, r["mlflow_run_id"], "FINISHED", tags)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "FAILED ")
+        r = trial.last_result or {}
+        if r.get("mlflow_run_id"):
+            tracking.end_run(self.uri, r["mlflow_run_id"], "FAILED", {"tl_sweep.epochs_run": str(r.get("epoch", 0))})
+
+
+def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, str | None]:
+    """Check everything a trial will touch, in the order a user would fix it; nothing is started."""
+    s = cfg.spec
+    tracking.check(s.tracking.uri)
+    prepared = data.prepare(s.data.dataset, size=cfg.input["resize"], seed=s.seed, split=s.data.split,
+                            classes=s.data.classes, train_per_class=s.data.train_per_class, log=log)
+    counts = prepared.counts()
+    log(f"data: {s.data.dataset} {len(prepared.classes)} classes ({', '.join(prepared.classes)}): "
+        f"train {counts['train']}, val {counts['val']}, test {counts.get('test', 0)} (held out) at "
+        f"{cfg.input['crop']}px{' - decoded cache reused' if prepared.reused else ''}")
+    if s.model.head == "binary" and len(prepared.classes) != 2:
+        from tl_sweep.errors import UserError
+
+        raise UserError(f"model.head: binary needs 2 classes, the data has {len(prepared.classes)}; "
+                        f"use head: linear")
+    weights_file = cfg.weights_file
+    if cfg.source:
+        weights_file = str(sources.checkpoint(cfg.source, s.model.arch, cfg.input, s.seed,
+                                              use_gpu=s.resources.gpu > 0, log=log))
+    models.build(s.model.arch, len(prepared.classes), weights=s.model.weights, weights_file=weights_file,
+                 head=s.model.head, image_size=cfg.input["crop"])  # a bad checkpoint fails here, once
+    return prepared, weights_file
+
+
+def run(cfg: Config, *, address: str | None = None, log: log_fn = print) -> Summary:
+    """Run the sweep that ``cfg`` describes; returns the trials, best first."""
+    t0 = time.perf_counter()
+    s = cfg.spec
+    prepared, weights_file = preflight(cfg, log)
+    uri = s.tracking.uri
+    exp_id = tracking.experiment_id(uri, cfg.experiment)
+    run_name = f"{s.name}·{s.model.arch}·{s.model.weights}·{time.strftime('%Y%m%d-%H%M%S')}"
+    files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
+    if prepared.skipped:
+        files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
+    parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
+        "tl_sweep.arch": s.model.arch, "tl_sweep.weights": s.model.weights,
+        "tl_sweep.data_fingerprint": prepared.fingerprint, **{f"tl_sweep.data.{k}": str(v) for k, v in
+                                                               data.describe(prepared).items()}})
+    log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}")
+    summary = Summary(exp_id, parent)
+
+    ctx = train.TrialContext(
+        arch=s.model.arch, weights=s.model.weights, weights_file=weights_file, head=s.model.head,
+        head_hidden=s.model.head_hidden, head_dropout=s.model.head_dropout, input=cfg.input,
+        augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
+        tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
+                 configure_logging=True, log_to_driver=True)
+    trainable = tune.with_resources(tune.with_parameters(train.run_trial, ctx=ctx),
+                                    {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg),
+                                    num_samples=s.search.num_trials, trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=f"{cfg.experiment}-{parent[:8]}", storage_path=s.storage, verbose=0,
+                                  callbacks=[Progress(s.search.num_trials, uri, log)],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    log(f"ray: {s.search.num_trials} trials, {s.search.max_concurrent} at a time, "
+        f"{s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, scheduler {s.scheduler.kind}")
+    try:
+        results = tuner.fit()
+        rows = []
+        for r in results:
+            m = r.metrics or {}
+            c = dict(r.config or {})
+            stopped = m.get("epoch", 0) < c.get("epochs", 0) and r.error is None
+            rows.append({"trial": m.get("trial_id", ""), **{k: c.get(k) for k in space.DIMENSIONS},
+                         "best_val_acc": m.get("best_val_acc"), "epochs_run": m.get("epoch", 0),
+                         "status": "FAILED" if r.error else ("EARLY_STOPPED" if stopped else "FINISHED")})
+        rows.sort(key=lambda row: -(row["best_val_acc"] if row["best_val_acc"] is not None else -1))
+        summary.trials = rows
+        if rows and all(row["status"] == "FAILED" for row in rows):
+            summary.status = "FAILED"
+    except KeyboardInterrupt:
+        summary.status = "KILLED"
+        raise
+    finally:
+        summary.seconds = time.perf_counter() - t0
+        tracking.close_orphans(uri, exp_id, parent)
+        best = summary.best
+        metrics = {"best_val_acc": best["best_val_acc"]} if best and best["best_val_acc"] is not None else {}
+        metrics.update(n_trials=len(summary.trials), sweep_seconds=summary.seconds)
+        tags = {"tl_sweep.best_trial": best["trial"]} if best else {}
+        if best:
+            tags.update({f"tl_sweep.best.{k}": str(best[k]) for k in space.DIMENSIONS})
+        tracking.finish_parent(uri, parent, metrics, tags, summary.status)
+    return summary
+
+
+def table(rows: list[dict[str, Any]], limit: int = 8) -> str:
+    """The best trials as an aligned text table."""
+    cols = ["trial", "unfrozen_blocks", "optimizer", "batch_size", "lr_mult", "epochs", "best_val_acc", "status"]
+    heads = ["trial", "k", "optimizer", "bs", "lr_mult", "epochs", "best val_acc", "status"]
+    fmt = lambda c, v: f"{v:.4f}" if c == "best_val_acc" and v is not None else (  # noqa: E731
+        f"{v:.3g}" if isinstance(v, float) else str(v))
+    body = [[fmt(c, r.get(c)) for c in cols] for r in rows[:limit]]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
+    line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(heads)] + [line(b) for b in body])

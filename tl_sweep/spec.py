@@ -1,0 +1,397 @@
+"""YAML spec → validated, fully resolved config.
+
+:func:`load` reads a spec file (``yaml.safe_load``), applies ``--set key.path=value`` overrides, checks
+every key against the schema below, and resolves what the spec leaves implicit: defaults, ``max`` in
+``unfrozen_blocks``, relative paths (relative to the spec file), the input size from the weights'
+metadata, absolute tracking/storage locations (trials run in other working directories).
+
+Every problem is a :class:`~tl_sweep.errors.UserError` whose message is one line naming the file, the key
+path, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tl_sweep import models
+from tl_sweep.errors import UserError
+
+Scalar = Union[bool, int, float, str]
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Range(_Strict):
+    """``{low, high, log}``: an int range when both ends are ints (or ``max``), else a float range."""
+
+    low: Union[int, float]
+    high: Union[int, float, Literal["max"]]
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.high != "max" and self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high}); swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and (self.high == "max" or isinstance(self.high, int))
+
+
+Dim = Union[Range, list[Scalar], Scalar]  # a range, a categorical list, or a constant
+
+
+def values_of(dim: Dim) -> list:
+    """The values a dimension can take at its ends (a range's ``low``/``high``, a list, a constant)."""
+    if isinstance(dim, Range):
+        return [dim.low, dim.high]
+    return list(dim) if isinstance(dim, list) else [dim]
+
+
+class Space(_Strict):
+    """The search space. Each dimension is a constant, a list of choices or a ``{low, high, log}`` range."""
+
+    batch_size: Dim = 32
+    optimizer: Dim = "sgd"
+    lr_mult: Dim = 1.0
+    head_lr_mult: Dim = 1.0
+    weight_decay: Dim = 1e-4
+    layer_decay: Dim = 1.0
+    unfrozen_blocks: Dim = Range(low=0, high="max")
+    epochs: Dim = 5
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_empty(cls, data):
+        for key, value in (data or {}).items():
+            if isinstance(value, list) and not value:
+                raise ValueError(f"{key}: the list of choices is empty; give at least one value")
+        return data
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        def check(name: str, ok, rule: str, kinds=(int, float)):
+            for v in values_of(getattr(self, name)):
+                if v == "max" and name == "unfrozen_blocks":
+                    continue
+                if isinstance(v, bool) or not isinstance(v, kinds) or not ok(v):
+                    raise ValueError(f"{name}: {v!r} is not allowed; {rule}")
+
+        check("lr_mult", lambda v: v > 0, "it must be a number > 0 (it multiplies the optimizer's reference LR)")
+        check("head_lr_mult", lambda v: v > 0, "it must be a number > 0")
+        check("weight_decay", lambda v: v >= 0, "it must be a number >= 0")
+        check("layer_decay", lambda v: 0 < v <= 1, "it must be in (0, 1]; 1 turns layer decay off")
+        check("batch_size", lambda v: v >= 1, "it must be a whole number >= 1", (int,))
+        check("epochs", lambda v: v >= 1, "it must be a whole number >= 1", (int,))
+        check("unfrozen_blocks", lambda v: v >= 0, "it must be a whole number >= 0 or max", (int,))
+        for v in values_of(self.optimizer):
+            if v not in OPTIMIZERS:
+                close = difflib.get_close_matches(str(v), OPTIMIZERS, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(OPTIMIZERS)}"
+                raise ValueError(f"optimizer: unknown optimizer {v!r}; {hint}")
+        for name in ("lr_mult", "head_lr_mult", "weight_decay", "layer_decay"):
+            dim = getattr(self, name)
+            if isinstance(dim, Range) and dim.high == "max":
+                raise ValueError(f"{name}.high: max only applies to unfrozen_blocks; give a number")
+        return self
+
+
+class ModelCfg(_Strict):
+    arch: str = "resnet18"
+    weights: str = "none"  # torchvision enum name | checkpoint path | source:<name> | none
+    head: Literal["linear", "mlp", "binary"] = "linear"
+    head_hidden: int = Field(1024, ge=1)
+    head_dropout: float = Field(0.5, ge=0, lt=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        try:
+            models.family(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+class Augment(_Strict):
+    """Train-time augmentation (on uint8 tensors): RandomResizedCrop(scale, ratio) + optional flip."""
+
+    scale: tuple[float, float] | None = None  # default (0.08, 1); builtin:digits (0.7, 1)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool | None = None  # default true; builtin:digits false (a mirrored digit is another shape)
+
+
+class DataCfg(_Strict):
+    dataset: str = "builtin:digits"
+    classes: list[Union[int, str]] | None = None
+    train_per_class: int | None = Field(None, ge=1)
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train/val/test when the source has no split
+    image_size: int | None = Field(None, ge=8)  # crop size; default from the weights' metadata
+    augment: Augment = Augment()
+
+    @field_validator("dataset")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        kinds = ("builtin:", "imagefolder:")
+        if not v.startswith(kinds):
+            raise ValueError(f"{v!r} is not a dataset; use builtin:digits or imagefolder:<path>")
+        if v.startswith("builtin:") and v != "builtin:digits":
+            raise ValueError(f"unknown built-in dataset {v!r}; the built-in one is builtin:digits")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v):
+        if any(f < 0 for f in v) or abs(sum(v) - 1) > 1e-6 or v[0] == 0 or v[1] == 0:
+            raise ValueError(f"{list(v)} must be three fractions (train, val, test) that add up to 1, "
+                             f"train and val > 0")
+        return v
+
+
+class Search(_Strict):
+    num_trials: int = Field(12, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    metric: Literal["val_acc"] = "val_acc"  # maximised
+    space: Space = Space()
+
+
+class Scheduler(_Strict):
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)  # in epochs of the shortest schedule (see docs/search.md)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class Resources(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+
+class Tracking(_Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # default: the spec's name
+
+
+class Spec(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    search: Search = Search()
+    scheduler: Scheduler = Scheduler()
+    resources: Resources = Resources()
+    tracking: Tracking = Tracking()
+    storage: str = "ray_results"  # Ray Tune's storage path; a path or a URI such as s3://...
+
+    @model_validator(mode="after")
+    def _fits_model(self):
+        n = models.num_blocks(self.model.arch, self.data.image_size)
+        for v in values_of(self.search.space.unfrozen_blocks):
+            if v != "max" and v > n:
+                raise ValueError(f"search.space.unfrozen_blocks: {v} is above the {n} blocks of "
+                                 f"{self.model.arch}; use at most {n} (or max)")
+        if self.model.head == "binary" and self.data.classes is not None and len(self.data.classes) != 2:
+            raise ValueError(f"model.head: binary needs exactly 2 classes, data.classes has "
+                             f"{len(self.data.classes)}; use head: linear")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _parse_yaml(text: str, where: str) -> dict:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        pos = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise UserError(f"{where}: YAML syntax error at {pos}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML: {e}") from None
+    if raw is None:
+        raise UserError(f"{where}: the spec is empty; start from search_spaces/freeze_depth.yaml")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: a spec is a mapping of keys (name, model, data, search...), "
+                        f"not a {type(raw).__name__}")
+    return raw
+
+
+def _submodel(annotation) -> type[BaseModel] | None:
+    """The BaseModel class a field holds, if any (``Optional[X]``/``X | None`` included)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg is not Range:
+                return arg
+    return None
+
+
+def _check_keys(raw: Any, schema: type[BaseModel], path: str, where: str) -> None:
+    """Unknown keys, with the key path and the closest valid name (pydantic alone names neither well)."""
+    if not isinstance(raw, dict):
+        return
+    fields = schema.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(fields)}"
+            raise UserError(f"{where}: {path}{key}: unknown key; {hint}")
+        sub = _submodel(fields[key].annotation)
+        if sub is not None and sub is not Range:
+            _check_keys(value, sub, f"{path}{key}.", where)
+
+
+def _set(raw: dict, dotted: str, value: str, where: str) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {k} is not a section of {where}; check the key path")
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[keys[-1]] = value
+
+
+def _first_error(err: ValidationError, where: str) -> UserError:
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    # Union members show up as loc entries (e.g. 'Range', 'list[...]'); keep only real keys and indices.
+    loc = [p for p in loc if not any(ch in p for ch in "[]()") and p not in ("Range", "int", "float", "str", "bool")]
+    msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if e["type"] == "missing":
+        msg = "required key is missing; add it"
+    elif e["type"] == "literal_error":
+        msg = f"{e['input']!r} is not allowed; {e['msg'].lower()}"
+    path = ".".join(loc)
+    if msg.startswith(tuple(f"{f}:" for f in Space.model_fields)) and path.endswith("space"):
+        path += "." + msg.split(":", 1)[0]
+        msg = msg.split(":", 1)[1].strip()
+    elif msg.startswith(("search.", "model.", "data.")):
+        path, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
+    return UserError(f"{where}: {path + ': ' if path else ''}{msg}")
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> "Config":
+    """Read, override, validate and resolve a spec file."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such spec file; search_spaces/ holds examples") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the spec ({e.strerror})") from None
+    raw = _parse_yaml(text, where)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: write --set key.path=value, e.g. --set search.num_trials=4")
+        _set(raw, key.strip(), value, where)
+    _check_keys(raw, Spec, "", where)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as err:
+        raise _first_error(err, where) from None
+    return resolve(spec, path.resolve().parent, text)
+
+
+# ---------------------------------------------------------------------------------------- resolving
+
+
+class Config(BaseModel):
+    """The fully resolved config: what ``tl-sweep validate`` prints and what every trial receives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: Spec
+    spec_text: str
+    spec_dir: str
+    experiment: str
+    weights_file: str | None  # the checkpoint a non-torchvision ``model.weights`` resolves to
+    source: str | None  # the built-in source name of ``source:<name>`` weights
+    input: dict[str, Any]  # crop, resize, mean, std
+    max_blocks: int
+
+    def dump(self) -> dict[str, Any]:
+        """The resolved config as plain data (YAML/JSON/MLflow params)."""
+        d = self.spec.model_dump(mode="json")
+        d["resolved"] = {"experiment": self.experiment, "weights_file": self.weights_file,
+                         "input": {k: list(v) if isinstance(v, tuple) else v for k, v in self.input.items()},
+                         "max_blocks": self.max_blocks}
+        return d
+
+
+def _abs(p: str, base: Path) -> str:
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def _abs_uri(uri: str) -> str:
+    """A relative ``sqlite:///x.db`` becomes absolute against the working directory, as MLflow reads it."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        raise UserError(f"tracking.uri: {uri!r} is not a tracking URI; use sqlite:///mlflow.db or "
+                        f"http://host:port (MLflow 3 refuses a plain ./mlruns folder)")
+    return uri
+
+
+def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
+    spec = spec.model_copy(deep=True)
+    m, d = spec.model, spec.data
+    weights_file = source = None
+    if m.weights.startswith("source:"):
+        source = m.weights.removeprefix("source:")
+    elif m.weights != "none" and models.torchvision_weights(m.arch, m.weights) is None:
+        candidate = Path(_abs(m.weights, spec_dir))
+        if candidate.suffix in (".pt", ".pth", ".ckpt", ".bin") or candidate.exists():
+            weights_file = str(candidate)
+        else:
+            raise UserError(f"model.weights: {m.weights!r} is neither a weights name of {m.arch} "
+                            f"({', '.join(models.weight_names(m.arch))}) nor an existing checkpoint file; "
+                            f"use one of those, source:<name> or none")
+    inp = models.input_spec(m.arch, m.weights)
+    if d.image_size is None:
+        d.image_size = inp["crop"]
+    elif d.image_size != inp["crop"]:
+        inp = dict(inp, crop=d.image_size, resize=round(d.image_size / 0.875))
+    digits = d.dataset == "builtin:digits"
+    if d.augment.scale is None:
+        d.augment.scale = (0.7, 1.0) if digits else (0.08, 1.0)
+    if d.augment.hflip is None:
+        d.augment.hflip = not digits
+    if d.dataset.startswith("imagefolder:"):
+        d.dataset = "imagefolder:" + _abs(d.dataset.removeprefix("imagefolder:"), spec_dir)
+    n = models.num_blocks(m.arch, d.image_size)
+    space = spec.search.space
+    ub = space.unfrozen_blocks
+    if isinstance(ub, Range) and ub.high == "max":
+        space.unfrozen_blocks = Range(low=ub.low, high=n, log=ub.log)
+    elif ub == "max":
+        space.unfrozen_blocks = n
+    spec.tracking.uri = _abs_uri(spec.tracking.uri)
+    if "://" not in spec.storage:  # written in the spec: relative to it; the default: the working directory
+        spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())
+    return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir),
+                  experiment=spec.tracking.experiment or spec.name, weights_file=weights_file,
+                  source=source, input=inp, max_blocks=n)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(copy.deepcopy(cfg.dump()), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,217 @@
+"""MLflow: one experiment per spec name, one parent run per sweep, one nested child run per trial.
+
+The driver creates the experiment and the parent run before any trial starts (concurrent creation races,
+mlflow#4123). Trials create their child runs with the ``mlflow.parentRunId`` tag through ``MlflowClient`` -
+no active-run globals, so several trials in one process or on one node never mix their runs. Writes are
+retried with backoff: sqlite answers "database is locked" under concurrent writers, and a tracking server
+may be restarting.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from tl_sweep.errors import UserError
+
+T = TypeVar("T")
+PARENT_TAG = "mlflow.parentRunId"
+RETRY_SECONDS = 60.0
+
+
+def _retry(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call an MLflow client method, retrying transient failures (locked sqlite, unreachable server)."""
+    delay, deadline = 0.1, time.monotonic() + RETRY_SECONDS
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - MLflow wraps sqlalchemy/requests errors in several types
+            text = str(e).lower()
+            transient = any(s in text for s in ("locked", "connection", "timed out", "temporarily", "503", "502"))
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@functools.lru_cache(maxsize=8)
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check(uri: str) -> None:
+    """Refuse, in one line and before any work, a tracking URI that cannot be used."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise UserError(f"tracking.uri: folder {db.parent} does not exist; create it or point "
+                            f"tracking.uri at sqlite:///<existing folder>/mlflow.db")
+        if not os.access(db.parent, os.W_OK):
+            raise UserError(f"tracking.uri: cannot write in {db.parent}; choose a writable folder")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"tracking.uri: MLflow server {uri} is not reachable ({reason}); start it "
+                            f"(mlflow server --host 127.0.0.1 --port 5000) or fix the address") from None
+    elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
+        raise UserError(f"tracking.uri: unsupported URI {uri!r}; use sqlite:///mlflow.db or http://host:port")
+    try:
+        _retry(client(uri).search_experiments, max_results=1)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"tracking.uri: cannot use {uri}: {first}") from None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database, absolute, so trials in any cwd find them."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None  # a server decides (mlflow server --serve-artifacts)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = _retry(c.get_experiment_by_name, name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise UserError(f"tracking.experiment: experiment {name!r} was deleted in {uri}; restore it "
+                            f"(mlflow experiments restore) or choose another name")
+        return exp.experiment_id
+    root = artifact_root(uri)
+    location = Path(root, name).as_uri() if root else None
+    try:
+        return _retry(c.create_experiment, name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another driver created it first
+        return _retry(c.get_experiment_by_name, name).experiment_id
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def start_parent(uri: str, exp_id: str, run_name: str, config: dict, files: dict[str, str],
+                 tags: dict[str, str]) -> str:
+    """Create the sweep's parent run: resolved config as params, spec + resolved config as artifacts."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    run = _retry(c.create_run, exp_id, run_name=run_name, tags={"tl_sweep.role": "sweep", **tags})
+    rid = run.info.run_id
+    params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+    for i in range(0, len(params), 100):
+        _retry(c.log_batch, rid, params=params[i:i + 100])
+    log_texts(uri, rid, files)
+    return rid
+
+
+def log_texts(uri: str, run_id: str, files: dict[str, str], artifact_path: str | None = None) -> None:
+    """Log text files (name → content) as artifacts of a run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+            _retry(client(uri).log_artifact, run_id, str(Path(tmp) / name), artifact_path)
+
+
+def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    for p in paths:
+        _retry(client(uri).log_artifact, run_id, str(p), artifact_path)
+
+
+def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    c = client(uri)
+    now = int(time.time() * 1000)
+    _retry(c.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+           tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    _retry(c.set_terminated, run_id, status)
+
+
+def children(uri: str, exp_id: str, parent_id: str) -> list:
+    """All child runs of a parent (every page)."""
+    c = client(uri)
+    out, token = [], None
+    while True:
+        page = _retry(c.search_runs, [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                      max_results=1000, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def close_orphans(uri: str, exp_id: str, parent_id: str) -> int:
+    """Mark child runs still RUNNING (their process was killed) as KILLED; returns how many."""
+    n = 0
+    for run in children(uri, exp_id, parent_id):
+        if run.info.status == "RUNNING":
+            _retry(client(uri).set_tag, run.info.run_id, "tl_sweep.error", "trial process ended without closing")
+            _retry(client(uri).set_terminated, run.info.run_id, "KILLED")
+            n += 1
+    return n
+
+
+def ui_link(uri_or_base: str, exp_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs (the UI opens in GenAI mode otherwise)."""
+    return f"{uri_or_base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+class TrialRun:
+    """One trial's nested MLflow run, written through the client API with retries."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    @classmethod
+    def start(cls, uri: str, exp_id: str, parent_id: str, *, name: str, params: dict[str, Any],
+              tags: dict[str, str]) -> "TrialRun":
+        from mlflow.entities import Param
+
+        c = client(uri)
+        run = _retry(c.create_run, exp_id, run_name=name,
+                     tags={PARENT_TAG: parent_id, "tl_sweep.role": "trial", **tags})
+        _retry(c.log_batch, run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return cls(uri, run.info.run_id)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        _retry(client(self.uri).log_batch, self.run_id,
+               metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path) -> None:
+        _retry(client(self.uri).log_artifact, self.run_id, str(path))
+
+    def end(self, status: str, tags: dict[str, str]) -> None:
+        end_run(self.uri, self.run_id, status, tags)
+
+
+def end_run(uri: str, run_id: str, status: str, tags: dict[str, str]) -> None:
+    """Tag a run and set its final status, unless it already ended (the trial may have closed it itself)."""
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    if tags:
+        _retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if _retry(c.get_run, run_id).info.status == "RUNNING":
+        _retry(c.set_terminated, run_id, status)

@@ -1,0 +1,264 @@
+"""The trial: build, freeze, fine-tune for ``epochs`` epochs, report each epoch, keep the best checkpoint.
+
+``run_trial(config, ctx)`` is the Ray Tune trainable. ``config`` is the flat trial config that Optuna
+sampled (the search-space dimensions: ``batch_size, optimizer, lr_mult, head_lr_mult, weight_decay,
+layer_decay, unfrozen_blocks, epochs``); ``ctx`` is the sweep's :class:`TrialContext`, shipped once through
+the object store. The same :func:`fit` loop pretrains the built-in source models.
+
+Learning rate: ``lr = REFERENCE_LR[optimizer] × lr_mult × batch_size / 256`` for the unfrozen blocks, times
+``head_lr_mult`` for the new head (times ``layer_decay**distance`` per block below the head when layer
+decay is on). The schedule is a per-step cosine from ``lr`` to 0 over the trial's *own* epochs.
+
+Each epoch reports ``progress = epoch × min_epochs / epochs`` (the fraction of the trial's own schedule,
+in epochs of the shortest schedule): ASHA compares trials at equal schedule phase, not at equal epoch
+count (see docs/search.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl_sweep import models, tracking
+from tl_sweep.data import Augmenter, Prepared
+
+# Reference learning rates at batch size 256 (lr_mult = 1): the torchvision ImageNet recipe for SGD,
+# the usual 1e-3 for the adaptive methods.
+REFERENCE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
+METRIC = "val_acc"  # maximised; reported every epoch
+
+
+class TrialError(RuntimeError):
+    """A trial that cannot go on (e.g. its loss became NaN); it ends FAILED with this reason."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its sampled config, resolved once on the driver."""
+
+    arch: str
+    weights: str
+    weights_file: str | None
+    head: str
+    head_hidden: int
+    head_dropout: float
+    input: dict[str, Any]
+    augment: dict[str, Any]
+    data: Prepared
+    seed: int
+    min_epochs: int
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    use_gpu: bool
+
+
+def learning_rate(optimizer: str, lr_mult: float, batch_size: int) -> float:
+    return REFERENCE_LR[optimizer] * lr_mult * batch_size / 256
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.RMSprop(groups, lr=lr, momentum=0.9, alpha=0.9, eps=1e-3)
+
+
+def cosine(total_steps: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+class Batches:
+    """Mini-batches of one split: uint8 rows read from the memory-mapped cache (or resident on the GPU)."""
+
+    def __init__(self, data: Prepared, split: str, device: torch.device):
+        x, y, rows = data.split(split)
+        self.device = device
+        order = np.argsort(rows)  # sorted rows read the memmap sequentially
+        self.rows, self.y = rows[order], torch.from_numpy(y[order])
+        self.x = x
+        if device.type == "cuda":  # uint8 is small: keep the split on the GPU, augment there
+            self.x = torch.from_numpy(np.ascontiguousarray(x[self.rows])).to(device)
+            self.rows = np.arange(len(self.rows))
+            self.y = self.y.to(device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, batch_size: int, shuffle: bool, gen: torch.Generator | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.rows)
+        order = torch.randperm(n, generator=gen).numpy() if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            idx = np.sort(order[start:start + batch_size])
+            if self.device.type == "cuda":
+                t = torch.from_numpy(idx).to(self.device)
+                yield self.x[t], self.y[t]
+            else:
+                yield torch.from_numpy(self.x[self.rows[idx]]), self.y[idx]
+
+
+def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if binary:
+        logits = logits.squeeze(1)
+        return F.binary_cross_entropy_with_logits(logits.float(), y.float()), ((logits > 0).long() == y).sum()
+    return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, aug: Augmenter, binary: bool, batch_size: int = 256
+             ) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for x, y in batches(batch_size, shuffle=False):
+        with autocast(batches.device):
+            logits = model(aug.eval(x.to(batches.device, non_blocking=True)))
+        loss, c = loss_and_correct(logits, y.to(batches.device), binary)
+        total_loss += loss.item() * len(y)
+        correct += int(c)
+    return total_loss / len(batches), correct / len(batches)
+
+
+@dataclass
+class Fit:
+    """Everything one epoch loop needs; :meth:`epoch` trains one epoch, :meth:`validate` scores one split."""
+
+    model: nn.Module
+    frozen: models.Frozen
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    aug: Augmenter
+    train_batches: Batches
+    batch_size: int
+    binary: bool
+    gen: torch.Generator
+
+    def epoch(self) -> dict[str, float]:
+        self.frozen.train_mode(self.model)
+        dev = self.train_batches.device
+        total, seen, t0 = 0.0, 0, time.perf_counter()
+        for x, y in self.train_batches(self.batch_size, shuffle=True, gen=self.gen):
+            x, y = self.aug.train(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(dev):
+                loss, _ = loss_and_correct(self.model(x), y, self.binary)
+            if not torch.isfinite(loss):
+                raise TrialError(f"loss became {loss.item()} (lower lr_mult)")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+        secs = time.perf_counter() - t0
+        return {"train_loss": total / seen, "train_img_per_s": seen / secs, "epoch_seconds": secs}
+
+
+def setup(ctx: TrialContext, params: dict[str, Any], device: torch.device) -> Fit:
+    """Build the model with its new head, freeze, make optimizer, schedule and batches for ``params``."""
+    torch.manual_seed(ctx.seed)
+    classes = len(ctx.data.classes)
+    model = models.build(ctx.arch, classes, weights=ctx.weights, weights_file=ctx.weights_file, head=ctx.head,
+                         image_size=ctx.input["crop"], hidden=ctx.head_hidden, dropout=ctx.head_dropout)
+    part = models.partition(model, ctx.arch)
+    frozen = models.freeze(model, part, int(params["unfrozen_blocks"]))
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    bs = int(params["batch_size"])
+    lr = learning_rate(params["optimizer"], float(params["lr_mult"]), bs)
+    groups = models.param_groups(model, part, frozen, lr=lr, weight_decay=float(params["weight_decay"]),
+                                 head_lr_mult=float(params["head_lr_mult"]),
+                                 layer_decay=float(params["layer_decay"]))
+    opt = make_optimizer(params["optimizer"], groups, lr)
+    train_batches = Batches(ctx.data, "train", device)
+    steps = math.ceil(len(train_batches) / bs) * int(params["epochs"])
+    gen = torch.Generator().manual_seed(ctx.seed)
+    aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
+                    generator=gen, **ctx.augment)
+    return Fit(model, frozen, opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps)), aug, train_batches, bs,
+               ctx.head == "binary", gen)
+
+
+def trial_name(arch: str, params: dict[str, Any]) -> str:
+    """A readable run name: ``resnet18·k=2·sgd·bs32``."""
+    return f"{arch}·k={params['unfrozen_blocks']}·{params['optimizer']}·bs{params['batch_size']}"
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune trainable: one fine-tuning trial, one nested MLflow run.
+
+    Everything is written before ``tune.report``: a scheduler's stop arrives inside ``tune.report`` and the
+    actor is killed right after, so nothing may depend on code after it. The best checkpoint is logged when
+    it improves; the driver (``runner.Progress``) closes the run with its final status from ``mlflow_run_id``.
+    """
+    from ray import tune
+
+    params = dict(config)
+    device = device_for(ctx.use_gpu)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    run = tracking.TrialRun.start(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial_name(ctx.arch, params),
+        params={**params, "arch": ctx.arch, "weights": ctx.weights, "seed": ctx.seed},
+        tags={"tl_sweep.trial_id": tune.get_context().get_trial_id(),
+              "tl_sweep.depth": str(params["unfrozen_blocks"])})
+    try:
+        fit = setup(ctx, params, device)
+        val = Batches(ctx.data, "val", device)
+        best, epochs = -1.0, int(params["epochs"])
+        with tempfile.TemporaryDirectory() as tmp:
+            for epoch in range(1, epochs + 1):
+                metrics = fit.epoch()
+                metrics["val_loss"], metrics["val_acc"] = evaluate(fit.model, val, fit.aug, fit.binary)
+                if metrics["val_acc"] > best:
+                    best = metrics["val_acc"]
+                    path = Path(tmp) / "best.pt"
+                    torch.save({"model": fit.model.state_dict(), "arch": ctx.arch, "classes": list(ctx.data.classes),
+                                "params": params, "epoch": epoch, "val_acc": best, "head": ctx.head}, path)
+                    run.log_artifact(path)
+                metrics["best_val_acc"] = best
+                run.log_epoch(epoch, metrics)
+                tune.report({**metrics, "epoch": epoch, "progress": epoch * ctx.min_epochs / epochs,
+                             "mlflow_run_id": run.run_id})
+    except SystemExit:  # the scheduler stopped this trial; the driver records it
+        raise
+    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark the trial
+        run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
+        raise
+
+
+def fit_plain(ctx: TrialContext, params: dict[str, Any], log=print) -> tuple[nn.Module, float]:
+    """The same epoch loop without Ray or MLflow: used to pretrain the built-in source models."""
+    device = device_for(ctx.use_gpu)
+    fit = setup(ctx, params, device)
+    val = Batches(ctx.data, "val", device)
+    acc = 0.0
+    for epoch in range(1, int(params["epochs"]) + 1):
+        m = fit.epoch()
+        _, acc = evaluate(fit.model, val, fit.aug, fit.binary)
+        log(f"  epoch {epoch}: train_loss {m['train_loss']:.3f}  val_acc {acc:.3f}  "
+            f"({m['train_img_per_s']:.0f} img/s)")
+    return fit.model, acc
