@@ -234,8 +234,8 @@ def num_blocks(arch: str, image_size: int | None = None) -> int:
 def _build_bare(arch: str, num_classes: int, image_size: int | None) -> nn.Module:
     fam = family(arch)
     kwargs = dict(fam.build, num_classes=num_classes)
-    if fam.size_kwarg and image_size:
-        kwargs[fam.size_kwarg] = image_size
+    if fam.size_kwarg and image_size:  # MaxViT's input_size is (h, w); ViT's image_size an int
+        kwargs[fam.size_kwarg] = (image_size, image_size) if fam.size_kwarg == "input_size" else image_size
     return torchvision.models.get_model(arch, **kwargs)
 
 

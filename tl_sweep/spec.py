@@ -235,7 +235,7 @@ def _submodel(annotation) -> type[BaseModel] | None:
         return annotation
     if typing.get_origin(annotation) in (Union, types.UnionType):
         for arg in typing.get_args(annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg is not Range:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
                 return arg
     return None
 
@@ -251,7 +251,7 @@ def _check_keys(raw: Any, schema: type[BaseModel], path: str, where: str) -> Non
             hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(fields)}"
             raise UserError(f"{where}: {path}{key}: unknown key; {hint}")
         sub = _submodel(fields[key].annotation)
-        if sub is not None and sub is not Range:
+        if sub is not None:
             _check_keys(value, sub, f"{path}{key}.", where)
 
 
@@ -308,7 +308,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> "Config":
         spec = Spec.model_validate(raw)
     except ValidationError as err:
         raise _first_error(err, where) from None
-    return resolve(spec, path.resolve().parent, text)
+    try:
+        return resolve(spec, path.resolve().parent, text)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- resolving

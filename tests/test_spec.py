@@ -1,0 +1,111 @@
+"""Spec errors: one line on stderr, exit code 2, no traceback; overrides; resolution."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SPEC
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+BASE = """\
+name: t
+model: {arch: resnet18, weights: none}
+data: {dataset: builtin:digits, image_size: 32}
+search:
+  num_trials: 2
+  space:
+    lr_mult: {low: 0.1, high: 10, log: true}
+    unfrozen_blocks: {low: 0, high: max}
+"""
+
+
+def one_error_line(code, out, err) -> str:
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: t\nmodel: {arch: resnet18\n", ["line 3", "column 1"]),
+    ("name: t\nmodle: {arch: resnet18}\n", ["modle: unknown key", "did you mean model?"]),
+    (BASE.replace("num_trials: 2", "num_trails: 2"), ["search.num_trails: unknown key", "num_trials"]),
+    (BASE.replace("log: true}", "log: true, hgih: 3}"), ["search.space.lr_mult.hgih", "high"]),
+    (BASE.replace("low: 0.1, high: 10, log: true", "low: -1, high: 10"), ["search.space.lr_mult", "> 0"]),
+    (BASE.replace("lr_mult: {low: 0.1, high: 10, log: true}", "lr_mult: 0"), ["search.space.lr_mult", "> 0"]),
+    (BASE.replace("{low: 0, high: max}", "{low: 0, high: 9}"), ["unfrozen_blocks", "9 is above the 5 blocks"]),
+    (BASE.replace("unfrozen_blocks: {low: 0, high: max}", "optimizer: []"), ["search.space.optimizer", "empty"]),
+    (BASE.replace("unfrozen_blocks: {low: 0, high: max}", "optimizer: [sgd, adma]"), ["did you mean adam?"]),
+    (BASE.replace("arch: resnet18", "arch: resnet19"), ["model.arch", "resnet18"]),
+    (BASE.replace("arch: resnet18", "arch: vitb16"), ["model.arch", "vit_b_16"]),
+    (BASE.replace("weights: none", "weights: IMAGENET1K_V9"), ["model.weights", "IMAGENET1K_V1"]),
+    (BASE.replace("builtin:digits", "builtin:mnist"), ["data.dataset", "builtin:digits"]),
+    (BASE.replace("name: t\n", ""), ["name: required key is missing"]),
+    ("- a\n- b\n", ["a spec is a mapping"]),
+    ("", ["the spec is empty"]),
+    (BASE + "scheduler: {kind: hyperband}\n", ["scheduler.kind", "asha"]),
+    (BASE.replace("log: true}", "log: true}\n    epochs: {low: 5, high: 2}"), ["epochs", "swap"]),
+])
+def test_spec_errors_are_one_line(cli, tmp_path, text, expected):
+    line = one_error_line(*cli("validate", write(tmp_path, text)))
+    assert str(tmp_path / "spec.yaml") in line or "spec.yaml" in line
+    for piece in expected:
+        assert piece in line, line
+
+
+def test_missing_spec_file(cli, tmp_path):
+    line = one_error_line(*cli("validate", tmp_path / "nope.yaml"))
+    assert "no such spec file" in line
+
+
+def test_bad_override_syntax(cli):
+    line = one_error_line(*cli("validate", SPEC, "--set", "search.num_trials"))
+    assert "--set key.path=value" in line
+
+
+def test_validate_prints_resolved_config(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("validate", SPEC, "--set", "search.num_trials=4",
+                         "--set", "tracking.uri=sqlite:///sub.db", "--set", "search.space.epochs=3")
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["search"]["num_trials"] == 4
+    assert cfg["search"]["space"]["epochs"] == 3
+    assert cfg["search"]["space"]["unfrozen_blocks"] == {"low": 0, "high": 5, "log": False}  # max resolved
+    assert cfg["search"]["space"]["head_lr_mult"] == 1.0  # defaults filled in
+    assert cfg["tracking"]["uri"] == f"sqlite:///{tmp_path / 'sub.db'}"  # absolute: trials run elsewhere
+    assert cfg["resolved"]["experiment"] == "freeze-depth"
+    assert cfg["resolved"]["input"]["crop"] == 32
+    assert cfg["data"]["augment"]["hflip"] is False  # digits are not mirror-symmetric
+
+
+def test_paths_are_relative_to_the_spec(cli, tmp_path):
+    sub = tmp_path / "specs"
+    sub.mkdir()
+    (tmp_path / "imgs").mkdir()
+    p = sub / "s.yaml"
+    p.write_text(BASE.replace("builtin:digits", "imagefolder:../imgs").replace("weights: none", "weights: ../w.pt")
+                 + "storage: ../results\n")
+    code, out, err = cli("validate", p)
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["data"]["dataset"] == f"imagefolder:{tmp_path / 'imgs'}"
+    assert cfg["resolved"]["weights_file"] == str(tmp_path / "w.pt")
+    assert cfg["storage"] == str(tmp_path / "results")
+
+
+def test_every_spec_in_search_spaces_validates(cli):
+    for p in sorted(SPEC.parent.glob("*.yaml")):
+        code, out, err = cli("validate", p)
+        assert code == 0, f"{p.name}: {err}"

@@ -1,0 +1,60 @@
+"""End to end: ``tl-sweep run`` (real Ray, real sqlite MLflow, a real ResNet18 at 32 px)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import SPEC
+
+PARAMS = ("batch_size", "optimizer", "lr_mult", "unfrozen_blocks", "epochs", "arch", "weights", "seed")
+
+
+def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC),
+           "--set", "search.num_trials=4", "--set", "search.max_concurrent=2",
+           "--set", "search.space.epochs={low: 1, high: 3}", "--set", "search.space.batch_size=[32, 64]",
+           "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.experiment=e2e"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[  4/4]" in out and "best val_acc" in out
+    assert "workflowType=machine_learning" in out
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(parents) == 1 and len(trials) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.yaml", "resolved.yaml"}
+    assert parent.data.params["search.num_trials"] == "4"
+    assert parent.data.metrics["best_val_acc"] == max(t.data.metrics["best_val_acc"] for t in trials)
+    stopped = 0
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert t.info.status == "FINISHED"
+        assert set(PARAMS) <= set(t.data.params)
+        history = client.get_metric_history(t.info.run_id, "val_acc")
+        epochs_run = int(t.data.tags["tl_sweep.epochs_run"])
+        assert sorted(m.step for m in history) == list(range(1, epochs_run + 1))
+        for name in ("train_loss", "val_loss", "train_img_per_s"):
+            assert len(client.get_metric_history(t.info.run_id, name)) == epochs_run
+        if epochs_run < int(t.data.params["epochs"]):
+            assert t.data.tags["tl_sweep.early_stopped"] == "true"
+            stopped += 1
+        assert [a.path for a in client.list_artifacts(t.info.run_id)] == ["best.pt"]
+    best = max(trials, key=lambda t: t.data.metrics["best_val_acc"])
+    path = client.download_artifacts(best.info.run_id, "best.pt", str(tmp_path))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["arch"] == "resnet18" and ckpt["classes"] == ["5", "6", "7", "8", "9"]
+    assert ckpt["val_acc"] == best.data.metrics["best_val_acc"]
+    assert ckpt["model"]["fc.weight"].shape == (5, 512)
