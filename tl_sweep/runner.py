@@ -170,7 +170,8 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print) -> Summ
 
     ctx = train.TrialContext(
         arch=s.model.arch, weights=s.model.weights, weights_file=weights_file, head=s.model.head,
-        head_hidden=s.model.head_hidden, head_dropout=s.model.head_dropout, input=cfg.input,
+        head_hidden=s.model.head_hidden, head_dropout=s.model.head_dropout, regime=s.regime.model_dump(),
+        input=cfg.input,
         augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

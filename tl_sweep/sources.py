@@ -68,7 +68,7 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
     prepared = data.prepare(t.dataset, size=inp["resize"], seed=seed, split=(0.9, 0.1, 0.0),
                             classes=list(t.classes), log=log)
     ctx = train.TrialContext(
-        arch=arch, weights="none", weights_file=None, head="linear", head_hidden=1, head_dropout=0.0,
+        arch=arch, weights="none", weights_file=None, head="linear", head_hidden=1, head_dropout=0.0, regime={},
         input=inp, augment={"scale": (0.7, 1.0), "hflip": False}, data=prepared, seed=seed, min_epochs=t.epochs,
         tracking_uri="", experiment_id="", parent_run_id="", use_gpu=use_gpu)
     params = {"batch_size": t.batch_size, "optimizer": t.optimizer, "lr_mult": t.lr_mult, "head_lr_mult": 1.0,

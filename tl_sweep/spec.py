@@ -175,6 +175,25 @@ class Scheduler(_Strict):
     reduction_factor: int = Field(3, ge=2)
 
 
+class Regime(_Strict):
+    """How the trainable depth moves during a trial (``unfrozen_blocks`` is where it ends).
+
+    * ``fixed``: the head plus ``unfrozen_blocks`` blocks train from the first epoch (linear probe at 0,
+      full fine-tuning at max);
+    * ``progressive``: start with ``start`` blocks and unfreeze one more every ``every`` epochs until
+      ``unfrozen_blocks`` (the TF MobileNetV2 recipe's "unfreeze the top part"), newly trainable blocks at
+      ``ft_lr_mult`` × the LR;
+    * ``lp_ft``: ``probe_epochs`` epochs of linear probing (head only), then fine-tuning of
+      ``unfrozen_blocks`` blocks for the remaining epochs at ``ft_lr_mult`` × the LR (Kumar et al. 2022).
+    """
+
+    kind: Literal["fixed", "progressive", "lp_ft"] = "fixed"
+    start: int = Field(0, ge=0)
+    every: int = Field(1, ge=1)
+    probe_epochs: int = Field(1, ge=1)
+    ft_lr_mult: float = Field(1.0, gt=0)
+
+
 class Resources(_Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
@@ -192,6 +211,7 @@ class Spec(_Strict):
     data: DataCfg = DataCfg()
     search: Search = Search()
     scheduler: Scheduler = Scheduler()
+    regime: Regime = Regime()
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
     storage: str = "ray_results"  # Ray Tune's storage path; a path or a URI such as s3://...
@@ -203,6 +223,9 @@ class Spec(_Strict):
             if v != "max" and v > n:
                 raise ValueError(f"search.space.unfrozen_blocks: {v} is above the {n} blocks of "
                                  f"{self.model.arch}; use at most {n} (or max)")
+        if self.regime.kind == "lp_ft" and self.regime.probe_epochs >= min(values_of(self.search.space.epochs)):
+            raise ValueError(f"regime.probe_epochs: {self.regime.probe_epochs} leaves no fine-tuning epoch for "
+                             f"the shortest schedule; make it smaller than search.space.epochs")
         if self.model.head == "binary" and self.data.classes is not None and len(self.data.classes) != 2:
             raise ValueError(f"model.head: binary needs exactly 2 classes, data.classes has "
                              f"{len(self.data.classes)}; use head: linear")

@@ -53,6 +53,7 @@ class TrialContext:
     head: str
     head_hidden: int
     head_dropout: float
+    regime: dict[str, Any]
     input: dict[str, Any]
     augment: dict[str, Any]
     data: Prepared
@@ -137,23 +138,62 @@ def evaluate(model: nn.Module, batches: Batches, aug: Augmenter, binary: bool, b
     return total_loss / len(batches), correct / len(batches)
 
 
-@dataclass
-class Fit:
-    """Everything one epoch loop needs; :meth:`epoch` trains one epoch, :meth:`validate` scores one split."""
+def depth_at(regime: dict[str, Any], final: int, epoch: int) -> int:
+    """Unfrozen blocks during ``epoch`` (1-based) under a regime; ``final`` is ``unfrozen_blocks``."""
+    kind = regime.get("kind", "fixed")
+    if kind == "progressive":
+        return min(final, regime["start"] + (epoch - 1) // regime["every"])
+    if kind == "lp_ft":
+        return 0 if epoch <= regime["probe_epochs"] else final
+    return final
 
-    model: nn.Module
-    frozen: models.Frozen
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    aug: Augmenter
-    train_batches: Batches
-    batch_size: int
-    binary: bool
-    gen: torch.Generator
+
+class Fit:
+    """A model being fine-tuned: :meth:`epoch` trains one epoch at the regime's depth for that epoch."""
+
+    def __init__(self, ctx: TrialContext, params: dict[str, Any], device: torch.device):
+        torch.manual_seed(ctx.seed)
+        self.ctx, self.params, self.device = ctx, params, device
+        self.model = models.build(ctx.arch, len(ctx.data.classes), weights=ctx.weights,
+                                  weights_file=ctx.weights_file, head=ctx.head, image_size=ctx.input["crop"],
+                                  hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.part = models.partition(self.model, ctx.arch)
+        self.batch_size = int(params["batch_size"])
+        self.lr = learning_rate(params["optimizer"], float(params["lr_mult"]), self.batch_size)
+        self.train_batches = Batches(ctx.data, "train", device)
+        self.steps = math.ceil(len(self.train_batches) / self.batch_size) * int(params["epochs"])
+        self.step_count, self.depth, self.n_epochs = 0, None, 0
+        self.gen = torch.Generator().manual_seed(ctx.seed)
+        self.aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
+                             generator=self.gen, **ctx.augment)
+        self.binary = ctx.head == "binary"
+
+    def set_depth(self, k: int) -> None:
+        """Freeze all but the head and the last ``k`` blocks; a new optimizer continues the cosine schedule.
+
+        After the first change of depth (progressive unfreezing, LP-FT) the LR is ``ft_lr_mult`` × lr.
+        """
+        scale = 1.0 if self.depth is None else float(self.ctx.regime.get("ft_lr_mult", 1.0))
+        self.depth = k
+        self.frozen = models.freeze(self.model, self.part, k)
+        p = self.params
+        lr = self.lr * scale
+        groups = models.param_groups(self.model, self.part, self.frozen, lr=lr,
+                                     weight_decay=float(p["weight_decay"]), head_lr_mult=float(p["head_lr_mult"]),
+                                     layer_decay=float(p["layer_decay"]))
+        self.optimizer = make_optimizer(p["optimizer"], groups, lr)
+        offset, curve = self.step_count, cosine(self.steps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: curve(s + offset))
 
     def epoch(self) -> dict[str, float]:
+        self.n_epochs += 1
+        k = depth_at(self.ctx.regime, int(self.params["unfrozen_blocks"]), self.n_epochs)
+        if k != self.depth:
+            self.set_depth(k)
         self.frozen.train_mode(self.model)
-        dev = self.train_batches.device
+        dev = self.device
         total, seen, t0 = 0.0, 0, time.perf_counter()
         for x, y in self.train_batches(self.batch_size, shuffle=True, gen=self.gen):
             x, y = self.aug.train(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
@@ -162,41 +202,17 @@ class Fit:
             with autocast(dev):
                 loss, _ = loss_and_correct(self.model(x), y, self.binary)
             if not torch.isfinite(loss):
-                raise TrialError(f"loss became {loss.item()} (lower lr_mult)")
+                raise TrialError(f"loss became {loss.item()} at epoch {self.n_epochs} (lower lr_mult)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.schedule.step()
+            self.step_count += 1
             total += loss.item() * len(y)
             seen += len(y)
         secs = time.perf_counter() - t0
-        return {"train_loss": total / seen, "train_img_per_s": seen / secs, "epoch_seconds": secs}
-
-
-def setup(ctx: TrialContext, params: dict[str, Any], device: torch.device) -> Fit:
-    """Build the model with its new head, freeze, make optimizer, schedule and batches for ``params``."""
-    torch.manual_seed(ctx.seed)
-    classes = len(ctx.data.classes)
-    model = models.build(ctx.arch, classes, weights=ctx.weights, weights_file=ctx.weights_file, head=ctx.head,
-                         image_size=ctx.input["crop"], hidden=ctx.head_hidden, dropout=ctx.head_dropout)
-    part = models.partition(model, ctx.arch)
-    frozen = models.freeze(model, part, int(params["unfrozen_blocks"]))
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    bs = int(params["batch_size"])
-    lr = learning_rate(params["optimizer"], float(params["lr_mult"]), bs)
-    groups = models.param_groups(model, part, frozen, lr=lr, weight_decay=float(params["weight_decay"]),
-                                 head_lr_mult=float(params["head_lr_mult"]),
-                                 layer_decay=float(params["layer_decay"]))
-    opt = make_optimizer(params["optimizer"], groups, lr)
-    train_batches = Batches(ctx.data, "train", device)
-    steps = math.ceil(len(train_batches) / bs) * int(params["epochs"])
-    gen = torch.Generator().manual_seed(ctx.seed)
-    aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
-                    generator=gen, **ctx.augment)
-    return Fit(model, frozen, opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps)), aug, train_batches, bs,
-               ctx.head == "binary", gen)
+        return {"train_loss": total / seen, "train_img_per_s": seen / secs, "epoch_seconds": secs,
+                "trainable_blocks": float(k)}
 
 
 def trial_name(arch: str, params: dict[str, Any]) -> str:
@@ -226,7 +242,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tags={"tl_sweep.trial_id": tune.get_context().get_trial_id(),
               "tl_sweep.depth": str(params["unfrozen_blocks"])})
     try:
-        fit = setup(ctx, params, device)
+        fit = Fit(ctx, params, device)
         val = Batches(ctx.data, "val", device)
         best, epochs = -1.0, int(params["epochs"])
         with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +269,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def fit_plain(ctx: TrialContext, params: dict[str, Any], log=print) -> tuple[nn.Module, float]:
     """The same epoch loop without Ray or MLflow: used to pretrain the built-in source models."""
     device = device_for(ctx.use_gpu)
-    fit = setup(ctx, params, device)
+    fit = Fit(ctx, params, device)
     val = Batches(ctx.data, "val", device)
     acc = 0.0
     for epoch in range(1, int(params["epochs"]) + 1):

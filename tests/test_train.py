@@ -1,0 +1,58 @@
+"""The epoch loop: regimes (fixed, progressive, LP-FT), learning rates, and a NaN loss stopping a trial."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_sweep import data, train
+
+
+def ctx(regime: dict, classes=(5, 6, 7, 8, 9)) -> train.TrialContext:
+    prepared = data.prepare("builtin:digits", size=18, seed=0, split=(0.6, 0.2, 0.2), classes=list(classes),
+                            train_per_class=8, log=lambda m: None)
+    return train.TrialContext(
+        arch="resnet18", weights="none", weights_file=None, head="linear", head_hidden=8, head_dropout=0.0,
+        regime=regime, input={"crop": 16, "resize": 18, "mean": (0.5,) * 3, "std": (0.25,) * 3},
+        augment={"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": False}, data=prepared, seed=0, min_epochs=1,
+        tracking_uri="", experiment_id="", parent_run_id="", use_gpu=False)
+
+
+PARAMS = dict(batch_size=20, optimizer="sgd", lr_mult=1.0, head_lr_mult=10.0, weight_decay=0.0, layer_decay=1.0,
+              unfrozen_blocks=3, epochs=4)
+
+
+def test_depth_at():
+    assert [train.depth_at({"kind": "fixed"}, 3, e) for e in (1, 2, 3)] == [3, 3, 3]
+    prog = {"kind": "progressive", "start": 0, "every": 2}
+    assert [train.depth_at(prog, 2, e) for e in range(1, 8)] == [0, 0, 1, 1, 2, 2, 2]
+    lpft = {"kind": "lp_ft", "probe_epochs": 2}
+    assert [train.depth_at(lpft, 5, e) for e in range(1, 5)] == [0, 0, 5, 5]
+
+
+def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr():
+    fit = train.Fit(ctx({"kind": "lp_ft", "probe_epochs": 2, "ft_lr_mult": 0.1}), PARAMS, torch.device("cpu"))
+    seen = []
+    for _ in range(4):
+        m = fit.epoch()
+        trainable = {n.split(".")[0] for n, p in fit.model.named_parameters() if p.requires_grad}
+        seen.append((m["trainable_blocks"], trainable, fit.optimizer.param_groups[0]["initial_lr"]))
+    assert seen[0][:2] == (0.0, {"fc"}) and seen[1][:2] == (0.0, {"fc"})
+    assert seen[2][:2] == (3.0, {"fc", "layer2", "layer3", "layer4"})
+    head_lr = train.learning_rate("sgd", 1.0, 20) * 10
+    assert {g["name"]: g["initial_lr"] for g in fit.optimizer.param_groups}["head"] == pytest.approx(head_lr * 0.1)
+    assert fit.step_count == 4 * 2  # 40 images / batch 20, the cosine continued across the switch
+    assert fit.schedule.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # annealed to 0 at the last step
+
+
+def test_reference_learning_rates_scale_with_batch():
+    assert train.learning_rate("sgd", 2.0, 128) == pytest.approx(0.1)
+    assert train.learning_rate("adam", 1.0, 256) == pytest.approx(1e-3)
+
+
+def test_nan_loss_stops_the_trial():
+    params = dict(PARAMS, lr_mult=1e12, head_lr_mult=1e12)
+    fit = train.Fit(ctx({"kind": "fixed"}), params, torch.device("cpu"))
+    with pytest.raises(train.TrialError, match="loss became"):
+        for _ in range(4):
+            fit.epoch()
