@@ -55,6 +55,9 @@ def one_error_line(code, out, err) -> str:
     ("- a\n- b\n", ["a spec is a mapping"]),
     ("", ["the spec is empty"]),
     (BASE + "scheduler: {kind: hyperband}\n", ["scheduler.kind", "asha"]),
+    (BASE + "study: {baseline: scratch}\n", ["search.num_trials", "at least 2 trials per depth", "12"]),
+    (BASE.replace("num_trials: 2", "num_trials: 12") + "study: {sources: [source:digits-5-9]}\n",
+     ["unknown source model", "digits-0-4"]),
     (BASE.replace("log: true}", "log: true}\n    epochs: {low: 5, high: 2}"), ["epochs", "swap"]),
 ])
 def test_spec_errors_are_one_line(cli, tmp_path, text, expected):
@@ -76,11 +79,11 @@ def test_bad_override_syntax(cli):
 
 def test_validate_prints_resolved_config(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli("validate", SPEC, "--set", "search.num_trials=4",
+    code, out, err = cli("validate", SPEC, "--set", "search.num_trials=18",
                          "--set", "tracking.uri=sqlite:///sub.db", "--set", "search.space.epochs=3")
     assert code == 0, err
     cfg = yaml.safe_load(out)
-    assert cfg["search"]["num_trials"] == 4
+    assert cfg["search"]["num_trials"] == 18
     assert cfg["search"]["space"]["epochs"] == 3
     assert cfg["search"]["space"]["unfrozen_blocks"] == {"low": 0, "high": 5, "log": False}  # max resolved
     assert cfg["search"]["space"]["head_lr_mult"] == 1.0  # defaults filled in
@@ -101,7 +104,7 @@ def test_paths_are_relative_to_the_spec(cli, tmp_path):
     assert code == 0, err
     cfg = yaml.safe_load(out)
     assert cfg["data"]["dataset"] == f"imagefolder:{tmp_path / 'imgs'}"
-    assert cfg["resolved"]["weights_file"] == str(tmp_path / "w.pt")
+    assert cfg["resolved"]["arms"] == {"../w.pt": str(tmp_path / "w.pt")}
     assert cfg["storage"] == str(tmp_path / "results")
 
 

@@ -17,7 +17,7 @@ PARAMS = ("batch_size", "optimizer", "lr_mult", "unfrozen_blocks", "epochs", "ar
 def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC),
-           "--set", "search.num_trials=4", "--set", "search.max_concurrent=2",
+           "--set", "study=null", "--set", "search.num_trials=4", "--set", "search.max_concurrent=2",
            "--set", "search.space.epochs={low: 1, high: 3}", "--set", "search.space.batch_size=[32, 64]",
            "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.experiment=e2e"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -12,7 +12,7 @@ def ctx(regime: dict, classes=(5, 6, 7, 8, 9)) -> train.TrialContext:
     prepared = data.prepare("builtin:digits", size=18, seed=0, split=(0.6, 0.2, 0.2), classes=list(classes),
                             train_per_class=8, log=lambda m: None)
     return train.TrialContext(
-        arch="resnet18", weights="none", weights_file=None, head="linear", head_hidden=8, head_dropout=0.0,
+        arch="resnet18", arms={"scratch": ("none", None)}, head="linear", head_hidden=8, head_dropout=0.0,
         regime=regime, input={"crop": 16, "resize": 18, "mean": (0.5,) * 3, "std": (0.25,) * 3},
         augment={"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": False}, data=prepared, seed=0, min_epochs=1,
         tracking_uri="", experiment_id="", parent_run_id="", use_gpu=False)

@@ -1,4 +1,4 @@
-"""``tl-sweep run | validate | models | ui``.
+"""``tl-sweep run | validate | report | models | ui``.
 
 User errors (:class:`~tl_sweep.errors.UserError`) print one line on stderr and exit with code 2.
 """
@@ -34,9 +34,11 @@ def cmd_run(args) -> int:
     from tl_sweep import runner, spec, tracking
 
     cfg = spec.load(args.spec, args.set)
-    summary = runner.run(cfg, address=args.address, log=_log)
+    summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir)
     print()
-    print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} trials")
+    finals = f" + {len(summary.finals)} final re-trainings" if summary.finals else ""
+    print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
+          f"best by validation:")
     print(runner.table(summary.trials))
     uri = cfg.spec.tracking.uri
     print()
@@ -46,6 +48,20 @@ def cmd_run(args) -> int:
     else:
         print(f"browse: {tracking.ui_link(uri, summary.experiment_id)}")
     return 0 if summary.status == "FINISHED" else 1
+
+
+def cmd_report(args) -> int:
+    from tl_sweep import report, spec, tracking
+
+    uri = spec._abs_uri(args.tracking_uri)
+    tracking.check(uri)
+    if args.run:
+        run = tracking._retry(tracking.client(uri).get_run, args.run)
+        exp_id, parent = run.info.experiment_id, args.run
+    else:
+        exp_id, parent = report.latest_parent(uri, args.experiment)
+    report.build(uri, exp_id, parent, out_dir=args.out, log=_log, log_artifacts=not args.no_log)
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -95,7 +111,17 @@ def parser() -> argparse.ArgumentParser:
 
     r = with_spec("run", "run the sweep a spec describes")
     r.add_argument("--address", default=None, help="Ray cluster to join (auto or host:port); default: local")
+    r.add_argument("--report-dir", default=None, help="where report.md, trials.csv and plots go "
+                   "(default reports/<experiment>-<run>)")
     r.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("report", help="rebuild a sweep's report from MLflow alone")
+    who = rep.add_mutually_exclusive_group(required=True)
+    who.add_argument("--experiment", help="experiment name: its latest sweep")
+    who.add_argument("--run", help="the sweep's parent run id")
+    rep.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    rep.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
+    rep.add_argument("--no-log", action="store_true", help="do not log the report on the parent run again")
+    rep.set_defaults(fn=cmd_report)
     with_spec("validate", "print the fully resolved config and exit").set_defaults(fn=cmd_validate)
     sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"
                    ).set_defaults(fn=cmd_models)

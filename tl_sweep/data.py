@@ -8,7 +8,9 @@ temporary name, then renamed).
 
 Sources (``data.dataset``):
 
-* ``builtin:digits``: scikit-learn's ``load_digits`` (1,797 real 8×8 images of 0-9), upsampled.
+* ``builtin:digits``: scikit-learn's ``load_digits`` (1,797 real 8×8 images of 0-9), upsampled;
+  ``builtin:digits-shuffled`` the same images with one fixed permutation of their 64 pixels (a source task
+  deliberately unlike natural images).
 * ``imagefolder:<path>``: ``train/``, ``val/`` (and optional ``test/``) folders of class folders, or one
   tree of class folders split by ``data.split`` (stratified, seeded).
 
@@ -66,15 +68,19 @@ class Prepared:
 # ------------------------------------------------------------------------------------------ sources
 
 
-def _digits(size: int) -> tuple[np.ndarray, list[int], list[str], str]:
+def _digits(size: int, shuffled: bool = False) -> tuple[np.ndarray, list[int], list[str], str]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    img = torch.from_numpy(d.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    images = d.images
+    if shuffled:  # one fixed permutation of the 64 pixels: same labels, no spatial structure left
+        perm = np.random.default_rng(0).permutation(64)
+        images = images.reshape(len(images), 64)[:, perm].reshape(-1, 8, 8)
+    img = torch.from_numpy(images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
     img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
     x = img.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy()
-    fp = hashlib.blake2b(d.images.tobytes() + d.target.tobytes(), digest_size=16).hexdigest()
-    return x, d.target.tolist(), [str(i) for i in range(10)], f"digits-{fp}"
+    fp = hashlib.blake2b(images.tobytes() + d.target.tobytes(), digest_size=16).hexdigest()
+    return x, d.target.tolist(), [str(i) for i in range(10)], f"digits{'-shuffled' if shuffled else ''}-{fp}"
 
 
 def _files(folder: Path) -> list[Path]:
@@ -182,8 +188,8 @@ def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, fl
             classes: list | None = None, train_per_class: int | None = None, strict: bool = False,
             log=print) -> Prepared:
     """Decode the dataset once into the node's cache and choose the rows of each split."""
-    if dataset == "builtin:digits":
-        return _prepare_digits(size, seed, split, classes, train_per_class, log)
+    if dataset.startswith("builtin:digits"):
+        return _prepare_digits(size, seed, split, classes, train_per_class, dataset.endswith("-shuffled"))
     return _prepare_folder(Path(dataset.removeprefix("imagefolder:")), size, seed, split, classes,
                            train_per_class, strict, log)
 
@@ -226,8 +232,8 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
                     tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused)
 
 
-def _prepare_digits(size, seed, split, classes, train_per_class, log) -> Prepared:
-    x, labels, names, fp = _digits(size)
+def _prepare_digits(size, seed, split, classes, train_per_class, shuffled) -> Prepared:
+    x, labels, names, fp = _digits(size, shuffled)
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     reused = cache.exists()
     if not reused:

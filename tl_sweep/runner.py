@@ -27,6 +27,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from tl_sweep import data, models, sources, space, tracking, train
+from tl_sweep.errors import UserError
 from tl_sweep.spec import Config, to_yaml, values_of
 
 log_fn = Callable[[str], None]
@@ -56,12 +57,13 @@ class Searcher(OptunaSearch):
         return super().on_trial_complete(trial_id, {**result, self.metric: result["best_val_acc"]}, error)
 
 
-def make_searcher(cfg: Config) -> ConcurrencyLimiter:
+def make_searcher(cfg: Config, arm: str | None = None, depths: list[int] | None = None) -> ConcurrencyLimiter:
     """Seeded TPE (``constant_liar`` so concurrent trials do not collide) behind a concurrency limit."""
     s = cfg.spec
     n_startup = min(10, max(2, s.search.num_trials // 3))
     sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=n_startup)
-    searcher = Searcher(space=space.DefineByRun(s.search.space), metric=train.METRIC, mode="max", sampler=sampler)
+    sampler_fn = space.DefineByRun(s.search.space, depths=depths, extra={"arm": arm or next(iter(cfg.arms))})
+    searcher = Searcher(space=sampler_fn, metric=train.METRIC, mode="max", sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=s.search.max_concurrent)
 
 
@@ -81,8 +83,10 @@ def make_scheduler(cfg: Config):
 class Summary:
     experiment_id: str
     parent_run_id: str
-    trials: list[dict[str, Any]] = field(default_factory=list)  # one row per trial, best first
+    trials: list[dict[str, Any]] = field(default_factory=list)  # one row per search trial, best first
+    finals: list[dict[str, Any]] = field(default_factory=list)  # a study's re-trainings scored on test
     status: str = "FINISHED"
+    report: Any = None
     seconds: float = 0.0
 
     @property
@@ -99,7 +103,7 @@ class Progress(tune.Callback):
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
-        r, c = trial.last_result or {}, trial.config
+        r, c = trial.last_result or {}, trial.config.get("cfg", trial.config)
         acc = r.get("best_val_acc")
         if acc is not None and (self.best is None or acc > self.best[0]):
             self.best = (acc, trial.trial_id)
@@ -111,7 +115,7 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        stopped = r.get("epoch", 0) < trial.config.get("epochs", 0)
+        stopped = r.get("epoch", 0) < trial.config.get("cfg", trial.config).get("epochs", 0)
         self._line(trial, "(early-stopped) " if stopped else "")
         if r.get("mlflow_run_id"):
             tags = {"tl_sweep.epochs_run": str(r.get("epoch", 0))}
@@ -126,8 +130,11 @@ class Progress(tune.Callback):
             tracking.end_run(self.uri, r["mlflow_run_id"], "FAILED", {"tl_sweep.epochs_run": str(r.get("epoch", 0))})
 
 
-def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, str | None]:
-    """Check everything a trial will touch, in the order a user would fix it; nothing is started."""
+def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str, tuple[str, str | None]]]:
+    """Check everything a trial will touch, in the order a user would fix it; nothing is started.
+
+    Returns the prepared data and, per arm, its weights and checkpoint file (``source:`` models pretrained).
+    """
     s = cfg.spec
     tracking.check(s.tracking.uri)
     prepared = data.prepare(s.data.dataset, size=cfg.input["resize"], seed=s.seed, split=s.data.split,
@@ -137,71 +144,124 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, str | No
         f"train {counts['train']}, val {counts['val']}, test {counts.get('test', 0)} (held out) at "
         f"{cfg.input['crop']}px{' - decoded cache reused' if prepared.reused else ''}")
     if s.model.head == "binary" and len(prepared.classes) != 2:
-        from tl_sweep.errors import UserError
-
         raise UserError(f"model.head: binary needs 2 classes, the data has {len(prepared.classes)}; "
                         f"use head: linear")
-    weights_file = cfg.weights_file
-    if cfg.source:
-        weights_file = str(sources.checkpoint(cfg.source, s.model.arch, cfg.input, s.seed,
-                                              use_gpu=s.resources.gpu > 0, log=log))
-    models.build(s.model.arch, len(prepared.classes), weights=s.model.weights, weights_file=weights_file,
-                 head=s.model.head, image_size=cfg.input["crop"])  # a bad checkpoint fails here, once
-    return prepared, weights_file
+    if s.study is not None and not counts.get("test"):
+        raise UserError(f"data: a study evaluates its final configurations on a test split and "
+                        f"{s.data.dataset} has none; add a test/ folder or a test fraction in data.split")
+    arms = {}
+    for arm, weights in cfg.arms.items():
+        file = None
+        if weights.startswith("source:"):
+            file = str(sources.checkpoint(weights.removeprefix("source:"), s.model.arch, cfg.input, s.seed,
+                                          use_gpu=s.resources.gpu > 0, log=log))
+        elif weights != "none" and models.torchvision_weights(s.model.arch, weights) is None:
+            file = weights
+        # a bad checkpoint or missing torchvision file fails here, once, before any trial
+        models.build(s.model.arch, len(prepared.classes), weights=weights, weights_file=file, head=s.model.head,
+                     image_size=cfg.input["crop"])
+        arms[arm] = (weights, file)
+    return prepared, arms
 
 
-def run(cfg: Config, *, address: str | None = None, log: log_fn = print) -> Summary:
-    """Run the sweep that ``cfg`` describes; returns the trials, best first."""
+def _rows(results) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        m, c = r.metrics or {}, dict(r.config or {})
+        c = dict(c.get("cfg", c))
+        stopped = m.get("epoch", 0) < c.get("epochs", 0) and r.error is None
+        rows.append({"trial": m.get("trial_id", ""), "arm": c.get("arm"), **{k: c.get(k) for k in space.DIMENSIONS},
+                     "best_val_acc": m.get("best_val_acc"), "test_acc": m.get("test_acc"),
+                     "epochs_run": m.get("epoch", 0), "seed": c.get("seed"),
+                     "status": "FAILED" if r.error else ("EARLY_STOPPED" if stopped else "FINISHED")})
+    return rows
+
+
+def _best_key(row: dict[str, Any]) -> float:
+    return row["best_val_acc"] if row["best_val_acc"] is not None else -1.0
+
+
+def finalists(rows: list[dict[str, Any]], seed: int, repeats: int) -> list[dict[str, Any]]:
+    """Best configuration per (arm, depth) by validation accuracy, one config per repeat seed.
+
+    Trials that ran their whole schedule are preferred: an early-stopped trial's score is mid-schedule.
+    """
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if r["status"] == "FAILED" or r["best_val_acc"] is None:
+            continue
+        key = (r["arm"], r["unfrozen_blocks"])
+        rank = (r["status"] == "FINISHED", r["best_val_acc"])
+        if key not in best or rank > (best[key]["status"] == "FINISHED", best[key]["best_val_acc"]):
+            best[key] = r
+    return [{**{k: r[k] for k in space.DIMENSIONS}, "arm": r["arm"], "seed": seed + 1000 + i, "final": True}
+            for key, r in sorted(best.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])) for i in range(repeats)]
+
+
+def _tuner(cfg: Config, ctx: train.TrialContext, name: str, total: int, log: log_fn, *, search_alg=None,
+           scheduler=None, param_space=None) -> tune.Tuner:
+    s = cfg.spec
+    trainable = tune.with_resources(tune.with_parameters(train.run_trial, ctx=ctx),
+                                    {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=total if search_alg else 1,
+                                    max_concurrent_trials=None if search_alg else s.search.max_concurrent,
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
+                                  callbacks=[Progress(total, s.tracking.uri, log)],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_dir: str | None = None) -> Summary:
+    """Run the sweep (or study) that ``cfg`` describes; returns the trials, best first."""
     t0 = time.perf_counter()
     s = cfg.spec
-    prepared, weights_file = preflight(cfg, log)
+    prepared, arms = preflight(cfg, log)
     uri = s.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
-    run_name = f"{s.name}·{s.model.arch}·{s.model.weights}·{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = f"{s.name}·{s.model.arch}·{'+'.join(cfg.arms)}·{time.strftime('%Y%m%d-%H%M%S')}"
     files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
     if prepared.skipped:
         files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
     parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
-        "tl_sweep.arch": s.model.arch, "tl_sweep.weights": s.model.weights,
-        "tl_sweep.data_fingerprint": prepared.fingerprint, **{f"tl_sweep.data.{k}": str(v) for k, v in
-                                                               data.describe(prepared).items()}})
+        "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms),
+        "tl_sweep.data_fingerprint": prepared.fingerprint,
+        **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()}})
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}")
     summary = Summary(exp_id, parent)
-
     ctx = train.TrialContext(
-        arch=s.model.arch, weights=s.model.weights, weights_file=weights_file, head=s.model.head,
-        head_hidden=s.model.head_hidden, head_dropout=s.model.head_dropout, regime=s.regime.model_dump(),
-        input=cfg.input,
+        arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
+        head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
         augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                  configure_logging=True, log_to_driver=True)
-    trainable = tune.with_resources(tune.with_parameters(train.run_trial, ctx=ctx),
-                                    {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg),
-                                    num_samples=s.search.num_trials, trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=f"{cfg.experiment}-{parent[:8]}", storage_path=s.storage, verbose=0,
-                                  callbacks=[Progress(s.search.num_trials, uri, log)],
-                                  failure_config=tune.FailureConfig(max_failures=0)))
-    log(f"ray: {s.search.num_trials} trials, {s.search.max_concurrent} at a time, "
-        f"{s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, scheduler {s.scheduler.kind}")
+    n = s.search.num_trials
     try:
-        results = tuner.fit()
-        rows = []
-        for r in results:
-            m = r.metrics or {}
-            c = dict(r.config or {})
-            stopped = m.get("epoch", 0) < c.get("epochs", 0) and r.error is None
-            rows.append({"trial": m.get("trial_id", ""), **{k: c.get(k) for k in space.DIMENSIONS},
-                         "best_val_acc": m.get("best_val_acc"), "epochs_run": m.get("epoch", 0),
-                         "status": "FAILED" if r.error else ("EARLY_STOPPED" if stopped else "FINISHED")})
-        rows.sort(key=lambda row: -(row["best_val_acc"] if row["best_val_acc"] is not None else -1))
-        summary.trials = rows
-        if rows and all(row["status"] == "FAILED" for row in rows):
+        for arm, (weights, _) in arms.items():
+            depths = None
+            if s.study is not None:
+                depths = [cfg.max_blocks] if weights == "none" else space.depths(s.search.space)
+            log(f"ray: arm {arm}: {n} trials{f' over depths {depths}' if depths else ''}, "
+                f"{s.search.max_concurrent} at a time, {s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, "
+                f"scheduler {s.scheduler.kind}")
+            tuner = _tuner(cfg, ctx, f"{cfg.experiment}-{parent[:8]}-{_slug(arm)}", n, log,
+                           search_alg=make_searcher(cfg, arm, depths), scheduler=make_scheduler(cfg))
+            summary.trials += _rows(tuner.fit())
+        summary.trials.sort(key=lambda row: -_best_key(row))
+        if s.study is not None:
+            configs = finalists(summary.trials, s.seed, s.study.repeats)
+            log(f"ray: final evaluation: {len(configs)} re-trainings (best per arm and depth × "
+                f"{s.study.repeats} seeds), each scored once on the test split")
+            tuner = _tuner(cfg, ctx, f"{cfg.experiment}-{parent[:8]}-final", len(configs), log,
+                           param_space={"cfg": tune.grid_search(configs)})
+            summary.finals = _rows(tuner.fit())
+        everything = summary.trials + summary.finals
+        if everything and all(row["status"] == "FAILED" for row in everything):
             summary.status = "FAILED"
     except KeyboardInterrupt:
         summary.status = "KILLED"
@@ -211,18 +271,27 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print) -> Summ
         tracking.close_orphans(uri, exp_id, parent)
         best = summary.best
         metrics = {"best_val_acc": best["best_val_acc"]} if best and best["best_val_acc"] is not None else {}
-        metrics.update(n_trials=len(summary.trials), sweep_seconds=summary.seconds)
-        tags = {"tl_sweep.best_trial": best["trial"]} if best else {}
+        metrics.update(n_trials=len(summary.trials), n_final=len(summary.finals), sweep_seconds=summary.seconds)
+        tags = {"tl_sweep.best_trial": best["trial"], "tl_sweep.best.arm": str(best["arm"])} if best else {}
         if best:
             tags.update({f"tl_sweep.best.{k}": str(best[k]) for k in space.DIMENSIONS})
         tracking.finish_parent(uri, parent, metrics, tags, summary.status)
+    if summary.status != "KILLED":
+        from tl_sweep import report
+
+        summary.report = report.build(uri, exp_id, parent, out_dir=report_dir, log=log)
     return summary
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")
 
 
 def table(rows: list[dict[str, Any]], limit: int = 8) -> str:
     """The best trials as an aligned text table."""
-    cols = ["trial", "unfrozen_blocks", "optimizer", "batch_size", "lr_mult", "epochs", "best_val_acc", "status"]
-    heads = ["trial", "k", "optimizer", "bs", "lr_mult", "epochs", "best val_acc", "status"]
+    cols = ["trial", "arm", "unfrozen_blocks", "optimizer", "batch_size", "lr_mult", "epochs", "best_val_acc",
+            "status"]
+    heads = ["trial", "arm", "k", "optimizer", "bs", "lr_mult", "epochs", "best val_acc", "status"]
     fmt = lambda c, v: f"{v:.4f}" if c == "best_val_acc" and v is not None else (  # noqa: E731
         f"{v:.3g}" if isinstance(v, float) else str(v))
     body = [[fmt(c, r.get(c)) for c in cols] for r in rows[:limit]]

@@ -40,6 +40,9 @@ class SourceTask:
 SOURCES: dict[str, SourceTask] = {
     "digits-0-4": SourceTask("all of digits 0-4 from builtin:digits: a source similar to a 5-9 target",
                              "builtin:digits", (0, 1, 2, 3, 4)),
+    "digits-0-4-shuffled": SourceTask("digits 0-4 with their pixels scrambled by one fixed permutation: "
+                                      "a deliberately dissimilar source", "builtin:digits-shuffled",
+                                      (0, 1, 2, 3, 4)),
 }
 
 
@@ -68,7 +71,7 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
     prepared = data.prepare(t.dataset, size=inp["resize"], seed=seed, split=(0.9, 0.1, 0.0),
                             classes=list(t.classes), log=log)
     ctx = train.TrialContext(
-        arch=arch, weights="none", weights_file=None, head="linear", head_hidden=1, head_dropout=0.0, regime={},
+        arch=arch, arms={"scratch": ("none", None)}, head="linear", head_hidden=1, head_dropout=0.0, regime={},
         input=inp, augment={"scale": (0.7, 1.0), "hflip": False}, data=prepared, seed=seed, min_epochs=t.epochs,
         tracking_uri="", experiment_id="", parent_run_id="", use_gpu=use_gpu)
     params = {"batch_size": t.batch_size, "optimizer": t.optimizer, "lr_mult": t.lr_mult, "head_lr_mult": 1.0,

@@ -19,14 +19,23 @@ DIMENSIONS = tuple(Space.model_fields)
 
 
 class DefineByRun:
-    """The function OptunaSearch calls once per trial to sample ``space`` (a class: Tune pickles it)."""
+    """The function OptunaSearch calls once per trial to sample ``space`` (a class: Tune pickles it).
 
-    def __init__(self, space: Space):
+    With ``depths``, ``unfrozen_blocks`` is not sampled but assigned round-robin by trial number, so a
+    study's budget covers every depth evenly while TPE searches the other dimensions; ``extra`` constants
+    (the study arm) are added to every trial.
+    """
+
+    def __init__(self, space: Space, depths: list[int] | None = None, extra: dict[str, Any] | None = None):
         self.dims = {name: getattr(space, name) for name in DIMENSIONS}
+        self.depths, self.extra = depths, dict(extra or {})
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        constants = {}
+        constants = dict(self.extra)
         for name, dim in self.dims.items():
+            if name == "unfrozen_blocks" and self.depths:
+                constants[name] = self.depths[trial.number % len(self.depths)]
+                continue
             if isinstance(dim, Range):
                 if dim.is_int:
                     trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
@@ -37,6 +46,14 @@ class DefineByRun:
             else:
                 constants[name] = dim
         return constants
+
+
+def depths(space: Space) -> list[int]:
+    """Every ``unfrozen_blocks`` value the (resolved) space allows."""
+    dim = space.unfrozen_blocks
+    if isinstance(dim, Range):
+        return list(range(int(dim.low), int(dim.high) + 1))
+    return sorted(int(v) for v in (dim if isinstance(dim, list) else [dim]))
 
 
 def searched(space: Space) -> list[str]:

@@ -26,6 +26,7 @@ from tl_sweep.errors import UserError
 
 Scalar = Union[bool, int, float, str]
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+BUILTIN = ("builtin:digits", "builtin:digits-shuffled")
 
 
 class _Strict(BaseModel):
@@ -149,8 +150,8 @@ class DataCfg(_Strict):
         kinds = ("builtin:", "imagefolder:")
         if not v.startswith(kinds):
             raise ValueError(f"{v!r} is not a dataset; use builtin:digits or imagefolder:<path>")
-        if v.startswith("builtin:") and v != "builtin:digits":
-            raise ValueError(f"unknown built-in dataset {v!r}; the built-in one is builtin:digits")
+        if v.startswith("builtin:") and v not in BUILTIN:
+            raise ValueError(f"unknown built-in dataset {v!r}; built in: {', '.join(BUILTIN)}")
         return v
 
     @field_validator("split")
@@ -194,6 +195,21 @@ class Regime(_Strict):
     ft_lr_mult: float = Field(1.0, gt=0)
 
 
+class Study(_Strict):
+    """A transfer study: several pretrained arms plus a tuned from-scratch baseline, every depth covered.
+
+    Each arm gets the same search budget (``search.num_trials``). A pretrained arm splits it evenly over
+    every ``unfrozen_blocks`` value of the space (depth assigned round-robin, TPE over the other
+    dimensions), so the freeze-depth curve has no missing or one-trial points. The scratch arm searches the
+    same space with ``weights: none`` and every block trainable. Then the best configuration per (arm, depth)
+    is re-trained ``repeats`` times with new seeds and evaluated once on the test split.
+    """
+
+    baseline: Literal["scratch"] | None = "scratch"
+    sources: list[str] | None = None  # default: [model.weights]
+    repeats: int = Field(3, ge=1)
+
+
 class Resources(_Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
@@ -212,6 +228,7 @@ class Spec(_Strict):
     search: Search = Search()
     scheduler: Scheduler = Scheduler()
     regime: Regime = Regime()
+    study: Study | None = None
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
     storage: str = "ray_results"  # Ray Tune's storage path; a path or a URI such as s3://...
@@ -226,6 +243,15 @@ class Spec(_Strict):
         if self.regime.kind == "lp_ft" and self.regime.probe_epochs >= min(values_of(self.search.space.epochs)):
             raise ValueError(f"regime.probe_epochs: {self.regime.probe_epochs} leaves no fine-tuning epoch for "
                              f"the shortest schedule; make it smaller than search.space.epochs")
+        if self.study is not None:
+            depths = values_of(self.search.space.unfrozen_blocks)
+            lo = depths[0]
+            hi = n if depths[-1] == "max" else depths[-1]
+            n_depths = len(depths) if isinstance(self.search.space.unfrozen_blocks, list) else int(hi) - int(lo) + 1
+            if self.search.num_trials < 2 * n_depths:
+                raise ValueError(f"search.num_trials: a study needs at least 2 trials per depth; "
+                                 f"{self.search.num_trials} trials for {n_depths} depths of "
+                                 f"{self.model.arch}; raise it to {2 * n_depths} or narrow unfrozen_blocks")
         if self.model.head == "binary" and self.data.classes is not None and len(self.data.classes) != 2:
             raise ValueError(f"model.head: binary needs exactly 2 classes, data.classes has "
                              f"{len(self.data.classes)}; use head: linear")
@@ -349,15 +375,14 @@ class Config(BaseModel):
     spec_text: str
     spec_dir: str
     experiment: str
-    weights_file: str | None  # the checkpoint a non-torchvision ``model.weights`` resolves to
-    source: str | None  # the built-in source name of ``source:<name>`` weights
+    arms: dict[str, str]  # arm name -> weights (enum name | absolute checkpoint path | source:<name> | none)
     input: dict[str, Any]  # crop, resize, mean, std
     max_blocks: int
 
     def dump(self) -> dict[str, Any]:
         """The resolved config as plain data (YAML/JSON/MLflow params)."""
         d = self.spec.model_dump(mode="json")
-        d["resolved"] = {"experiment": self.experiment, "weights_file": self.weights_file,
+        d["resolved"] = {"experiment": self.experiment, "arms": self.arms,
                          "input": {k: list(v) if isinstance(v, tuple) else v for k, v in self.input.items()},
                          "max_blocks": self.max_blocks}
         return d
@@ -378,26 +403,36 @@ def _abs_uri(uri: str) -> str:
     return uri
 
 
+def _weights(w: str, arch: str, spec_dir: Path) -> str:
+    """A weights value checked and resolved: enum names and ``source:``/``none`` as is, paths absolute."""
+    if w == "none" or models.torchvision_weights(arch, w) is not None:
+        return w
+    if w.startswith("source:"):
+        from tl_sweep import sources
+
+        sources.task(w.removeprefix("source:"))
+        return w
+    candidate = Path(_abs(w, spec_dir))
+    if candidate.suffix in (".pt", ".pth", ".ckpt", ".bin") or candidate.exists():
+        return str(candidate)
+    raise UserError(f"model.weights: {w!r} is neither a weights name of {arch} "
+                    f"({', '.join(models.weight_names(arch))}) nor an existing checkpoint file; "
+                    f"use one of those, source:<name> or none")
+
+
 def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
     spec = spec.model_copy(deep=True)
     m, d = spec.model, spec.data
-    weights_file = source = None
-    if m.weights.startswith("source:"):
-        source = m.weights.removeprefix("source:")
-    elif m.weights != "none" and models.torchvision_weights(m.arch, m.weights) is None:
-        candidate = Path(_abs(m.weights, spec_dir))
-        if candidate.suffix in (".pt", ".pth", ".ckpt", ".bin") or candidate.exists():
-            weights_file = str(candidate)
-        else:
-            raise UserError(f"model.weights: {m.weights!r} is neither a weights name of {m.arch} "
-                            f"({', '.join(models.weight_names(m.arch))}) nor an existing checkpoint file; "
-                            f"use one of those, source:<name> or none")
+    weights = [m.weights] if spec.study is None else list(spec.study.sources or [m.weights])
+    arms = {w: _weights(w, m.arch, spec_dir) for w in weights}
+    if spec.study is not None and spec.study.baseline == "scratch":
+        arms["scratch"] = "none"
     inp = models.input_spec(m.arch, m.weights)
     if d.image_size is None:
         d.image_size = inp["crop"]
     elif d.image_size != inp["crop"]:
         inp = dict(inp, crop=d.image_size, resize=round(d.image_size / 0.875))
-    digits = d.dataset == "builtin:digits"
+    digits = d.dataset.startswith("builtin:digits")
     if d.augment.scale is None:
         d.augment.scale = (0.7, 1.0) if digits else (0.08, 1.0)
     if d.augment.hflip is None:
@@ -415,8 +450,7 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
     if "://" not in spec.storage:  # written in the spec: relative to it; the default: the working directory
         spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())
     return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir),
-                  experiment=spec.tracking.experiment or spec.name, weights_file=weights_file,
-                  source=source, input=inp, max_blocks=n)
+                  experiment=spec.tracking.experiment or spec.name, arms=arms, input=inp, max_blocks=n)
 
 
 def to_yaml(cfg: Config) -> str:

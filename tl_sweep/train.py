@@ -48,8 +48,7 @@ class TrialContext:
     """Everything a trial needs besides its sampled config, resolved once on the driver."""
 
     arch: str
-    weights: str
-    weights_file: str | None
+    arms: dict[str, tuple[str, str | None]]  # arm name -> (model.weights, resolved checkpoint file or None)
     head: str
     head_hidden: int
     head_dropout: float
@@ -152,10 +151,12 @@ class Fit:
     """A model being fine-tuned: :meth:`epoch` trains one epoch at the regime's depth for that epoch."""
 
     def __init__(self, ctx: TrialContext, params: dict[str, Any], device: torch.device):
-        torch.manual_seed(ctx.seed)
+        seed = int(params.get("seed", ctx.seed))
+        torch.manual_seed(seed)
         self.ctx, self.params, self.device = ctx, params, device
-        self.model = models.build(ctx.arch, len(ctx.data.classes), weights=ctx.weights,
-                                  weights_file=ctx.weights_file, head=ctx.head, image_size=ctx.input["crop"],
+        weights, weights_file = ctx.arms[params.get("arm", next(iter(ctx.arms)))]
+        self.model = models.build(ctx.arch, len(ctx.data.classes), weights=weights,
+                                  weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
                                   hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -165,7 +166,7 @@ class Fit:
         self.train_batches = Batches(ctx.data, "train", device)
         self.steps = math.ceil(len(self.train_batches) / self.batch_size) * int(params["epochs"])
         self.step_count, self.depth, self.n_epochs = 0, None, 0
-        self.gen = torch.Generator().manual_seed(ctx.seed)
+        self.gen = torch.Generator().manual_seed(seed)
         self.aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
                              generator=self.gen, **ctx.augment)
         self.binary = ctx.head == "binary"
@@ -227,35 +228,49 @@ def device_for(use_gpu: bool) -> torch.device:
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune trainable: one fine-tuning trial, one nested MLflow run.
 
+    ``config`` holds the search dimensions plus ``arm`` (which weights), and for the final evaluation of a
+    study ``seed`` and ``final: True``: only then is the test split read, once, with the best-epoch model.
+
     Everything is written before ``tune.report``: a scheduler's stop arrives inside ``tune.report`` and the
     actor is killed right after, so nothing may depend on code after it. The best checkpoint is logged when
     it improves; the driver (``runner.Progress``) closes the run with its final status from ``mlflow_run_id``.
     """
     from ray import tune
 
-    params = dict(config)
+    params = dict(config.get("cfg", config))  # a study's final re-trainings come as a grid of whole configs
+    arm = params.setdefault("arm", next(iter(ctx.arms)))
+    params.setdefault("seed", ctx.seed)
+    final = bool(params.pop("final", False))
     device = device_for(ctx.use_gpu)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    weights = ctx.arms[arm][0]
     run = tracking.TrialRun.start(
-        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial_name(ctx.arch, params),
-        params={**params, "arch": ctx.arch, "weights": ctx.weights, "seed": ctx.seed},
-        tags={"tl_sweep.trial_id": tune.get_context().get_trial_id(),
-              "tl_sweep.depth": str(params["unfrozen_blocks"])})
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
+        name=trial_name(ctx.arch, params) + (f"·{arm}" if len(ctx.arms) > 1 else "") + (
+            f"·seed{params['seed']}" if final else ""),
+        params={**params, "arch": ctx.arch, "weights": weights},
+        tags={"tl_sweep.trial_id": tune.get_context().get_trial_id(), "tl_sweep.role": "final" if final else "trial",
+              "tl_sweep.arm": arm, "tl_sweep.source": weights, "tl_sweep.depth": str(params["unfrozen_blocks"])})
     try:
         fit = Fit(ctx, params, device)
         val = Batches(ctx.data, "val", device)
-        best, epochs = -1.0, int(params["epochs"])
+        best, best_state, epochs = -1.0, None, int(params["epochs"])
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(1, epochs + 1):
                 metrics = fit.epoch()
                 metrics["val_loss"], metrics["val_acc"] = evaluate(fit.model, val, fit.aug, fit.binary)
                 if metrics["val_acc"] > best:
                     best = metrics["val_acc"]
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
                     path = Path(tmp) / "best.pt"
-                    torch.save({"model": fit.model.state_dict(), "arch": ctx.arch, "classes": list(ctx.data.classes),
+                    torch.save({"model": best_state, "arch": ctx.arch, "classes": list(ctx.data.classes),
                                 "params": params, "epoch": epoch, "val_acc": best, "head": ctx.head}, path)
                     run.log_artifact(path)
                 metrics["best_val_acc"] = best
+                if final and epoch == epochs:  # the held-out test split, once, with the best-val checkpoint
+                    fit.model.load_state_dict(best_state)
+                    metrics["test_loss"], metrics["test_acc"] = evaluate(
+                        fit.model, Batches(ctx.data, "test", device), fit.aug, fit.binary)
                 run.log_epoch(epoch, metrics)
                 tune.report({**metrics, "epoch": epoch, "progress": epoch * ctx.min_epochs / epochs,
                              "mlflow_run_id": run.run_id})
