@@ -134,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter around a one-line error
     args = parser().parse_args(argv)
     try:
         return args.fn(args)

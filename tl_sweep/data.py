@@ -186,12 +186,16 @@ def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -
 
 def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, float],
             classes: list | None = None, train_per_class: int | None = None, strict: bool = False,
-            log=print) -> Prepared:
-    """Decode the dataset once into the node's cache and choose the rows of each split."""
+            holdout: float = 0.0, log=print) -> Prepared:
+    """Decode the dataset once into the node's cache and choose the rows of each split.
+
+    ``holdout`` moves that share of a ``train/``+``val/`` dataset's validation images (stratified, seeded)
+    to a test split when the dataset has no ``test/`` folder of its own.
+    """
     if dataset.startswith("builtin:digits"):
         return _prepare_digits(size, seed, split, classes, train_per_class, dataset.endswith("-shuffled"))
     return _prepare_folder(Path(dataset.removeprefix("imagefolder:")), size, seed, split, classes,
-                           train_per_class, strict, log)
+                           train_per_class, strict, holdout, log)
 
 
 def _select(all_classes: list[str], wanted: list | None, where: str) -> list[int]:
@@ -244,7 +248,7 @@ def _prepare_digits(size, seed, split, classes, train_per_class, shuffled) -> Pr
                    train_per_class, seed, fp, (), reused)
 
 
-def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, strict, log) -> Prepared:
+def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, strict, holdout, log) -> Prepared:
     where = f"data.dataset imagefolder:{root}"
     if not root.is_dir():
         raise UserError(f"{where}: no such folder; give the path to your images (relative to the spec file)")
@@ -303,6 +307,10 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
         raise UserError(f"{where}: class {lost[0]!r} has no readable image; fix its files")
     if subs:
         rows = {s: [i for i, w in enumerate(where_from) if w == s] for s in SPLITS}
+        if holdout and not rows["test"]:
+            val = rows["val"]
+            keep, test = _stratified([labels[i] for i in val], (1 - holdout, holdout), seed)
+            rows["val"], rows["test"] = [val[i] for i in keep], [val[i] for i in test]
     else:
         rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
     keep = _select(names, classes, where)

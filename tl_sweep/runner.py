@@ -138,7 +138,8 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str
     s = cfg.spec
     tracking.check(s.tracking.uri)
     prepared = data.prepare(s.data.dataset, size=cfg.input["resize"], seed=s.seed, split=s.data.split,
-                            classes=s.data.classes, train_per_class=s.data.train_per_class, log=log)
+                            classes=s.data.classes, train_per_class=s.data.train_per_class, strict=s.data.strict,
+                            holdout=s.data.holdout, log=log)
     counts = prepared.counts()
     log(f"data: {s.data.dataset} {len(prepared.classes)} classes ({', '.join(prepared.classes)}): "
         f"train {counts['train']}, val {counts['val']}, test {counts.get('test', 0)} (held out) at "
@@ -208,6 +209,9 @@ def _tuner(cfg: Config, ctx: train.TrialContext, name: str, total: int, log: log
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
                                     num_samples=total if search_alg else 1,
                                     max_concurrent_trials=None if search_alg else s.search.max_concurrent,
+                                    # a new process per trial costs seconds of imports; GPU trials get a
+                                    # fresh process so no memory is kept from an earlier trial (ray#32698)
+                                    reuse_actors=s.resources.gpu == 0,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   callbacks=[Progress(total, s.tracking.uri, log)],

@@ -142,6 +142,8 @@ class DataCfg(_Strict):
     train_per_class: int | None = Field(None, ge=1)
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train/val/test when the source has no split
     image_size: int | None = Field(None, ge=8)  # crop size; default from the weights' metadata
+    strict: bool = False  # refuse unreadable image files instead of skipping them
+    holdout: float = Field(0.0, ge=0, lt=1)  # share of val moved to a test split when the data has no test/
     augment: Augment = Augment()
 
     @field_validator("dataset")
