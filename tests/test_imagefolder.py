@@ -120,3 +120,59 @@ def test_hymenoptera_train_val_layout():
     held = prep(HYMENOPTERA, size=40, seed=0, holdout=0.5)
     assert set(held.index["val"]) | set(held.index["test"]) == set(p.index["val"])
     assert not set(held.index["val"]) & set(held.index["test"]) and abs(held.counts()["test"] - 76) <= 1
+
+
+def write_mnist(root, n_train=60, n_test=20):
+    """MNIST's real on-disk format (big-endian idx files), small, for torchvision's own loader."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
+
+
+def test_torchvision_dataset_official_splits_and_carved_val(tmp_path):
+    write_mnist(tmp_path)
+    p = data.prepare("torchvision:MNIST", size=20, seed=0, split=(0.75, 0.25, 0.0), root=str(tmp_path),
+                     log=lambda m: None)
+    c = p.counts()
+    assert c["test"] == 20 and c["train"] + c["val"] == 60  # official test kept, val carved from train
+    assert {p.labels[r] for r in p.index["val"]} == set(range(10))  # stratified: 6 per class → 4 train + 2 val
+    assert p.classes[0].startswith("0")
+    assert np.load(p.cache, mmap_mode="r").shape == (80, 3, 20, 20)  # grayscale → 3 channels
+
+
+def test_torchvision_dataset_missing_files_say_what_to_put_where(tmp_path):
+    with pytest.raises(UserError) as e:
+        data.prepare("torchvision:CIFAR10", size=20, seed=0, split=(0.6, 0.2, 0.2), root=str(tmp_path),
+                     log=lambda m: None)
+    msg = str(e.value)
+    assert f"is not under {tmp_path}" in msg and "download=True" in msg and "\n" not in msg
+    with pytest.raises(UserError, match="did you mean CIFAR10"):
+        data.prepare("torchvision:CIFAR11", size=20, seed=0, split=(0.6, 0.2, 0.2), root=str(tmp_path))
+
+
+@pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/data/hymenoptera_data is not here")
+def test_real_imagefolder_sweep_on_ants_and_bees(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    spec = SPEC.parent / "hymenoptera.yaml"
+    sets = ["study=null", "search.num_trials=2", "search.space.epochs=1", "search.space.unfrozen_blocks=[0, 5]",
+            "data.image_size=32", "model.weights=none", "scheduler.kind=fifo", "data.holdout=0",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(spec)] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 classes (ants, bees): train 245, val 153, no test split" in proc.stdout
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").search_runs(["1"])
+    trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    parent = next(r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep")
+    assert parent.data.tags["tl_sweep.data.test_split"].startswith("none")

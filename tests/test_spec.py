@@ -51,6 +51,9 @@ def one_error_line(code, out, err) -> str:
     (BASE.replace("arch: resnet18", "arch: vitb16"), ["model.arch", "vit_b_16"]),
     (BASE.replace("weights: none", "weights: IMAGENET1K_V9"), ["model.weights", "IMAGENET1K_V1"]),
     (BASE.replace("builtin:digits", "builtin:mnist"), ["data.dataset", "builtin:digits"]),
+    (BASE.replace("arch: resnet18, weights: none", "arch: vit_b_16, weights: IMAGENET1K_V1").replace(
+        "{low: 0, high: max}", "0"), ["data.image_size", "exactly 224 px"]),
+    (BASE.replace("builtin:digits", "torchvision:CIFAR10"), ["data.root", "needs data.root"]),
     (BASE.replace("name: t\n", ""), ["name: required key is missing"]),
     ("- a\n- b\n", ["a spec is a mapping"]),
     ("", ["the spec is empty"]),
@@ -112,3 +115,13 @@ def test_every_spec_in_search_spaces_validates(cli):
     for p in sorted(SPEC.parent.glob("*.yaml")):
         code, out, err = cli("validate", p)
         assert code == 0, f"{p.name}: {err}"
+
+
+def test_models_lists_every_torchvision_model(cli):
+    code, out, err = cli("models")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 + 80 and lines[0].split()[:4] == ["arch", "family", "blocks", "input"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["resnet18"][1:4] == ["resnet", "5", "224"] and "IMAGENET1K_V1" in rows["resnet18"][4]
+    assert rows["inception_v3"][3] == "299" and rows["vit_h_14"][2] == "33"

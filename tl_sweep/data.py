@@ -13,6 +13,9 @@ Sources (``data.dataset``):
   deliberately unlike natural images).
 * ``imagefolder:<path>``: ``train/``, ``val/`` (and optional ``test/``) folders of class folders, or one
   tree of class folders split by ``data.split`` (stratified, seeded).
+* ``torchvision:<Name>``: a torchvision dataset (CIFAR10/100, MNIST, FashionMNIST, SVHN, Flowers102,
+  OxfordIIITPet, ...) already under ``data.root``; its official splits are used, validation carved from
+  train by ``data.split`` where it has none. Nothing is downloaded at run time.
 
 Splits are honest: the search sees ``val`` only; ``test`` is kept for the final evaluation of the best
 configurations and never steers the search.
@@ -20,6 +23,7 @@ configurations and never steers the search.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -136,7 +140,14 @@ def decode(path: Path, size: int) -> np.ndarray:
 
     with Image.open(path) as im:
         im.load()  # truncated files fail here, not later
-        rgb = to_rgb(im)
+        return square(im, size)
+
+
+def square(img, size: int) -> np.ndarray:
+    """A PIL image of any mode → uint8 3×S×S (RGB, shorter side S, centre crop)."""
+    from PIL import Image
+
+    rgb = to_rgb(img)
     w, h = rgb.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -186,7 +197,7 @@ def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -
 
 def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, float],
             classes: list | None = None, train_per_class: int | None = None, strict: bool = False,
-            holdout: float = 0.0, log=print) -> Prepared:
+            holdout: float = 0.0, root: str | None = None, log=print) -> Prepared:
     """Decode the dataset once into the node's cache and choose the rows of each split.
 
     ``holdout`` moves that share of a ``train/``+``val/`` dataset's validation images (stratified, seeded)
@@ -194,6 +205,9 @@ def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, fl
     """
     if dataset.startswith("builtin:digits"):
         return _prepare_digits(size, seed, split, classes, train_per_class, dataset.endswith("-shuffled"))
+    if dataset.startswith("torchvision:"):
+        return _prepare_torchvision(dataset.removeprefix("torchvision:"), Path(root or "."), size, seed, split,
+                                    classes, train_per_class, log)
     return _prepare_folder(Path(dataset.removeprefix("imagefolder:")), size, seed, split, classes,
                            train_per_class, strict, holdout, log)
 
@@ -315,6 +329,73 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
         rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
     keep = _select(names, classes, where)
     return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, meta["skipped"], reused)
+
+
+# torchvision datasets: how each names its official splits (constructor kwarg → value per split). Datasets
+# with a ``train`` flag have train/test; a validation split is then carved from train by ``data.split``.
+TORCHVISION_SPLITS: dict[str, dict[str, tuple[str, Any]]] = {
+    "Flowers102": {"train": ("split", "train"), "val": ("split", "val"), "test": ("split", "test")},
+    "DTD": {"train": ("split", "train"), "val": ("split", "val"), "test": ("split", "test")},
+    "FGVCAircraft": {"train": ("split", "train"), "val": ("split", "val"), "test": ("split", "test")},
+    "OxfordIIITPet": {"train": ("split", "trainval"), "test": ("split", "test")},
+    "SVHN": {"train": ("split", "train"), "test": ("split", "test")},
+    "Food101": {"train": ("split", "train"), "test": ("split", "test")},
+    "StanfordCars": {"train": ("split", "train"), "test": ("split", "test")},
+}
+TRAIN_FLAG = {"train": ("train", True), "test": ("train", False)}
+
+
+def _torchvision_split(name: str, root: Path, split: str, kwarg: tuple[str, Any]):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None or not isinstance(cls, type):
+        close = difflib.get_close_matches(name, [n for n in dir(tvd) if n[0].isupper()], n=2)
+        raise UserError(f"data.dataset: torchvision has no dataset {name!r}"
+                        + (f"; did you mean {' or '.join(close)}?" if close else ""))
+    try:
+        return cls(str(root), **{kwarg[0]: kwarg[1]}, download=False)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise UserError(f"data.dataset: torchvision:{name} ({split}) is not under {root} ({str(e).strip()[:120]}); "
+                        f"fetch it where there is internet with torchvision.datasets.{name}({str(root)!r}, "
+                        f"download=True) and copy the folder here, or set data.root") from None
+
+
+def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per_class, log) -> Prepared:
+    if not root.is_dir():
+        raise UserError(f"data.root: {root} is not a folder; point it at the folder holding torchvision:{name}")
+    splits = TORCHVISION_SPLITS.get(name, TRAIN_FLAG)
+    files = [(str(p.relative_to(root)), p) for p in _files(root)]
+    fp = f"{name}-{_fingerprint(files)}"
+    cache = cache_root() / "images" / f"{fp}-{size}.npy"
+    meta_path = cache.with_suffix(".json")
+    reused = cache.exists() and meta_path.exists()
+    if reused:
+        meta = json.loads(meta_path.read_text())
+        log(f"data: reusing the decoded cache {cache} ({len(meta['labels'])} images)")
+    else:
+        images, labels, origin, names = [], [], [], None
+        for split_name, kwarg in splits.items():
+            ds = _torchvision_split(name, root, split_name, kwarg)
+            names = names or [str(c) for c in getattr(ds, "classes", [])]
+            for i in range(len(ds)):
+                img, target = ds[i]
+                images.append(square(img, size))
+                labels.append(int(target))
+                origin.append(split_name)
+        names = names or [str(c) for c in sorted(set(labels))]
+        _write_cache(cache, images, size)
+        meta = {"labels": labels, "split": origin, "skipped": [], "classes": names}
+        meta_path.write_text(json.dumps(meta))
+    labels, origin, names = meta["labels"], meta["split"], meta["classes"]
+    rows = {s: [i for i, o in enumerate(origin) if o == s] for s in SPLITS}
+    if not rows["val"]:  # carve validation out of train, stratified, in the spec's train:val proportion
+        train = rows["train"]
+        keep, val = _stratified([labels[i] for i in train], (split[0] / (split[0] + split[1]),
+                                                               split[1] / (split[0] + split[1])), seed)
+        rows["train"], rows["val"] = [train[i] for i in keep], [train[i] for i in val]
+    keep_classes = _select(names, classes, f"torchvision:{name}")
+    return _finish(cache, labels, rows, names, keep_classes, train_per_class, seed, fp, (), reused)
 
 
 # ------------------------------------------------------------------------------------- augmentation

@@ -139,11 +139,12 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str
     tracking.check(s.tracking.uri)
     prepared = data.prepare(s.data.dataset, size=cfg.input["resize"], seed=s.seed, split=s.data.split,
                             classes=s.data.classes, train_per_class=s.data.train_per_class, strict=s.data.strict,
-                            holdout=s.data.holdout, log=log)
+                            holdout=s.data.holdout, root=s.data.root, log=log)
     counts = prepared.counts()
+    test = f"test {counts['test']} (held out)" if counts.get("test") else "no test split"
     log(f"data: {s.data.dataset} {len(prepared.classes)} classes ({', '.join(prepared.classes)}): "
-        f"train {counts['train']}, val {counts['val']}, test {counts.get('test', 0)} (held out) at "
-        f"{cfg.input['crop']}px{' - decoded cache reused' if prepared.reused else ''}")
+        f"train {counts['train']}, val {counts['val']}, {test} at {cfg.input['crop']}px"
+        f"{' - decoded cache reused' if prepared.reused else ''}")
     if s.model.head == "binary" and len(prepared.classes) != 2:
         raise UserError(f"model.head: binary needs 2 classes, the data has {len(prepared.classes)}; "
                         f"use head: linear")

@@ -144,14 +144,15 @@ class DataCfg(_Strict):
     image_size: int | None = Field(None, ge=8)  # crop size; default from the weights' metadata
     strict: bool = False  # refuse unreadable image files instead of skipping them
     holdout: float = Field(0.0, ge=0, lt=1)  # share of val moved to a test split when the data has no test/
+    root: str | None = None  # folder of a torchvision:<Name> dataset (relative to the spec file)
     augment: Augment = Augment()
 
     @field_validator("dataset")
     @classmethod
     def _kind(cls, v: str) -> str:
-        kinds = ("builtin:", "imagefolder:")
+        kinds = ("builtin:", "imagefolder:", "torchvision:")
         if not v.startswith(kinds):
-            raise ValueError(f"{v!r} is not a dataset; use builtin:digits or imagefolder:<path>")
+            raise ValueError(f"{v!r} is not a dataset; use builtin:digits, imagefolder:<path> or torchvision:<Name>")
         if v.startswith("builtin:") and v not in BUILTIN:
             raise ValueError(f"unknown built-in dataset {v!r}; built in: {', '.join(BUILTIN)}")
         return v
@@ -433,6 +434,9 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
     if d.image_size is None:
         d.image_size = inp["crop"]
     elif d.image_size != inp["crop"]:
+        if models.family(m.arch).size_kwarg and models.torchvision_weights(m.arch, m.weights) is not None:
+            raise UserError(f"data.image_size: {m.arch} with {m.weights} takes exactly {inp['crop']} px (its "
+                            f"pretrained position embedding / window grid is fixed); set image_size: {inp['crop']}")
         inp = dict(inp, crop=d.image_size, resize=round(d.image_size / 0.875))
     digits = d.dataset.startswith("builtin:digits")
     if d.augment.scale is None:
@@ -441,6 +445,11 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         d.augment.hflip = not digits
     if d.dataset.startswith("imagefolder:"):
         d.dataset = "imagefolder:" + _abs(d.dataset.removeprefix("imagefolder:"), spec_dir)
+    if d.dataset.startswith("torchvision:"):
+        if d.root is None:
+            raise UserError(f"data.root: torchvision:{d.dataset.split(':', 1)[1]} needs data.root, the folder "
+                            f"that holds its files")
+        d.root = _abs(d.root, spec_dir)
     n = models.num_blocks(m.arch, d.image_size)
     space = spec.search.space
     ub = space.unfrozen_blocks

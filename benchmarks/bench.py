@@ -1,0 +1,141 @@
+"""Data-path and training-path throughput, measured in one run on one device; prints figures and ratios.
+
+    python benchmarks/bench.py [--data ../shared/data/hymenoptera_data] [--size 64] [--arch resnet18]
+
+1. **PIL + torchvision transforms**: what a tutorial trainable does every epoch: decode each JPEG, then
+   RandomResizedCrop + flip + ToTensor + Normalize (torchvision.transforms), through a DataLoader.
+2. **Cached loader**: tl-sweep's path: uint8 batches read from the memory-mapped decode-once cache, then the
+   batched random-resized-crop + flip + normalise on tensors (``data.Augmenter``).
+3. **Training step ceiling per depth**: forward + backward + SGD step of the model on synthetic data already
+   on the device, for 0 … all unfrozen blocks (frozen blocks: no grad, BatchNorm in eval).
+4. **Trial pipeline per depth**: cache → augmentation → the same step, as ``train.Fit.epoch`` runs it.
+
+Ratios: cached loader / training step at full fine-tuning (target ≥ 3: data never what a trial waits on),
+PIL path / cached loader, and pipeline / ceiling per depth (target ≥ 0.8). No Ray, no MLflow: the same
+script runs on a GPU machine with only torch and torchvision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tl_sweep import data, models, train  # noqa: E402
+
+
+def timed(fn, n_items: int, min_seconds: float = 2.0, warmup: int = 1) -> float:
+    """Items per second of ``fn`` (which processes ``n_items``), repeated for at least ``min_seconds``."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return reps * n_items / dt
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def pil_epoch(root: Path, size: int, batch: int) -> tuple[callable, int]:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)])
+    ds = datasets.ImageFolder(str(root / "train"), transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0)
+    return (lambda: [None for _ in loader]), len(ds)
+
+
+def cached_epoch(p: data.Prepared, size: int, batch: int, device) -> tuple[callable, int]:
+    batches = train.Batches(p, "train", device)
+    aug = data.Augmenter(crop=size, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=device)
+    return (lambda: [aug.train(x.to(device)) for x, _ in batches(batch, shuffle=True)]), len(batches)
+
+
+def step_fn(model, frozen, x, y, opt):
+    def step():
+        frozen.train_mode(model)
+        with train.autocast(x.device):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/hymenoptera_data"))
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
+                                                                        f"{torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; {args.arch} at {args.size}px, batch {args.batch}")
+    root = Path(args.data)
+    resize = round(args.size / 0.875)
+    t0 = time.perf_counter()
+    p = data.prepare(f"imagefolder:{root}", size=resize, seed=0, split=(0.6, 0.2, 0.2), log=lambda m: None)
+    print(f"decode-once cache: {len(p.labels)} images at {resize}px in {time.perf_counter() - t0:.1f}s "
+          f"({'reused' if p.reused else 'built'})")
+
+    fn, n = pil_epoch(root, args.size, args.batch)
+    pil = timed(fn, n, args.seconds)
+    fn, n = cached_epoch(p, args.size, args.batch, device)
+    cached = timed(fn, n, args.seconds)
+
+    classes = len(p.classes)
+    model = models.build(args.arch, classes, image_size=args.size).to(device)
+    part = models.partition(model, args.arch)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, classes, (args.batch,), device=device)
+    batches = train.Batches(p, "train", device)
+    aug = data.Augmenter(crop=args.size, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=device)
+    rows = []
+    for k in range(len(part) + 1):
+        frozen = models.freeze(model, part, k)
+        opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
+        ceiling = timed(step_fn(model, frozen, x, y, opt), args.batch, args.seconds)
+
+        def pipeline():
+            for xb, yb in batches(args.batch, shuffle=True):
+                step_fn(model, frozen, aug.train(xb.to(device)), yb.to(device), opt)()
+
+        real = timed(pipeline, len(batches), args.seconds)
+        rows.append((k, ceiling, real))
+
+    full = rows[-1][1]
+    print(f"\n{'path':44s} {'img/s':>9s}")
+    print(f"{'1. PIL decode + torchvision transforms':44s} {pil:9.0f}")
+    print(f"{'2. cached loader (memmap + tensor augment)':44s} {cached:9.0f}")
+    print(f"{'3. training step, all blocks unfrozen':44s} {full:9.0f}")
+    print(f"\ncached loader / training step:   {cached / full:6.1f}x  (target >= 3)")
+    print(f"cached loader / PIL transforms:  {cached / pil:6.1f}x")
+    print(f"\n{'unfrozen blocks':>15s} {'ceiling img/s':>14s} {'trial img/s':>12s} {'trial/ceiling':>14s} "
+          f"{'vs full FT':>10s}")
+    for k, ceiling, real in rows:
+        print(f"{k:15d} {ceiling:14.0f} {real:12.0f} {real / ceiling:14.2f} {ceiling / full:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
