@@ -148,14 +148,9 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
     try:
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
         wait_for(lambda: parent.info.run_name in driver.page_source, "the parent run")
-        expanders = [b for b in driver.find_elements(By.CSS_SELECTOR, "button") if
-                     (b.get_attribute("aria-label") or "").lower().startswith(("expand", "show"))
-                     or "expander" in (b.get_attribute("class") or "")]
-        for b in expanders:
-            try:
-                b.click()
-            except Exception:  # noqa: BLE001 - an expander that scrolled away is not the one we need
-                pass
+        # the "+" beside the parent's name (MLflow 3's run-name cell) unfolds its nested runs
+        for b in driver.find_elements(By.CSS_SELECTOR, 'button[data-component-id*="runnamecellrenderer"]'):
+            b.click()
         wait_for(lambda: "resnet18·k=4·sgd·bs32" in driver.page_source, "the nested trial runs")
         driver.save_screenshot(str(shots / "mlflow_ui_runs.png"))
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts")

@@ -6,6 +6,7 @@ User errors (:class:`~tl_sweep.errors.UserError`) print one line on stderr and e
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def cmd_run(args) -> int:
     from tl_sweep import runner, spec, tracking
 
     cfg = spec.load(args.spec, args.set)
-    summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir)
+    summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
     print()
     finals = f" + {len(summary.finals)} final re-trainings" if summary.finals else ""
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
@@ -111,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = with_spec("run", "run the sweep a spec describes")
     r.add_argument("--address", default=None, help="Ray cluster to join (auto or host:port); default: local")
+    r.add_argument("--resume", action="store_true", help="continue the latest sweep of this spec (after Ctrl-C or "
+                   "a killed driver): finished trials are kept, unfinished ones continue from their checkpoints")
     r.add_argument("--report-dir", default=None, help="where report.md, trials.csv and plots go "
                    "(default reports/<experiment>-<run>)")
     r.set_defaults(fn=cmd_run)
@@ -135,14 +138,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter around a one-line error
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # the same when mlflow was imported already
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
     except UserError as e:
         _err(str(e))
         return e.exit_code
-    except KeyboardInterrupt:
-        _err("interrupted; finished trials are in MLflow")
+    except KeyboardInterrupt as e:
+        _err(str(e) or "interrupted; finished trials are in MLflow; continue with tl-sweep run SPEC --resume")
         return 130
 
 

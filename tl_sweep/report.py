@@ -213,6 +213,12 @@ def findings(a: Analysis) -> list[str]:
                 out.append(f"`{arm}`: negative transfer at depths {neg} (interval above 0).")
             elif a.scratch:
                 out.append(f"`{arm}`: no depth shows negative transfer with an interval above 0.")
+    if a.scratch:
+        per_depth = [c["trials"] for (arm, _), c in a.per_depth.items() if arm != a.scratch]
+        if per_depth and min(per_depth) < a.per_arm[a.scratch]["trials"]:
+            out.append(f"Caveat: each depth of a pretrained arm was searched with {min(per_depth)}–{max(per_depth)} "
+                       f"trials, the scratch arm with {a.per_arm[a.scratch]['trials']} at its one depth; a per-depth "
+                       f"gap includes that difference in tuning (raise search.num_trials to narrow it).")
     if not out:
         out.append("No final evaluation on the test split (not a study): the table shows validation accuracy only.")
     return out
@@ -427,8 +433,12 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     markdown = "\n".join(md)
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(trials_csv(rows))
+    try:  # the resolved spec beside the report, so the folder reproduces the study on its own
+        tracking._retry(c.download_artifacts, parent_id, "resolved.yaml", str(out))
+    except Exception:  # noqa: BLE001 - a sweep logged by an older tl-sweep may lack it
+        pass
     if log_artifacts:
-        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))
+        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))  # not resolved.yaml again
         tracking.log_files(uri, parent_id, files, artifact_path="report")
     key_text = text_table(key)
     log(f"\nreport: {out / 'report.md'} (also in the parent run's artifacts under report/)\n{key_text}")

@@ -201,10 +201,15 @@ def finalists(rows: list[dict[str, Any]], seed: int, repeats: int) -> list[dict[
 
 
 def _tuner(cfg: Config, ctx: train.TrialContext, name: str, total: int, log: log_fn, *, search_alg=None,
-           scheduler=None, param_space=None) -> tune.Tuner:
+           scheduler=None, param_space=None, resume: bool = False) -> tune.Tuner:
+    """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming."""
     s = cfg.spec
     trainable = tune.with_resources(tune.with_parameters(train.run_trial, ctx=ctx),
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
+    path = f"{s.storage.rstrip('/')}/{name}"
+    if resume and tune.Tuner.can_restore(path):
+        log(f"ray: resuming {name}: finished trials are kept, unfinished ones continue from their checkpoints")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
@@ -216,31 +221,78 @@ def _tuner(cfg: Config, ctx: train.TrialContext, name: str, total: int, log: log
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   callbacks=[Progress(total, s.tracking.uri, log)],
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
 
 
-def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_dir: str | None = None) -> Summary:
-    """Run the sweep (or study) that ``cfg`` describes; returns the trials, best first."""
+class Interrupted(KeyboardInterrupt):
+    """The sweep stopped before its trials did (Ctrl-C); ``--resume`` continues it."""
+
+
+def _fit(tuner: tune.Tuner) -> list[dict[str, Any]]:
+    results = tuner.fit()
+    unfinished = [t for t in results._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise Interrupted(f"{len(unfinished)} trials unfinished")
+    return _rows(results)
+
+
+def spec_hash(cfg: Config) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resumable_parent(cfg: Config, uri: str, exp_id: str) -> str:
+    c = tracking.client(uri)
+    runs = tracking._retry(c.search_runs, [exp_id], filter_string="tags.`tl_sweep.role` = 'sweep'",
+                           order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise UserError(f"--resume: experiment {cfg.experiment!r} has no sweep to resume; run without --resume")
+    run = runs[0]
+    if run.data.tags.get("tl_sweep.spec_hash") != spec_hash(cfg):
+        raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) ran another spec "
+                        f"or other --set values; resume with the same ones, or run without --resume")
+    if run.info.status == "FINISHED":
+        raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) already finished; "
+                        f"run without --resume to start a new one")
+    tracking._retry(c.update_run, run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_dir: str | None = None,
+        resume: bool = False) -> Summary:
+    """Run the sweep (or study) that ``cfg`` describes; returns the trials, best first.
+
+    With ``resume``, the latest sweep of the experiment (same resolved spec) continues: its parent run is
+    reused and each phase's Tuner is restored from storage with the searcher's state.
+    """
     t0 = time.perf_counter()
     s = cfg.spec
     prepared, arms = preflight(cfg, log)
     uri = s.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
-    run_name = f"{s.name}·{s.model.arch}·{'+'.join(cfg.arms)}·{time.strftime('%Y%m%d-%H%M%S')}"
-    files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
-    if prepared.skipped:
-        files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
-    parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
-        "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms),
-        "tl_sweep.data_fingerprint": prepared.fingerprint,
-        **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()}})
-    log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}")
+    if resume:
+        parent = _resumable_parent(cfg, uri, exp_id)
+    else:
+        run_name = f"{s.name}·{s.model.arch}·{'+'.join(cfg.arms)}·{time.strftime('%Y%m%d-%H%M%S')}"
+        files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
+        if prepared.skipped:
+            files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
+        parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
+            "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), "tl_sweep.spec_hash": spec_hash(cfg),
+            "tl_sweep.data_fingerprint": prepared.fingerprint,
+            **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()}})
+    log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
+        + (" (resumed)" if resume else ""))
     summary = Summary(exp_id, parent)
     ctx = train.TrialContext(
         arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
         head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
         augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
-        tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0)
+        tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0,
+        checkpoint_every=s.failures.checkpoint_every)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
@@ -255,25 +307,27 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
                 f"{s.search.max_concurrent} at a time, {s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, "
                 f"scheduler {s.scheduler.kind}")
             tuner = _tuner(cfg, ctx, f"{cfg.experiment}-{parent[:8]}-{_slug(arm)}", n, log,
-                           search_alg=make_searcher(cfg, arm, depths), scheduler=make_scheduler(cfg))
-            summary.trials += _rows(tuner.fit())
+                           search_alg=make_searcher(cfg, arm, depths), scheduler=make_scheduler(cfg), resume=resume)
+            summary.trials += _fit(tuner)
         summary.trials.sort(key=lambda row: -_best_key(row))
         if s.study is not None:
             configs = finalists(summary.trials, s.seed, s.study.repeats)
             log(f"ray: final evaluation: {len(configs)} re-trainings (best per arm and depth × "
                 f"{s.study.repeats} seeds), each scored once on the test split")
             tuner = _tuner(cfg, ctx, f"{cfg.experiment}-{parent[:8]}-final", len(configs), log,
-                           param_space={"cfg": tune.grid_search(configs)})
-            summary.finals = _rows(tuner.fit())
+                           param_space={"cfg": tune.grid_search(configs)}, resume=resume)
+            summary.finals = _fit(tuner)
         everything = summary.trials + summary.finals
         if everything and all(row["status"] == "FAILED" for row in everything):
             summary.status = "FAILED"
     except KeyboardInterrupt:
         summary.status = "KILLED"
-        raise
+        raise Interrupted(f"interrupted; finished trials are in MLflow (parent run {parent}); continue with "
+                          f"--resume") from None
     finally:
         summary.seconds = time.perf_counter() - t0
-        tracking.close_orphans(uri, exp_id, parent)
+        if summary.status != "KILLED":  # a resumed sweep reopens its unfinished runs itself
+            tracking.close_orphans(uri, exp_id, parent)
         best = summary.best
         metrics = {"best_val_acc": best["best_val_acc"]} if best and best["best_val_acc"] is not None else {}
         metrics.update(n_trials=len(summary.trials), n_final=len(summary.finals), sweep_seconds=summary.seconds)

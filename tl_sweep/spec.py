@@ -213,6 +213,14 @@ class Study(_Strict):
     repeats: int = Field(3, ge=1)
 
 
+class Failures(_Strict):
+    """Fault tolerance: trials checkpoint every ``checkpoint_every`` epochs (0: never), so ``--resume`` and
+    a retried trial continue where they were; a trial whose worker dies is retried ``max_failures`` times."""
+
+    max_failures: int = Field(1, ge=0)
+    checkpoint_every: int = Field(1, ge=0)
+
+
 class Resources(_Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
@@ -232,6 +240,7 @@ class Spec(_Strict):
     scheduler: Scheduler = Scheduler()
     regime: Regime = Regime()
     study: Study | None = None
+    failures: Failures = Failures()
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
     storage: str = "ray_results"  # Ray Tune's storage path; a path or a URI such as s3://...

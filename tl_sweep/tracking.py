@@ -183,14 +183,28 @@ class TrialRun:
 
     @classmethod
     def start(cls, uri: str, exp_id: str, parent_id: str, *, name: str, params: dict[str, Any],
-              tags: dict[str, str]) -> "TrialRun":
+              tags: dict[str, str], run_id: str | None = None) -> "TrialRun":
+        """Open the trial's run: ``run_id`` (resumed from a checkpoint), else the run an earlier attempt of
+        the same Tune trial created (found by its trial id), else a new nested run."""
         from mlflow.entities import Param
 
         c = client(uri)
+        if run_id is None:
+            found = _retry(c.search_runs, [exp_id], max_results=1, filter_string=(
+                f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`tl_sweep.trial_id` = '{tags['tl_sweep.trial_id']}'"))
+            run_id = found[0].info.run_id if found else None
+        if run_id is not None:
+            _retry(c.update_run, run_id, status="RUNNING")
+            return cls(uri, run_id)
         run = _retry(c.create_run, exp_id, run_name=name,
                      tags={PARENT_TAG: parent_id, "tl_sweep.role": "trial", **tags})
         _retry(c.log_batch, run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return cls(uri, run.info.run_id)
+
+    def last_step(self) -> int:
+        """The last epoch this run logged (0 for a new run)."""
+        hist = _retry(client(self.uri).get_metric_history, self.run_id, "val_acc")
+        return max((m.step for m in hist), default=0)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric

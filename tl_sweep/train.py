@@ -62,6 +62,7 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     use_gpu: bool
+    checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
 
 
 def learning_rate(optimizer: str, lr_mult: float, batch_size: int) -> float:
@@ -171,13 +172,14 @@ class Fit:
                              generator=self.gen, **ctx.augment)
         self.binary = ctx.head == "binary"
 
-    def set_depth(self, k: int) -> None:
+    def set_depth(self, k: int, scale: float | None = None) -> None:
         """Freeze all but the head and the last ``k`` blocks; a new optimizer continues the cosine schedule.
 
         After the first change of depth (progressive unfreezing, LP-FT) the LR is ``ft_lr_mult`` × lr.
         """
-        scale = 1.0 if self.depth is None else float(self.ctx.regime.get("ft_lr_mult", 1.0))
-        self.depth = k
+        if scale is None:
+            scale = 1.0 if self.depth is None else float(self.ctx.regime.get("ft_lr_mult", 1.0))
+        self.depth, self.scale, self.offset = k, scale, self.step_count
         self.frozen = models.freeze(self.model, self.part, k)
         p = self.params
         lr = self.lr * scale
@@ -185,8 +187,24 @@ class Fit:
                                      weight_decay=float(p["weight_decay"]), head_lr_mult=float(p["head_lr_mult"]),
                                      layer_decay=float(p["layer_decay"]))
         self.optimizer = make_optimizer(p["optimizer"], groups, lr)
-        offset, curve = self.step_count, cosine(self.steps)
+        offset, curve = self.offset, cosine(self.steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: curve(s + offset))
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue this fit exactly where it is (a Tune checkpoint's content)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "depth": self.depth, "scale": self.scale,
+                "offset": self.offset, "step_count": self.step_count, "n_epochs": self.n_epochs,
+                "gen": self.gen.get_state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step_count = state["offset"]
+        self.set_depth(state["depth"], state["scale"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step_count, self.n_epochs = state["step_count"], state["n_epochs"]
+        self.gen.set_state(state["gen"])
 
     def epoch(self) -> dict[str, float]:
         self.n_epochs += 1
@@ -234,6 +252,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     Everything is written before ``tune.report``: a scheduler's stop arrives inside ``tune.report`` and the
     actor is killed right after, so nothing may depend on code after it. The best checkpoint is logged when
     it improves; the driver (``runner.Progress``) closes the run with its final status from ``mlflow_run_id``.
+
+    Resume: every ``checkpoint_every`` epochs the whole fit state goes into a Tune checkpoint with the MLflow
+    run id. A restarted trial (``--resume``, a lost worker) continues from it in the same MLflow run and does
+    not log an epoch twice.
     """
     from ray import tune
 
@@ -244,19 +266,26 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     device = device_for(ctx.use_gpu)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     weights = ctx.arms[arm][0]
+    trial_id = tune.get_context().get_trial_id()
+    resumed = _read_checkpoint(tune.get_checkpoint())
     run = tracking.TrialRun.start(
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
         name=trial_name(ctx.arch, params) + (f"·{arm}" if len(ctx.arms) > 1 else "") + (
             f"·seed{params['seed']}" if final else ""),
         params={**params, "arch": ctx.arch, "weights": weights},
-        tags={"tl_sweep.trial_id": tune.get_context().get_trial_id(), "tl_sweep.role": "final" if final else "trial",
-              "tl_sweep.arm": arm, "tl_sweep.source": weights, "tl_sweep.depth": str(params["unfrozen_blocks"])})
+        tags={"tl_sweep.trial_id": trial_id, "tl_sweep.role": "final" if final else "trial",
+              "tl_sweep.arm": arm, "tl_sweep.source": weights, "tl_sweep.depth": str(params["unfrozen_blocks"])},
+        run_id=resumed["run_id"] if resumed else None)
     try:
         fit = Fit(ctx, params, device)
         val = Batches(ctx.data, "val", device)
-        best, best_state, epochs = -1.0, None, int(params["epochs"])
+        best, best_state, epochs, first = -1.0, None, int(params["epochs"]), 1
+        if resumed:
+            fit.restore(resumed["fit"])
+            best, best_state, first = resumed["best"], resumed["best_state"], resumed["epoch"] + 1
+        logged = run.last_step()
         with tempfile.TemporaryDirectory() as tmp:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(first, epochs + 1):
                 metrics = fit.epoch()
                 metrics["val_loss"], metrics["val_acc"] = evaluate(fit.model, val, fit.aug, fit.binary)
                 if metrics["val_acc"] > best:
@@ -271,14 +300,36 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                     fit.model.load_state_dict(best_state)
                     metrics["test_loss"], metrics["test_acc"] = evaluate(
                         fit.model, Batches(ctx.data, "test", device), fit.aug, fit.binary)
-                run.log_epoch(epoch, metrics)
+                if epoch > logged:
+                    run.log_epoch(epoch, metrics)
+                checkpoint = None
+                every = ctx.checkpoint_every
+                if every and epoch < epochs and epoch % every == 0:
+                    checkpoint = _write_checkpoint(Path(tmp) / "resume", {
+                        "fit": fit.state(), "best": best, "best_state": best_state if final else None,
+                        "epoch": epoch, "run_id": run.run_id})
                 tune.report({**metrics, "epoch": epoch, "progress": epoch * ctx.min_epochs / epochs,
-                             "mlflow_run_id": run.run_id})
+                             "mlflow_run_id": run.run_id}, checkpoint=checkpoint)
     except SystemExit:  # the scheduler stopped this trial; the driver records it
         raise
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark the trial
         run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
         raise
+
+
+def _write_checkpoint(folder: Path, state: dict[str, Any]):
+    from ray.tune import Checkpoint
+
+    folder.mkdir(exist_ok=True)
+    torch.save(state, folder / "trial.pt")
+    return Checkpoint.from_directory(str(folder))
+
+
+def _read_checkpoint(checkpoint) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "trial.pt", map_location="cpu", weights_only=True)
 
 
 def fit_plain(ctx: TrialContext, params: dict[str, Any], log=print) -> tuple[nn.Module, float]:
