@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -172,7 +175,8 @@ def _rows(results) -> list[dict[str, Any]]:
         m, c = r.metrics or {}, dict(r.config or {})
         c = dict(c.get("cfg", c))
         stopped = m.get("epoch", 0) < c.get("epochs", 0) and r.error is None
-        rows.append({"trial": m.get("trial_id", ""), "arm": c.get("arm"), **{k: c.get(k) for k in space.DIMENSIONS},
+        trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "")
+        rows.append({"trial": trial_id, "arm": c.get("arm"), **{k: c.get(k) for k in space.DIMENSIONS},
                      "best_val_acc": m.get("best_val_acc"), "test_acc": m.get("test_acc"),
                      "epochs_run": m.get("epoch", 0), "seed": c.get("seed"),
                      "status": "FAILED" if r.error else ("EARLY_STOPPED" if stopped else "FINISHED")})
@@ -230,10 +234,18 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _fit(tuner: tune.Tuner) -> list[dict[str, Any]]:
+    """``tuner.fit()``, raising :class:`Interrupted` when Ctrl-C ended it early.
+
+    Tune swallows the first SIGINT: its handler saves the experiment, ends the loop and puts the previous
+    handler back. So a handler that is ours again after ``fit`` means the sweep was interrupted.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
-    unfinished = [t for t in results._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished:
-        raise Interrupted(f"{len(unfinished)} trials unfinished")
+    if main and signal.getsignal(signal.SIGINT) is before:
+        raise Interrupted("interrupted")
+    if main:
+        signal.signal(signal.SIGINT, before)
     return _rows(results)
 
 
@@ -294,6 +306,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0,
         checkpoint_every=s.failures.checkpoint_every)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                  configure_logging=True, log_to_driver=True)
@@ -327,6 +340,12 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     finally:
         summary.seconds = time.perf_counter() - t0
         if summary.status != "KILLED":  # a resumed sweep reopens its unfinished runs itself
+            if resume:  # trials a killed driver started after its last saved state: the search never saw them
+                known = {row["trial"] for row in summary.trials + summary.finals}
+                n_gone = tracking.retire_unknown(uri, exp_id, parent, known)
+                if n_gone:
+                    log(f"mlflow: {n_gone} unfinished runs of trials started after the killed driver's last "
+                        f"saved state were deleted (restorable: mlflow runs restore)")
             tracking.close_orphans(uri, exp_id, parent)
         best = summary.best
         metrics = {"best_val_acc": best["best_val_acc"]} if best and best["best_val_acc"] is not None else {}

@@ -170,6 +170,18 @@ def close_orphans(uri: str, exp_id: str, parent_id: str) -> int:
     return n
 
 
+def retire_unknown(uri: str, exp_id: str, parent_id: str, known_trials: set[str]) -> int:
+    """Soft-delete unfinished child runs whose Tune trial the (resumed) sweep does not know; returns how many."""
+    n = 0
+    for run in children(uri, exp_id, parent_id):
+        if run.info.status != "FINISHED" and run.data.tags.get("tl_sweep.trial_id") not in known_trials:
+            _retry(client(uri).set_tag, run.info.run_id, "tl_sweep.superseded", "started after the last saved "
+                   "sweep state of a killed driver; its trial was proposed again on --resume")
+            _retry(client(uri).delete_run, run.info.run_id)
+            n += 1
+    return n
+
+
 def ui_link(uri_or_base: str, exp_id: str) -> str:
     """The MLflow UI page of an experiment's training runs (the UI opens in GenAI mode otherwise)."""
     return f"{uri_or_base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
@@ -178,8 +190,9 @@ def ui_link(uri_or_base: str, exp_id: str) -> str:
 class TrialRun:
     """One trial's nested MLflow run, written through the client API with retries."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, previous: str | None = None, metrics: dict | None = None):
         self.uri, self.run_id = uri, run_id
+        self.previous, self.metrics = previous, metrics or {}  # an earlier attempt's status and last metrics
 
     @classmethod
     def start(cls, uri: str, exp_id: str, parent_id: str, *, name: str, params: dict[str, Any],
@@ -194,8 +207,10 @@ class TrialRun:
                 f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`tl_sweep.trial_id` = '{tags['tl_sweep.trial_id']}'"))
             run_id = found[0].info.run_id if found else None
         if run_id is not None:
-            _retry(c.update_run, run_id, status="RUNNING")
-            return cls(uri, run_id)
+            found = _retry(c.get_run, run_id)
+            if found.info.status != "FINISHED":
+                _retry(c.update_run, run_id, status="RUNNING")
+            return cls(uri, run_id, found.info.status, found.data.metrics)
         run = _retry(c.create_run, exp_id, run_name=name,
                      tags={PARENT_TAG: parent_id, "tl_sweep.role": "trial", **tags})
         _retry(c.log_batch, run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])

@@ -276,14 +276,18 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tags={"tl_sweep.trial_id": trial_id, "tl_sweep.role": "final" if final else "trial",
               "tl_sweep.arm": arm, "tl_sweep.source": weights, "tl_sweep.depth": str(params["unfrozen_blocks"])},
         run_id=resumed["run_id"] if resumed else None)
+    epochs = int(params["epochs"])
+    logged = run.last_step()
+    if run.previous == "FINISHED" and logged >= epochs:  # done before a killed driver could record it
+        tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
+        return
     try:
         fit = Fit(ctx, params, device)
         val = Batches(ctx.data, "val", device)
-        best, best_state, epochs, first = -1.0, None, int(params["epochs"]), 1
+        best, best_state, first = -1.0, None, 1
         if resumed:
             fit.restore(resumed["fit"])
             best, best_state, first = resumed["best"], resumed["best_state"], resumed["epoch"] + 1
-        logged = run.last_step()
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(first, epochs + 1):
                 metrics = fit.epoch()
