@@ -58,3 +58,12 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     assert ckpt["arch"] == "resnet18" and ckpt["classes"] == ["5", "6", "7", "8", "9"]
     assert ckpt["val_acc"] == best.data.metrics["best_val_acc"]
     assert ckpt["model"]["fc.weight"].shape == (5, 512)
+
+
+def test_a_trial_no_node_fits_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null", "--set", "resources.gpu=1",
+           "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "a trial asks cpu=1 gpu=1 but no node has that" in line

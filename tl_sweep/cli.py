@@ -1,4 +1,4 @@
-"""``tl-sweep run | validate | report | models | ui``.
+"""``tl-sweep run | submit | validate | report | models | ui``.
 
 User errors (:class:`~tl_sweep.errors.UserError`) print one line on stderr and exit with code 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,13 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from tl_sweep import runner, spec, tracking
 
+    job = os.environ.get("TL_SWEEP_JOB")
+    if job:  # a submitted Ray Job: Ray may unpack and remove its working_dir under us; work from a stable copy
+        from tl_sweep.data import cache_root
+
+        stable = cache_root() / "jobs" / job
+        shutil.copytree(os.getcwd(), stable, dirs_exist_ok=True)
+        os.chdir(stable)
     cfg = spec.load(args.spec, args.set)
     summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
     print()
@@ -49,6 +57,15 @@ def cmd_run(args) -> int:
     else:
         print(f"browse: {tracking.ui_link(uri, summary.experiment_id)}")
     return 0 if summary.status == "FINISHED" else 1
+
+
+def cmd_submit(args) -> int:
+    from tl_sweep import cluster
+
+    job_id, status = cluster.submit(args.spec, args.set, args.address, wait=not args.no_wait, log=_log)
+    if args.no_wait:
+        print(job_id)
+    return 0 if status in ("SUCCEEDED", "SUBMITTED", "RUNNING") else 1
 
 
 def cmd_report(args) -> int:
@@ -125,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
     rep.add_argument("--no-log", action="store_true", help="do not log the report on the parent run again")
     rep.set_defaults(fn=cmd_report)
+    sm = with_spec("submit", "submit the sweep to a Ray cluster as a Ray Job and follow its logs")
+    sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://head:8265")
+    sm.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sm.set_defaults(fn=cmd_submit)
     with_spec("validate", "print the fully resolved config and exit").set_defaults(fn=cmd_validate)
     sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"
                    ).set_defaults(fn=cmd_models)

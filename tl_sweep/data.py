@@ -23,6 +23,7 @@ configurations and never steers the search.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -58,9 +59,21 @@ class Prepared:
     fingerprint: str
     skipped: tuple[str, ...] = ()
     reused: bool = False
+    recipe: tuple = ()  # the prepare() arguments, so another node can build its own copy of the cache
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The images (a memory-mapped view, not a copy) and labels of one split."""
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The images (a memory-mapped view, not a copy), labels and cache rows of one split.
+
+        On a node that has no cache yet (another node of a cluster), the cache is built here first, once,
+        under a file lock: every trial on the node then shares it.
+        """
+        if not os.path.exists(self.cache) and self.recipe:
+            from filelock import FileLock
+
+            Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(self.cache + ".lock"):
+                if not os.path.exists(self.cache):
+                    prepare(**dict(self.recipe), log=lambda m: None)
         x = np.load(self.cache, mmap_mode="r")
         rows = np.asarray(self.index[name], dtype=np.int64)
         return x, np.asarray(self.labels, dtype=np.int64)[rows], rows
@@ -203,6 +216,14 @@ def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, fl
     ``holdout`` moves that share of a ``train/``+``val/`` dataset's validation images (stratified, seeded)
     to a test split when the dataset has no ``test/`` folder of its own.
     """
+    recipe = (("dataset", dataset), ("size", size), ("seed", seed), ("split", tuple(split)),
+              ("classes", tuple(classes) if classes else None), ("train_per_class", train_per_class),
+              ("strict", False), ("holdout", holdout), ("root", root))
+    return dataclasses.replace(_prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout,
+                                        root, log), recipe=recipe)
+
+
+def _prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout, root, log) -> Prepared:
     if dataset.startswith("builtin:digits"):
         return _prepare_digits(size, seed, split, classes, train_per_class, dataset.endswith("-shuffled"))
     if dataset.startswith("torchvision:"):

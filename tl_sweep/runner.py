@@ -12,6 +12,7 @@ Order of work in :func:`run` (nothing expensive starts before every input is che
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from tl_sweep import data, models, sources, space, tracking, train
+from tl_sweep import cluster, data, models, sources, space, tracking, train
 from tl_sweep.errors import UserError
 from tl_sweep.spec import Config, to_yaml, values_of
 
@@ -308,8 +309,17 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
-                 configure_logging=True, log_to_driver=True)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
+                     configure_logging=True, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"--address: cannot join the Ray cluster at {address} ({' '.join(str(e).split())[:160]}); "
+                            f"check the address (auto, or the head's host:6379) and that the cluster runs") from None
+    cluster.check_resources(s.resources.cpu, s.resources.gpu)
+    paths = [p for p in (s.data.dataset.removeprefix("imagefolder:") if s.data.dataset.startswith("imagefolder:")
+                         else None, s.data.root) if p]
+    if cluster.check_nodes(s.storage, uri, paths) > 1:  # other nodes have no source cache: ship the weights
+        ctx = dataclasses.replace(ctx, blobs={arm: Path(f).read_bytes() for arm, (_, f) in arms.items() if f})
     n = s.search.num_trials
     try:
         for arm, (weights, _) in arms.items():

@@ -16,12 +16,13 @@ count (see docs/search.md).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -63,6 +64,7 @@ class TrialContext:
     parent_run_id: str
     use_gpu: bool
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
+    blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
 
 def learning_rate(optimizer: str, lr_mult: float, batch_size: int) -> float:
@@ -155,7 +157,10 @@ class Fit:
         seed = int(params.get("seed", ctx.seed))
         torch.manual_seed(seed)
         self.ctx, self.params, self.device = ctx, params, device
-        weights, weights_file = ctx.arms[params.get("arm", next(iter(ctx.arms)))]
+        arm = params.get("arm", next(iter(ctx.arms)))
+        weights, weights_file = ctx.arms[arm]
+        if arm in ctx.blobs:  # another node of a cluster: the checkpoint came through the object store
+            weights_file = io.BytesIO(ctx.blobs[arm])
         self.model = models.build(ctx.arch, len(ctx.data.classes), weights=weights,
                                   weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
                                   hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
@@ -257,6 +262,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run id. A restarted trial (``--resume``, a lost worker) continues from it in the same MLflow run and does
     not log an epoch twice.
     """
+    import ray
     from ray import tune
 
     params = dict(config.get("cfg", config))  # a study's final re-trainings come as a grid of whole configs
@@ -274,6 +280,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             f"·seed{params['seed']}" if final else ""),
         params={**params, "arch": ctx.arch, "weights": weights},
         tags={"tl_sweep.trial_id": trial_id, "tl_sweep.role": "final" if final else "trial",
+              "tl_sweep.node": ray.get_runtime_context().get_node_id(),
               "tl_sweep.arm": arm, "tl_sweep.source": weights, "tl_sweep.depth": str(params["unfrozen_blocks"])},
         run_id=resumed["run_id"] if resumed else None)
     epochs = int(params["epochs"])

@@ -1,0 +1,107 @@
+"""A real two-node Ray cluster on 127.0.0.1 (token auth on): ``tl-sweep submit``, trials on both nodes,
+every child run on one MLflow server under one parent; multi-node pre-flight failures; resource fit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SPEC, free_port
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, cache_dir):
+    env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache_dir))
+    port, dash = free_port(), free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(dash), "--include-dashboard", "true", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "env": env}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def tl(args, env, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "tl_sweep.cli", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+SMALL = ["--set", "study=null", "--set", "search.num_trials=2", "--set", "search.max_concurrent=2",
+         "--set", "search.space.epochs=2", "--set", "scheduler.kind=fifo"]
+
+
+def test_submit_runs_trials_on_both_nodes_into_one_mlflow_server(two_nodes, mlflow_server, tmp_path):
+    args = ["submit", SPEC, "--address", two_nodes["dashboard"], *SMALL,
+            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=cluster",
+            "--set", f"storage={tmp_path / 'results'}"]
+    proc = tl(args, two_nodes["env"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("cluster")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(parents) == 1 and len(trials) == 2
+    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
+    assert all(t.info.status == "FINISHED" for t in trials)
+    assert len({t.data.tags["tl_sweep.node"] for t in trials}) == 2  # one trial per 1-CPU node
+    assert all(client.list_artifacts(t.info.run_id) for t in trials)  # checkpoints reached the server
+
+
+def test_submit_no_wait_prints_the_job_id(two_nodes, mlflow_server, tmp_path):
+    args = ["submit", SPEC, "--address", two_nodes["dashboard"], "--no-wait", *SMALL,
+            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=nowait"]
+    proc = tl(args, two_nodes["env"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
+    stop = subprocess.run([RAY, "job", "stop", job_id, "--address", two_nodes["dashboard"]],
+                          env=two_nodes["env"], capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+
+
+def test_wrong_token_is_one_line(two_nodes, tmp_path):
+    env = dict(two_nodes["env"], RAY_AUTH_TOKEN="not-the-token")
+    proc = tl(["submit", SPEC, "--address", two_nodes["dashboard"], *SMALL], env, tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
+
+
+def test_no_dashboard_is_one_line(tmp_path):
+    proc = tl(["submit", SPEC, "--address", f"http://127.0.0.1:{free_port()}", *SMALL], dict(os.environ), tmp_path)
+    assert proc.returncode == 2 and "no Ray dashboard answers" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sqlite_tracking_on_a_multi_node_cluster_is_refused(two_nodes, tmp_path):
+    proc = tl(["run", SPEC, "--address", two_nodes["gcs"], *SMALL,
+               "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], two_nodes["env"], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "is a file on one node" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_data_missing_on_every_node_is_refused(two_nodes, mlflow_server, tmp_path):
+    folder = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        for i in range(4):
+            Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / cls / f"{i}.png")
+    proc = tl(["run", SPEC, "--address", two_nodes["gcs"], *SMALL, "--set", "data.classes=null",
+               "--set", "data.train_per_class=null", "--set", f"data.dataset=imagefolder:{folder}",
+               "--set", f"tracking.uri={mlflow_server}", "--set", "model.weights=none"], two_nodes["env"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # same host: every node sees it

@@ -1,0 +1,171 @@
+"""Ray clusters: pre-flight checks from every node, and ``tl-sweep submit`` as a Ray Job.
+
+Pre-flight (before any trial, on every run): a trial's resources must fit on some node, or it would sit
+PENDING forever. On a cluster of more than one node, each node must also see the storage path, reach the
+tracking server and see the data root; each check runs as a task pinned to each node, and each failure is
+one line saying what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tl_sweep.errors import UserError
+
+
+def _nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cpu: float, gpu: float) -> None:
+    """A trial that no node can fit is refused with what it asks and what the cluster has."""
+    nodes = _nodes()
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= cpu and n["Resources"].get("GPU", 0) >= gpu]
+    if not fits:
+        have = ", ".join(f"{n['NodeManagerAddress']}: cpu={n['Resources'].get('CPU', 0):g} "
+                         f"gpu={n['Resources'].get('GPU', 0):g}" for n in nodes)
+        raise UserError(f"resources: a trial asks cpu={cpu:g} gpu={gpu:g} but no node has that ({have}); "
+                        f"lower resources.cpu/gpu or add a node that fits")
+
+
+def _probe(storage: str | None, marker: str | None, tracking: str | None, paths: list[str]) -> list[str]:
+    """Runs on one node: what that node cannot see or reach."""
+    import urllib.request
+
+    problems = []
+    if marker and not os.path.exists(marker):
+        problems.append(f"storage: {storage} is not shared: this node does not see it; use a folder every node "
+                        f"mounts (NFS) or a URI such as s3://bucket/path")
+    if tracking:
+        try:
+            urllib.request.urlopen(tracking.rstrip("/") + "/health", timeout=10).read()
+        except OSError as e:
+            problems.append(f"tracking.uri: {tracking} is not reachable from this node ({getattr(e, 'reason', e)}); "
+                            f"start mlflow server with --host 0.0.0.0 on an address every node reaches")
+    for p in paths:
+        if not os.path.exists(p):
+            problems.append(f"data: {p} does not exist on this node; put the data on storage every node mounts")
+    return problems
+
+
+def check_nodes(storage: str, tracking_uri: str, data_paths: list[str]) -> int:
+    """On a multi-node cluster, check storage, tracking and data from every node; returns the node count."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = _nodes()
+    if len(nodes) < 2:
+        return len(nodes)
+    if not tracking_uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):
+        raise UserError(f"tracking.uri: {tracking_uri} is a file on one node, and this cluster has {len(nodes)}; "
+                        f"run an MLflow server (mlflow server --host 0.0.0.0 --serve-artifacts) and set "
+                        f"tracking.uri: http://<host>:<port>")
+    marker = None
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        marker = str(Path(storage) / f".tl-sweep-probe-{uuid.uuid4().hex}")
+        Path(marker).touch()
+    probe = ray.remote(num_cpus=0)(_probe)
+    try:
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            storage, marker, tracking_uri if tracking_uri.startswith("http") else None, data_paths)
+            for n in nodes}
+        for node, ref in refs.items():
+            problems = ray.get(ref, timeout=120)
+            if problems:
+                raise UserError(f"node {node}: {problems[0]}")
+    finally:
+        if marker:
+            Path(marker).unlink(missing_ok=True)
+    return len(nodes)
+
+
+# -------------------------------------------------------------------------------------------- submit
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - connection, auth and version errors all come as exceptions
+        raise UserError(_explain(e, address)) from None
+
+
+def _explain(e: Exception, address: str) -> str:
+    text = " ".join(str(e).split())
+    low = text.lower()
+    if any(w in low for w in ("unauthorized", "forbidden", "401", "403", "auth")):
+        return (f"--address: the Ray cluster at {address} refused the request ({text[:140]}); export "
+                f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (on the head: ray get-auth-token)")
+    return (f"--address: no Ray dashboard answers at {address} ({text[:140]}); start the head with "
+            f"ray start --head --dashboard-host <ip>, and give its http://<head>:8265")
+
+
+def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = True, log=print) -> tuple[str, str]:
+    """Submit ``tl-sweep run`` as a Ray Job: ships the spec, its checkpoint files and this tl_sweep package.
+
+    Paths are resolved here (data roots must be where every node sees them; the cluster checks that);
+    checkpoint files travel with the job. Returns (job id, final status or 'SUBMITTED').
+    """
+    from tl_sweep import spec as spec_mod
+
+    cfg = spec_mod.load(spec_path, overrides)  # refuse a bad spec before touching the cluster
+    s = cfg.spec
+    client = _client(address)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shutil.copy(spec_path, work / "spec.yaml")
+        sets = list(overrides) + [f"tracking.uri={s.tracking.uri}", f"data.dataset={s.data.dataset}"]
+        if "storage" in s.model_fields_set or "://" in s.storage:
+            sets.append(f"storage={s.storage}")
+        if s.data.root:
+            sets.append(f"data.root={s.data.root}")
+        shipped = {}
+        for arm, weights in cfg.arms.items():
+            if os.path.isfile(weights):
+                (work / "weights").mkdir(exist_ok=True)
+                name = f"{len(shipped)}-{Path(weights).name}"
+                shutil.copy(weights, work / "weights" / name)
+                shipped[weights] = f"weights/{name}"
+        if shipped:
+            if s.study is not None and s.study.sources:
+                sources = [shipped.get(w, w) for w in cfg.arms.values() if w != "none"]
+                sets.append(f"study.sources=[{', '.join(sources)}]")
+            else:
+                sets.append(f"model.weights={shipped[cfg.arms[next(iter(cfg.arms))]]}")
+        args = ["python", "-m", "tl_sweep.cli", "run", "spec.yaml", "--address", "auto"]
+        for item in sets:
+            args += ["--set", item]
+        package = str(Path(__file__).resolve().parent)
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={
+                "working_dir": str(work), "py_modules": [package], "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex}})
+        except Exception as e:  # noqa: BLE001
+            raise UserError(_explain(e, address)) from None
+    log(f"submitted job {job_id} to {address}")
+    if not wait:
+        return job_id, "SUBMITTED"
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        log(f"stopped following job {job_id}; it keeps running (ray job stop {job_id} --address {address})")
+        return job_id, "RUNNING"
+    status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+    log(f"job {job_id}: {status}")
+    return job_id, status
