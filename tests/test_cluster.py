@@ -92,7 +92,7 @@ def test_sqlite_tracking_on_a_multi_node_cluster_is_refused(two_nodes, tmp_path)
     assert "is a file on one node" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_data_missing_on_every_node_is_refused(two_nodes, mlflow_server, tmp_path):
+def test_imagefolder_seen_by_every_node_runs(two_nodes, mlflow_server, tmp_path):
     folder = tmp_path / "imgs"
     for cls in ("a", "b"):
         (folder / cls).mkdir(parents=True)
@@ -105,3 +105,36 @@ def test_data_missing_on_every_node_is_refused(two_nodes, mlflow_server, tmp_pat
                "--set", "data.train_per_class=null", "--set", f"data.dataset=imagefolder:{folder}",
                "--set", f"tracking.uri={mlflow_server}", "--set", "model.weights=none"], two_nodes["env"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # same host: every node sees it
+
+
+def test_node_probe_names_what_a_node_cannot_see(tmp_path, mlflow_server):
+    from tl_sweep import cluster
+
+    problems = cluster._probe(str(tmp_path), str(tmp_path / ".marker-from-another-host"), mlflow_server,
+                              [str(tmp_path / "not-here")])
+    assert len(problems) == 2
+    assert problems[0].startswith(f"storage: {tmp_path} is not shared") and "s3://" in problems[0]
+    assert problems[1].startswith(f"data: {tmp_path / 'not-here'} does not exist on this node")
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert "is not reachable from this node" in cluster._probe(None, None, dead, [])[0]
+
+
+def test_docker_compose_file():
+    import shutil
+
+    import yaml
+
+    compose = Path(__file__).resolve().parents[1] / "docker" / "compose.yaml"
+    spec = yaml.safe_load(compose.read_text())
+    assert {"ray-head", "ray-worker", "mlflow", "postgres"} <= set(spec["services"])
+    for name, svc in spec["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+    assert "--serve-artifacts" in spec["services"]["mlflow"]["command"]
+    docker = shutil.which("docker")
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose is not installed here; the file was checked as YAML only")
+    env = dict(os.environ, RAY_AUTH_TOKEN="x")
+    proc = subprocess.run([docker, "compose", "-f", str(compose), "config", "-q"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr

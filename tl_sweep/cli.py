@@ -49,6 +49,9 @@ def cmd_run(args) -> int:
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
           f"best by validation:")
     print(runner.table(summary.trials))
+    failed = [r for r in summary.trials + summary.finals if r["status"] == "FAILED"]
+    for r in failed:
+        print(f"failed: trial {r['trial']} ({r['arm']}, k={r['unfrozen_blocks']}, lr_mult={r['lr_mult']}): {r['error']}")
     uri = cfg.spec.tracking.uri
     print()
     if uri.startswith("sqlite:///"):
@@ -62,7 +65,8 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     from tl_sweep import cluster
 
-    job_id, status = cluster.submit(args.spec, args.set, args.address, wait=not args.no_wait, log=_log)
+    job_id, status = cluster.submit(args.spec, args.set, args.address, wait=not args.no_wait, resume=args.resume,
+                                    log=_log)
     if args.no_wait:
         print(job_id)
     return 0 if status in ("SUCCEEDED", "SUBMITTED", "RUNNING") else 1
@@ -145,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     sm = with_spec("submit", "submit the sweep to a Ray cluster as a Ray Job and follow its logs")
     sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://head:8265")
     sm.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sm.add_argument("--resume", action="store_true", help="continue the latest sweep of this spec on the cluster")
     sm.set_defaults(fn=cmd_submit)
     with_spec("validate", "print the fully resolved config and exit").set_defaults(fn=cmd_validate)
     sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"

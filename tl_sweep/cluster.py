@@ -112,7 +112,8 @@ def _explain(e: Exception, address: str) -> str:
             f"ray start --head --dashboard-host <ip>, and give its http://<head>:8265")
 
 
-def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = True, log=print) -> tuple[str, str]:
+def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = True, resume: bool = False,
+           log=print) -> tuple[str, str]:
     """Submit ``tl-sweep run`` as a Ray Job: ships the spec, its checkpoint files and this tl_sweep package.
 
     Paths are resolved here (data roots must be where every node sees them; the cluster checks that);
@@ -144,7 +145,8 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
                 sets.append(f"study.sources=[{', '.join(sources)}]")
             else:
                 sets.append(f"model.weights={shipped[cfg.arms[next(iter(cfg.arms))]]}")
-        args = ["python", "-m", "tl_sweep.cli", "run", "spec.yaml", "--address", "auto"]
+        args = ["python", "-m", "tl_sweep.cli", "run", "spec.yaml", "--address", "auto"] + (
+            ["--resume"] if resume else [])
         for item in sets:
             args += ["--set", item]
         package = str(Path(__file__).resolve().parent)

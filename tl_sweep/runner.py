@@ -53,6 +53,10 @@ class Searcher(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials or error or not result:
             return super().on_trial_complete(trial_id, result, error)
+        if result.get("trial_error"):  # NaN loss and the like: a failed trial, not a score
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return None
         epochs = int(result.get("config", {}).get("epochs", ot_trial.params.get("epochs", 0)))
         if result.get("epoch", 0) < epochs:
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
@@ -119,6 +123,9 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
+        if r.get("trial_error"):
+            self._line(trial, f"FAILED ({r['trial_error']}) ")
+            return
         stopped = r.get("epoch", 0) < trial.config.get("cfg", trial.config).get("epochs", 0)
         self._line(trial, "(early-stopped) " if stopped else "")
         if r.get("mlflow_run_id"):
@@ -175,12 +182,14 @@ def _rows(results) -> list[dict[str, Any]]:
     for r in results:
         m, c = r.metrics or {}, dict(r.config or {})
         c = dict(c.get("cfg", c))
-        stopped = m.get("epoch", 0) < c.get("epochs", 0) and r.error is None
+        failed = r.error is not None or bool(m.get("trial_error"))
+        stopped = m.get("epoch", 0) < c.get("epochs", 0) and not failed
         trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "")
         rows.append({"trial": trial_id, "arm": c.get("arm"), **{k: c.get(k) for k in space.DIMENSIONS},
                      "best_val_acc": m.get("best_val_acc"), "test_acc": m.get("test_acc"),
                      "epochs_run": m.get("epoch", 0), "seed": c.get("seed"),
-                     "status": "FAILED" if r.error else ("EARLY_STOPPED" if stopped else "FINISHED")})
+                     "status": "FAILED" if failed else ("EARLY_STOPPED" if stopped else "FINISHED"),
+                     "error": m.get("trial_error") or (str(r.error).splitlines()[0][:200] if r.error else None)})
     return rows
 
 

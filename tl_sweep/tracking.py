@@ -69,7 +69,13 @@ def check(uri: str) -> None:
     elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
         raise UserError(f"tracking.uri: unsupported URI {uri!r}; use sqlite:///mlflow.db or http://host:port")
     try:
-        _retry(client(uri).search_experiments, max_results=1)
+        if uri.startswith("sqlite:///"):  # two sweeps creating one database at once race in its migrations
+            from filelock import FileLock
+
+            with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300):
+                _retry(client(uri).search_experiments, max_results=1)
+        else:
+            _retry(client(uri).search_experiments, max_results=1)
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"tracking.uri: cannot use {uri}: {first}") from None

@@ -323,7 +323,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                              "mlflow_run_id": run.run_id}, checkpoint=checkpoint)
     except SystemExit:  # the scheduler stopped this trial; the driver records it
         raise
-    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark the trial
+    except TrialError as e:  # deterministic (NaN loss...): a retry would fail the same way, so end it here
+        run.end("FAILED", tags={"tl_sweep.error": f"TrialError: {e}"[:500]})
+        # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
+        tune.report({"trial_error": str(e), "val_acc": 0.0, "best_val_acc": max(best, 0.0) if "best" in locals()
+                     else 0.0, "epoch": fit.n_epochs if "fit" in locals() else 0, "progress": ctx.min_epochs,
+                     "mlflow_run_id": run.run_id})
+    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark (and maybe retry) it
         run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
         raise
 

@@ -1,0 +1,189 @@
+"""Faults a long sweep meets: failing trials, an unreachable or restarting tracking server, two sweeps on one
+sqlite store, a full disk under the cache; and random bad specs (hypothesis)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+from conftest import SPEC, free_port
+
+TINY = ["--set", "study=null", "--set", "search.space.epochs=1", "--set", "scheduler.kind=fifo",
+        "--set", "search.space.batch_size=64"]
+
+
+def tl(args, cwd, timeout=600, env=None):
+    return subprocess.run([sys.executable, "-m", "tl_sweep.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env or dict(os.environ))
+
+
+def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
+    db = tmp_path / "m.db"
+    proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=6", "--set", "search.space.lr_mult=[1.0, 1.0e+12]",
+               "--set", "search.space.epochs=2", "--set", "search.space.batch_size=32",
+               "--set", "search.space.optimizer=sgd", "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
+    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(runs) == 6, proc.stdout[-2000:] + proc.stderr[-2000:]
+    bad = [r for r in runs if float(r.data.params["lr_mult"]) > 1]
+    good = [r for r in runs if float(r.data.params["lr_mult"]) == 1]
+    assert bad and good, "the seeded search should try both values"
+    for r in bad:
+        assert r.info.status == "FAILED" and "loss became" in r.data.tags["tl_sweep.error"]
+    assert all(r.info.status == "FINISHED" for r in good)
+    assert proc.returncode == 0
+    assert proc.stdout.count("failed: trial") == len(bad)
+
+
+def test_unreachable_tracking_server_is_refused_before_training(tmp_path):
+    proc = tl(["run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not reachable" in lines[0] and "ray:" not in proc.stdout
+
+
+def start_server(db, port, root):
+    return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                             "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1"], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_health(port, timeout=90):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("server did not come up")
+
+
+def stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_tracking_server_restart_mid_sweep_loses_no_metric(tmp_path):
+    db, port = tmp_path / "server.db", free_port()
+    server = start_server(db, port, tmp_path)
+    wait_health(port)
+    uri = f"http://127.0.0.1:{port}"
+    sweep = subprocess.Popen([sys.executable, "-m", "tl_sweep.cli", "run", SPEC, "--set", "study=null",
+                              "--set", "search.num_trials=4", "--set", "search.space.epochs=3",
+                              "--set", "scheduler.kind=fifo", "--set", f"tracking.uri={uri}"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 300
+        while time.time() < deadline:  # restart once the first trial is under way
+            exp = client.get_experiment_by_name("freeze-depth")
+            if exp and any(r.data.metrics for r in client.search_runs([exp.experiment_id])):
+                break
+            time.sleep(0.5)
+        stop(server)
+        time.sleep(5)  # trials keep training; their writes retry
+        server = start_server(db, port, tmp_path)
+        wait_health(port)
+        out, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, out[-3000:]
+        trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "trial"]
+        assert len(trials) == 4
+        for r in trials:  # counted through the REST API: every epoch of every trial arrived once
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+            assert sorted(steps) == list(range(1, int(r.data.tags["tl_sweep.epochs_run"]) + 1))
+            assert r.info.status == "FINISHED"
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        stop(server)
+
+
+def test_two_sweeps_at_once_on_one_sqlite_store(tmp_path):
+    db = tmp_path / "shared.db"
+    args = lambda name: [sys.executable, "-m", "tl_sweep.cli", "run", SPEC, *TINY, "--set",  # noqa: E731
+                         "search.num_trials=3", "--set", f"tracking.uri=sqlite:///{db}", "--set",
+                         f"tracking.experiment={name}", "--set", f"storage={tmp_path / name}"]
+    procs = [subprocess.Popen(args(n), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in ("one", "two")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-1500:] for o in outs]
+    assert not any("database is locked" in o for o in outs)
+    client = MlflowClient(f"sqlite:///{db}")
+    for name in ("one", "two"):
+        exp = client.get_experiment_by_name(name)
+        trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "trial"]
+        assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+
+
+def test_full_disk_under_the_cache_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # any bigger file: "File too large"
+        from tl_sweep.errors import UserError
+        from tl_sweep import data
+        try:
+            data.prepare("builtin:digits", size=64, seed=0, split=(0.6, 0.2, 0.2), log=print)
+        except UserError as e:
+            print("USERERROR", e)
+    """)
+    env = dict(os.environ, TL_SWEEP_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "USERERROR cannot write the image cache" in out and "TL_SWEEP_CACHE" in out, out
+    leftovers = list((tmp_path / "cache" / "images").glob("*"))
+    assert leftovers == [], leftovers  # neither the cache nor its temporary file
+    from tl_sweep import data
+
+    os.environ["TL_SWEEP_CACHE"], old = str(tmp_path / "cache"), os.environ["TL_SWEEP_CACHE"]
+    try:
+        p = data.prepare("builtin:digits", size=64, seed=0, split=(0.6, 0.2, 0.2), log=lambda m: None)
+        assert not p.reused  # built now, not a half-written file from before
+    finally:
+        os.environ["TL_SWEEP_CACHE"] = old
+
+
+# ------------------------------------------------------------------------------- random bad specs
+
+VALID = yaml.safe_load(SPEC.read_text())
+KEYS = ["name", "seed", "model", "model.arch", "model.weights", "model.head", "data", "data.dataset",
+        "data.classes", "data.train_per_class", "data.image_size", "search", "search.num_trials",
+        "search.space", "search.space.lr_mult", "search.space.unfrozen_blocks", "search.space.epochs",
+        "search.space.batch_size", "search.space.optimizer", "scheduler", "scheduler.kind", "resources.cpu",
+        "tracking.uri", "study", "study.sources", "study.repeats", "regime.kind", "bogus", "model.bogus"]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 1000), st.floats(allow_nan=True),
+                   st.text(max_size=12), st.lists(st.integers(-3, 12), max_size=3),
+                   st.dictionaries(st.sampled_from(["low", "high", "log", "x"]), st.integers(-3, 12), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
+def test_mutated_specs_never_trace_back(cli, tmp_path, mutations):
+    spec = yaml.safe_load(yaml.safe_dump(VALID))
+    for key, value in mutations:
+        node, *path, last = ["root", *key.split(".")]
+        cur = spec
+        for k in path:
+            cur = cur.setdefault(k, {}) if isinstance(cur, dict) else cur
+        if isinstance(cur, dict):
+            cur[last] = value
+    p = tmp_path / "mutated.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    code, out, err = cli("validate", p)
+    assert "Traceback" not in err
+    assert code in (0, 2), err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
