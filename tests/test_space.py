@@ -31,7 +31,7 @@ def test_define_by_run_respects_ranges_and_constants():
 
 
 def test_max_depends_on_the_architecture():
-    cfg = spec.load(SPEC, ["model.arch=vit_b_32", "model.weights=none"])
+    cfg = spec.load(SPEC, ["model.arch=vit_b_32", "model.weights=none", "study=null"])
     assert cfg.spec.search.space.unfrozen_blocks.high == 13  # patch embedding + 12 encoder layers
 
 

@@ -78,7 +78,9 @@ class Space(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _no_empty(cls, data):
-        for key, value in (data or {}).items():
+        if not isinstance(data, dict):
+            return data  # pydantic names the type error
+        for key, value in data.items():
             if isinstance(value, list) and not value:
                 raise ValueError(f"{key}: the list of choices is empty; give at least one value")
         return data
