@@ -4,7 +4,6 @@ sqlite store, a full disk under the cache; and random bad specs (hypothesis)."""
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -130,7 +129,7 @@ def test_two_sweeps_at_once_on_one_sqlite_store(tmp_path):
 
 
 def test_full_disk_under_the_cache_is_one_line_and_leaves_nothing_half_written(tmp_path):
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # any bigger file: "File too large"
@@ -174,7 +173,7 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 1000), st.floats(al
 def test_mutated_specs_never_trace_back(cli, tmp_path, mutations):
     spec = yaml.safe_load(yaml.safe_dump(VALID))
     for key, value in mutations:
-        node, *path, last = ["root", *key.split(".")]
+        *path, last = key.split(".")
         cur = spec
         for k in path:
             cur = cur.setdefault(k, {}) if isinstance(cur, dict) else cur
@@ -187,3 +186,49 @@ def test_mutated_specs_never_trace_back(cli, tmp_path, mutations):
     assert code in (0, 2), err
     if code == 2:
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_trial_that_raises_is_failed_with_its_reason_and_listed(tmp_path):
+    # inception_v3 cannot run 32 px images: every trial's forward raises (a real RuntimeError, not a stub)
+    db = tmp_path / "m.db"
+    proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", "model.arch=inception_v3",
+               "--set", "model.weights=none", "--set", "search.space.unfrozen_blocks=1", "--set",
+               "failures.max_failures=0", "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # every trial failed: the sweep did
+    assert proc.stdout.count("failed: trial") == 2
+    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])]
+    trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(trials) == 2
+    for r in trials:
+        assert r.info.status == "FAILED" and r.data.tags["tl_sweep.error"].startswith("RuntimeError")
+    parent = next(r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep")
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["data.split=[0.8, 0.2, 0.0]"], "has none; add a test/ folder"),
+    (["tracking.uri=mlruns"], "is not a tracking URI"),
+    (["tracking.uri=sqlite:////nonexistent/dir/m.db"], "does not exist; create it"),
+])
+def test_more_one_line_errors(tmp_path, sets, expected):
+    args = ["run", SPEC]
+    for s in sets:
+        args += ["--set", s]
+    proc = tl(args, tmp_path)
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_resume_refuses_what_it_cannot_resume(tmp_path):
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = tl(["run", SPEC, *TINY, "--set", f"tracking.uri={db}", "--resume"], tmp_path)
+    assert proc.returncode == 2 and "has no sweep to resume" in proc.stderr
+    ok = tl(["run", SPEC, *TINY, "--set", "search.num_trials=1", "--set", f"tracking.uri={db}"], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-1500:]
+    again = tl(["run", SPEC, *TINY, "--set", "search.num_trials=1", "--set", f"tracking.uri={db}", "--resume"],
+               tmp_path)
+    assert again.returncode == 2 and "already finished" in again.stderr
+    other = tl(["run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", f"tracking.uri={db}", "--resume"],
+               tmp_path)
+    assert other.returncode == 2 and "ran another spec" in other.stderr

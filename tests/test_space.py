@@ -51,7 +51,7 @@ def test_early_stopped_trials_are_pruned_not_complete():
     limiter = runner.make_searcher(cfg)
     searcher = limiter.searcher
     a, b = limiter.suggest("a"), limiter.suggest("b")
-    for tid, conf in (("a", a), ("b", b)):
+    for tid in ("a", "b"):
         searcher.on_trial_result(tid, {"val_acc": 0.5, "training_iteration": 1})
     limiter.on_trial_complete("a", {"val_acc": 0.5, "best_val_acc": 0.6, "epoch": 1, "config": a})
     limiter.on_trial_complete("b", {"val_acc": 0.7, "best_val_acc": 0.8, "epoch": b["epochs"], "config": b})

@@ -133,7 +133,7 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
         if s.data.root:
             sets.append(f"data.root={s.data.root}")
         shipped = {}
-        for arm, weights in cfg.arms.items():
+        for weights in cfg.arms.values():
             if os.path.isfile(weights):
                 (work / "weights").mkdir(exist_ok=True)
                 name = f"{len(shipped)}-{Path(weights).name}"

@@ -137,7 +137,7 @@ def analyze(rows: list[dict[str, Any]]) -> Analysis:
     if scratch:
         sk = max((k for k in a.per_depth if k[0] == scratch), key=lambda k: a.per_depth[k]["best_val"])
         scratch_tests = a.per_depth[sk]["tests"]
-    for (arm, depth), cell in a.per_depth.items():
+    for (arm, _), cell in a.per_depth.items():
         if cell["tests"]:
             cell["test"] = mean_ci(cell["tests"])
             if scratch_tests and arm != scratch:

@@ -117,7 +117,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def start_parent(uri: str, exp_id: str, run_name: str, config: dict, files: dict[str, str],
                  tags: dict[str, str]) -> str:
     """Create the sweep's parent run: resolved config as params, spec + resolved config as artifacts."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     c = client(uri)
     run = _retry(c.create_run, exp_id, run_name=run_name, tags={"tl_sweep.role": "sweep", **tags})

@@ -288,10 +288,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if run.previous == "FINISHED" and logged >= epochs:  # done before a killed driver could record it
         tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
         return
+    fit, best = None, -1.0
     try:
         fit = Fit(ctx, params, device)
         val = Batches(ctx.data, "val", device)
-        best, best_state, first = -1.0, None, 1
+        best_state, first = None, 1
         if resumed:
             fit.restore(resumed["fit"])
             best, best_state, first = resumed["best"], resumed["best_state"], resumed["epoch"] + 1
@@ -326,9 +327,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     except TrialError as e:  # deterministic (NaN loss...): a retry would fail the same way, so end it here
         run.end("FAILED", tags={"tl_sweep.error": f"TrialError: {e}"[:500]})
         # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
-        tune.report({"trial_error": str(e), "val_acc": 0.0, "best_val_acc": max(best, 0.0) if "best" in locals()
-                     else 0.0, "epoch": fit.n_epochs if "fit" in locals() else 0, "progress": ctx.min_epochs,
-                     "mlflow_run_id": run.run_id})
+        tune.report({"trial_error": str(e), "val_acc": 0.0, "best_val_acc": max(best, 0.0),
+                     "epoch": fit.n_epochs if fit else 0, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark (and maybe retry) it
         run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
         raise
