@@ -216,7 +216,8 @@ def findings(a: Analysis) -> list[str]:
     if a.scratch:
         per_depth = [c["trials"] for (arm, _), c in a.per_depth.items() if arm != a.scratch]
         if per_depth and min(per_depth) < a.per_arm[a.scratch]["trials"]:
-            out.append(f"Caveat: each depth of a pretrained arm was searched with {min(per_depth)}–{max(per_depth)} "
+            spread = f"{min(per_depth)}" if min(per_depth) == max(per_depth) else f"{min(per_depth)}–{max(per_depth)}"
+            out.append(f"Caveat: each depth of a pretrained arm was searched with {spread} "
                        f"trials, the scratch arm with {a.per_arm[a.scratch]['trials']} at its one depth; a per-depth "
                        f"gap includes that difference in tuning (raise search.num_trials to narrow it).")
     if not out:
@@ -281,9 +282,8 @@ def _plot_learning_curves(uri: str, rows: list[dict[str, Any]], a: Analysis, pat
         if not mine:
             continue
         depths = sorted({r["unfrozen_blocks"] for r in mine})
-        for depth, style in ((depths[0], ":"), (depths[-1], "-")):
-            if arm == a.scratch and depth != depths[-1]:
-                continue
+        for depth in sorted({depths[0], depths[-1]}):
+            style = ":" if depth < depths[-1] else "-"
             best = max((r for r in mine if r["unfrozen_blocks"] == depth), key=lambda r: r["best_val_acc"])
             hist = sorted(tracking._retry(c.get_metric_history, best["run_id"], "val_acc"), key=lambda m: m.step)
             label = f"{arm} k={depth}" + (" (linear probe)" if depth == 0 else "")
