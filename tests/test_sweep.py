@@ -48,6 +48,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
         assert sorted(m.step for m in history) == list(range(1, epochs_run + 1))
         for name in ("train_loss", "val_loss", "train_img_per_s"):
             assert len(client.get_metric_history(t.info.run_id, name)) == epochs_run
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "startup_seconds")] == [1]
         if epochs_run < int(t.data.params["epochs"]):
             assert t.data.tags["tl_sweep.early_stopped"] == "true"
             stopped += 1

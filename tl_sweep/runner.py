@@ -356,6 +356,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         summary.status = "KILLED"
         raise Interrupted(f"interrupted; finished trials are in MLflow (parent run {parent}); continue with "
                           f"--resume") from None
+    except BaseException:
+        summary.status = "FAILED"
+        raise
     finally:
         summary.seconds = time.perf_counter() - t0
         if summary.status != "KILLED":  # a resumed sweep reopens its unfinished runs itself

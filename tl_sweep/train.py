@@ -171,7 +171,7 @@ class Fit:
         self.lr = learning_rate(params["optimizer"], float(params["lr_mult"]), self.batch_size)
         self.train_batches = Batches(ctx.data, "train", device)
         self.steps = math.ceil(len(self.train_batches) / self.batch_size) * int(params["epochs"])
-        self.step_count, self.depth, self.n_epochs = 0, None, 0
+        self.step_count, self.depth, self.n_epochs, self.first_step_at = 0, None, 0, None
         self.gen = torch.Generator().manual_seed(seed)
         self.aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
                              generator=self.gen, **ctx.augment)
@@ -223,6 +223,8 @@ class Fit:
             x, y = self.aug.train(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.first_step_at is None:
+                self.first_step_at = time.perf_counter()
             with autocast(dev):
                 loss, _ = loss_and_correct(self.model(x), y, self.binary)
             if not torch.isfinite(loss):
@@ -265,6 +267,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray
     from ray import tune
 
+    entered = time.perf_counter()
     params = dict(config.get("cfg", config))  # a study's final re-trainings come as a grid of whole configs
     arm = params.setdefault("arm", next(iter(ctx.arms)))
     params.setdefault("seed", ctx.seed)
@@ -299,6 +302,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(first, epochs + 1):
                 metrics = fit.epoch()
+                if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
+                    metrics["startup_seconds"] = fit.first_step_at - entered
                 metrics["val_loss"], metrics["val_acc"] = evaluate(fit.model, val, fit.aug, fit.binary)
                 if metrics["val_acc"] > best:
                     best = metrics["val_acc"]
