@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -56,3 +58,23 @@ def test_nan_loss_stops_the_trial():
     with pytest.raises(train.TrialError, match="loss became"):
         for _ in range(4):
             fit.epoch()
+
+
+def test_checkpoint_state_restores_the_fit_exactly():
+    c = ctx({"kind": "lp_ft", "probe_epochs": 1, "ft_lr_mult": 0.5})
+    params = dict(PARAMS, unfrozen_blocks=2)
+    a = train.Fit(c, params, torch.device("cpu"))
+    a.epoch()
+    a.epoch()  # now fine-tuning the last 2 blocks
+    state = a.state()
+    assert not any(k.startswith(("conv1.", "layer1.", "layer2.")) for k in state["model"])  # frozen: not saved
+    assert any(k.startswith("layer4.") for k in state["model"]) and "fc.weight" in state["model"]
+    buf = io.BytesIO()  # through bytes, as a Tune checkpoint does (and no tensor shared with `a`)
+    torch.save(state, buf)
+    buf.seek(0)
+    b = train.Fit(c, params, torch.device("cpu"))
+    b.restore(torch.load(buf, weights_only=True))
+    a.epoch()
+    b.epoch()
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka  # same data order, same steps, same weights

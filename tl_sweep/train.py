@@ -196,14 +196,21 @@ class Fit:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: curve(s + offset))
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue this fit exactly where it is (a Tune checkpoint's content)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Everything needed to continue this fit exactly where it is (a Tune checkpoint's content).
+
+        Only tensors of blocks trained so far (and the head) are saved: frozen blocks still hold the weights
+        the trial started from, which a restore rebuilds anyway. A linear probe's checkpoint is tiny.
+        """
+        first = len(self.part) - self.depth
+        changed = {k: v for k, v in self.model.state_dict().items()
+                   if (b := self.part.block_of(k)) is None or b >= first}
+        return {"model": changed, "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "depth": self.depth, "scale": self.scale,
                 "offset": self.offset, "step_count": self.step_count, "n_epochs": self.n_epochs,
                 "gen": self.gen.get_state()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"], strict=False)
         self.step_count = state["offset"]
         self.set_depth(state["depth"], state["scale"])
         self.optimizer.load_state_dict(state["optimizer"])
