@@ -102,6 +102,12 @@ class Summary:
         return self.trials[0] if self.trials else None
 
 
+def _config(config: dict | None) -> dict[str, Any]:
+    """A trial's flat config: a study's final re-trainings carry theirs under ``cfg`` (a grid of configs)."""
+    config = dict(config or {})
+    return dict(config.get("cfg", config))
+
+
 class Progress(tune.Callback):
     """One line per finished trial with the best so far; closes each trial's MLflow run with its status."""
 
@@ -111,7 +117,7 @@ class Progress(tune.Callback):
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
-        r, c = trial.last_result or {}, trial.config.get("cfg", trial.config)
+        r, c = trial.last_result or {}, _config(trial.config)
         acc = r.get("best_val_acc")
         if acc is not None and (self.best is None or acc > self.best[0]):
             self.best = (acc, trial.trial_id)
@@ -126,7 +132,7 @@ class Progress(tune.Callback):
         if r.get("trial_error"):
             self._line(trial, f"FAILED ({r['trial_error']}) ")
             return
-        stopped = r.get("epoch", 0) < trial.config.get("cfg", trial.config).get("epochs", 0)
+        stopped = r.get("epoch", 0) < _config(trial.config).get("epochs", 0)
         self._line(trial, "(early-stopped) " if stopped else "")
         if r.get("mlflow_run_id"):
             tags = {"tl_sweep.epochs_run": str(r.get("epoch", 0))}
@@ -181,7 +187,7 @@ def _rows(results) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         m, c = r.metrics or {}, dict(r.config or {})
-        c = dict(c.get("cfg", c))
+        c = _config(c)
         failed = r.error is not None or bool(m.get("trial_error"))
         stopped = m.get("epoch", 0) < c.get("epochs", 0) and not failed
         trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "")

@@ -314,9 +314,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 metrics["val_loss"], metrics["val_acc"] = evaluate(fit.model, val, fit.aug, fit.binary)
                 if metrics["val_acc"] > best:
                     best = metrics["val_acc"]
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
+                    if final:  # only a final re-training needs the best weights again (for the test split)
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
                     path = Path(tmp) / "best.pt"
-                    torch.save({"model": best_state, "arch": ctx.arch, "classes": list(ctx.data.classes),
+                    torch.save({"model": fit.model.state_dict(), "arch": ctx.arch, "classes": list(ctx.data.classes),
                                 "params": params, "epoch": epoch, "val_acc": best, "head": ctx.head}, path)
                     run.log_artifact(path)
                 metrics["best_val_acc"] = best
@@ -330,7 +331,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 every = ctx.checkpoint_every
                 if every and epoch < epochs and epoch % every == 0:
                     checkpoint = _write_checkpoint(Path(tmp) / "resume", {
-                        "fit": fit.state(), "best": best, "best_state": best_state if final else None,
+                        "fit": fit.state(), "best": best, "best_state": best_state,
                         "epoch": epoch, "run_id": run.run_id})
                 tune.report({**metrics, "epoch": epoch, "progress": epoch * ctx.min_epochs / epochs,
                              "mlflow_run_id": run.run_id}, checkpoint=checkpoint)
