@@ -430,8 +430,8 @@ class Augmenter:
     """
 
     def __init__(self, *, crop: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True,
-                 device: torch.device | str = "cpu", generator: torch.Generator | None = None):
-        self.crop, self.scale, self.ratio, self.hflip = crop, scale, ratio, hflip
+                 enabled: bool = True, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+        self.crop, self.scale, self.ratio, self.hflip, self.enabled = crop, scale, ratio, hflip, enabled
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
@@ -441,6 +441,8 @@ class Augmenter:
         return (x.float() - self.mean) / self.std
 
     def train(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:  # ``data.augment: none``: training sees the evaluation transform
+            return self.eval(x)
         n = x.shape[0]
         r = lambda: torch.rand(n, generator=self.gen).to(self.device)  # noqa: E731
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * r()

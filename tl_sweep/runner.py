@@ -320,7 +320,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
         augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0,
-        checkpoint_every=s.failures.checkpoint_every)
+        feature_cache=s.data.feature_cache, checkpoint_every=s.failures.checkpoint_every)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():

@@ -131,8 +131,13 @@ class ModelCfg(_Strict):
 
 
 class Augment(_Strict):
-    """Train-time augmentation (on uint8 tensors): RandomResizedCrop(scale, ratio) + optional flip."""
+    """Train-time augmentation (on uint8 tensors): RandomResizedCrop(scale, ratio) + optional flip.
 
+    ``augment: none`` turns it off: training sees the evaluation transform (centre crop), as in the Keras and
+    feature-extractor recipes; with a frozen prefix, training then runs on its cached features.
+    """
+
+    enabled: bool = True
     scale: tuple[float, float] | None = None  # default (0.08, 1); builtin:digits (0.7, 1)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool | None = None  # default true; builtin:digits false (a mirrored digit is another shape)
@@ -148,6 +153,16 @@ class DataCfg(_Strict):
     holdout: float = Field(0.0, ge=0, lt=1)  # share of val moved to a test split when the data has no test/
     root: str | None = None  # folder of a torchvision:<Name> dataset (relative to the spec file)
     augment: Augment = Augment()
+    feature_cache: bool = True  # compute a frozen prefix's features once and train the rest on them
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _no_augment(cls, v):
+        if v in ("none", False):
+            return {"enabled": False}
+        if isinstance(v, str):
+            raise ValueError(f"{v!r} is not an augmentation; use none, or a mapping with scale, ratio, hflip")
+        return v
 
     @field_validator("dataset")
     @classmethod

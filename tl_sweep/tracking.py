@@ -227,12 +227,13 @@ class TrialRun:
         hist = _retry(client(self.uri).get_metric_history, self.run_id, "val_acc")
         return max((m.step for m in hist), default=0)
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+    def log_epoch(self, epoch: int, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         _retry(client(self.uri).log_batch, self.run_id,
-               metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+               metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
+               tags=[RunTag(k, v) for k, v in (tags or {}).items()])
 
     def log_artifact(self, path: Path) -> None:
         _retry(client(self.uri).log_artifact, self.run_id, str(path))

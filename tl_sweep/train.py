@@ -16,6 +16,7 @@ count (see docs/search.md).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_sweep import models, tracking
+from tl_sweep import features, models, tracking
 from tl_sweep.data import Augmenter, Prepared
 
 # Reference learning rates at batch size 256 (lr_mult = 1): the torchvision ImageNet recipe for SGD,
@@ -63,6 +64,7 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     use_gpu: bool
+    feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
@@ -86,18 +88,27 @@ def cosine(total_steps: int) -> Callable[[int], float]:
 
 
 class Batches:
-    """Mini-batches of one split: uint8 rows read from the memory-mapped cache (or resident on the GPU)."""
+    """Mini-batches of one split: rows of an array (the memory-mapped uint8 image cache, or stored features).
 
-    def __init__(self, data: Prepared, split: str, device: torch.device):
-        x, y, rows = data.split(split)
-        self.device = device
-        order = np.argsort(rows)  # sorted rows read the memmap sequentially
-        self.rows, self.y = rows[order], torch.from_numpy(y[order])
-        self.x = x
-        if device.type == "cuda":  # uint8 is small: keep the split on the GPU, augment there
-            self.x = torch.from_numpy(np.ascontiguousarray(x[self.rows])).to(device)
+    ``x[rows]`` are the split's inputs; on a GPU they are copied to the device once and batches are sliced
+    there. Batches are drawn by position in the sorted row order, so images and their cached features
+    come in the same order for the same generator.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device, rows: np.ndarray | None = None):
+        self.device, self.x = device, x
+        self.rows = np.arange(len(y)) if rows is None else rows
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        if device.type == "cuda":  # uint8 images and features are small: keep the split on the GPU
+            self.x = features.to_tensor(x[self.rows]).to(device)
             self.rows = np.arange(len(self.rows))
             self.y = self.y.to(device)
+
+    @classmethod
+    def of(cls, data: Prepared, split: str, device: torch.device) -> Batches:
+        x, y, rows = data.split(split)
+        order = np.argsort(rows)  # sorted rows read the memmap sequentially
+        return cls(x, y[order], device, rows[order])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -112,7 +123,7 @@ class Batches:
                 t = torch.from_numpy(idx).to(self.device)
                 yield self.x[t], self.y[t]
             else:
-                yield torch.from_numpy(self.x[self.rows[idx]]), self.y[idx]
+                yield features.to_tensor(self.x[self.rows[idx]]), self.y[idx]
 
 
 def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +138,13 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, aug: Augmenter, binary: bool, batch_size: int = 256
+def evaluate(forward: Callable, batches: Batches, transform: Callable, binary: bool, batch_size: int = 256
              ) -> tuple[float, float]:
-    model.eval()
+    """Mean loss and accuracy of ``forward(transform(x))`` over a split (the caller sets eval mode)."""
     total_loss, correct = 0.0, 0
     for x, y in batches(batch_size, shuffle=False):
         with autocast(batches.device):
-            logits = model(aug.eval(x.to(batches.device, non_blocking=True)))
+            logits = forward(transform(x.to(batches.device, non_blocking=True)))
         loss, c = loss_and_correct(logits, y.to(batches.device), binary)
         total_loss += loss.item() * len(y)
         correct += int(c)
@@ -169,13 +180,18 @@ class Fit:
         self.part = models.partition(self.model, ctx.arch)
         self.batch_size = int(params["batch_size"])
         self.lr = learning_rate(params["optimizer"], float(params["lr_mult"]), self.batch_size)
-        self.train_batches = Batches(ctx.data, "train", device)
-        self.steps = math.ceil(len(self.train_batches) / self.batch_size) * int(params["epochs"])
+        self.batches = {"train": Batches.of(ctx.data, "train", device)}
+        self.steps = math.ceil(len(self.batches["train"]) / self.batch_size) * int(params["epochs"])
         self.step_count, self.depth, self.n_epochs, self.first_step_at = 0, None, 0, None
         self.gen = torch.Generator().manual_seed(seed)
         self.aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
                              generator=self.gen, **ctx.augment)
         self.binary = ctx.head == "binary"
+        self.deterministic = not ctx.augment.get("enabled", True)  # training sees the eval transform
+        self.weights = (weights, weights_file, seed)
+        self.split: features.Split | None = None
+        self.cached: dict[str, Batches | None] = {}
+        self.notes: list[str] = []  # what the feature cache did, per depth (a tag of the MLflow run)
 
     def set_depth(self, k: int, scale: float | None = None) -> None:
         """Freeze all but the head and the last ``k`` blocks; a new optimizer continues the cosine schedule.
@@ -186,6 +202,11 @@ class Fit:
             scale = 1.0 if self.depth is None else float(self.ctx.regime.get("ft_lr_mult", 1.0))
         self.depth, self.scale, self.offset = k, scale, self.step_count
         self.frozen = models.freeze(self.model, self.part, k)
+        self.split, self.cached = None, {}
+        if self.ctx.feature_cache and k < len(self.part):
+            got = features.split(self.model, self.frozen)
+            self.split = got if isinstance(got, features.Split) else None
+            self.notes.append(f"k={k}: " + (f"cut after {got.cut}" if self.split else f"off, {got}"))
         p = self.params
         lr = self.lr * scale
         groups = models.param_groups(self.model, self.part, self.frozen, lr=lr,
@@ -218,22 +239,79 @@ class Fit:
         self.step_count, self.n_epochs = state["step_count"], state["n_epochs"]
         self.gen.set_state(state["gen"])
 
+    def _batches(self, split: str) -> Batches:
+        if split not in self.batches:
+            self.batches[split] = Batches.of(self.ctx.data, split, self.device)
+        return self.batches[split]
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.is_cuda else x
+
+    def view(self, split: str) -> tuple[Batches, Callable, Callable]:
+        """``(batches, transform, forward)`` for ``split`` under the deterministic (eval) transform.
+
+        With a frozen prefix that can be cut off (:mod:`tl_sweep.features`), the batches are the prefix's
+        stored features and ``forward`` is the suffix alone; otherwise images, centre crop, the whole model.
+        """
+        if self.split is not None:
+            if split not in self.cached:
+                self.cached[split] = self._features(split)
+            if self.cached[split] is not None:
+                return self.cached[split], self._channels_last, self.split.suffix
+        return self._batches(split), lambda x: self._channels_last(self.aug.eval(x)), self.model
+
+    def _features(self, split: str) -> Batches | None:
+        """The frozen prefix's output for every image of ``split``: from the node's store, or computed now."""
+        src, dev, prefix = self._batches(split), self.device, self.split.prefix
+        self.model.eval()
+        with torch.no_grad(), autocast(dev):
+            one = prefix(self.aug.eval(next(src(1, shuffle=False))[0].to(dev)))
+        size = one.element_size() * one.numel() * len(src)
+        if size > features.MAX_BYTES:
+            self.notes.append(f"{split} not cached ({size / 2**30:.1f} GiB > {features.MAX_BYTES / 2**30:.0f} GiB)")
+            return None
+
+        @torch.no_grad()
+        def compute() -> torch.Tensor:
+            with autocast(dev):
+                return torch.cat([prefix(self._channels_last(self.aug.eval(x.to(dev, non_blocking=True))))
+                                  for x, _ in src(256, shuffle=False)])
+
+        c, inp = self.ctx, self.ctx.input
+        rows = self.ctx.data.index[split]
+        name = features.key(c.arch, features.weights_id(*self.weights), len(self.part) - self.depth, self.split.cut,
+                            c.data.fingerprint, split, hashlib.sha1(np.asarray(rows).tobytes()).hexdigest(),
+                            inp["crop"], tuple(inp["mean"]), tuple(inp["std"]), dev.type, torch.__version__)
+        arr, reused = features.load_or_compute(Path(c.data.cache).parent / "features", name, compute,
+                                               log=self.notes.append)
+        self.notes.append(f"{split} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
+        return Batches(arr, src.y.cpu().numpy(), dev)
+
+    def evaluate(self, split: str) -> tuple[float, float]:
+        """Loss and accuracy on ``split`` (eval mode, deterministic transform, stored features when cut)."""
+        batches, transform, forward = self.view(split)
+        self.model.eval()
+        return evaluate(forward, batches, transform, self.binary)
+
     def epoch(self) -> dict[str, float]:
         self.n_epochs += 1
         k = depth_at(self.ctx.regime, int(self.params["unfrozen_blocks"]), self.n_epochs)
         if k != self.depth:
             self.set_depth(k)
-        self.frozen.train_mode(self.model)
         dev = self.device
+        if self.first_step_at is None:  # start-up ends where training work begins (features included)
+            self.first_step_at = time.perf_counter()
+        if self.deterministic:
+            batches, transform, forward = self.view("train")
+        else:
+            batches, forward = self.batches["train"], self.model
+            transform = lambda x: self._channels_last(self.aug.train(x))
+        self.frozen.train_mode(self.model)
         total, seen, t0 = 0.0, 0, time.perf_counter()
-        for x, y in self.train_batches(self.batch_size, shuffle=True, gen=self.gen):
-            x, y = self.aug.train(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self.first_step_at is None:
-                self.first_step_at = time.perf_counter()
+        for x, y in batches(self.batch_size, shuffle=True, gen=self.gen):
+            x, y = transform(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
             with autocast(dev):
-                loss, _ = loss_and_correct(self.model(x), y, self.binary)
+                loss, _ = loss_and_correct(forward(x), y, self.binary)
             if not torch.isfinite(loss):
                 raise TrialError(f"loss became {loss.item()} at epoch {self.n_epochs} (lower lr_mult)")
             self.optimizer.zero_grad(set_to_none=True)
@@ -301,7 +379,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     fit, best = None, -1.0
     try:
         fit = Fit(ctx, params, device)
-        val = Batches(ctx.data, "val", device)
         best_state, first = None, 1
         if resumed:
             fit.restore(resumed["fit"])
@@ -311,7 +388,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 metrics = fit.epoch()
                 if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
                     metrics["startup_seconds"] = fit.first_step_at - entered
-                metrics["val_loss"], metrics["val_acc"] = evaluate(fit.model, val, fit.aug, fit.binary)
+                metrics["val_loss"], metrics["val_acc"] = fit.evaluate("val")
                 if metrics["val_acc"] > best:
                     best = metrics["val_acc"]
                     if final:  # only a final re-training needs the best weights again (for the test split)
@@ -323,10 +400,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 metrics["best_val_acc"] = best
                 if final and epoch == epochs:  # the held-out test split, once, with the best-val checkpoint
                     fit.model.load_state_dict(best_state)
-                    metrics["test_loss"], metrics["test_acc"] = evaluate(
-                        fit.model, Batches(ctx.data, "test", device), fit.aug, fit.binary)
+                    metrics["test_loss"], metrics["test_acc"] = fit.evaluate("test")
                 if epoch > logged:
-                    run.log_epoch(epoch, metrics)
+                    run.log_epoch(epoch, metrics, {"tl_sweep.feature_cache": "; ".join(fit.notes)[:5000]}
+                                  if fit.notes else None)
                 checkpoint = None
                 every = ctx.checkpoint_every
                 if every and epoch < epochs and epoch % every == 0:
@@ -366,11 +443,10 @@ def fit_plain(ctx: TrialContext, params: dict[str, Any], log=print) -> tuple[nn.
     """The same epoch loop without Ray or MLflow: used to pretrain the built-in source models."""
     device = device_for(ctx.use_gpu)
     fit = Fit(ctx, params, device)
-    val = Batches(ctx.data, "val", device)
     acc = 0.0
     for epoch in range(1, int(params["epochs"]) + 1):
         m = fit.epoch()
-        _, acc = evaluate(fit.model, val, fit.aug, fit.binary)
+        _, acc = fit.evaluate("val")
         log(f"  epoch {epoch}: train_loss {m['train_loss']:.3f}  val_acc {acc:.3f}  "
             f"({m['train_img_per_s']:.0f} img/s)")
     return fit.model, acc

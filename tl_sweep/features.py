@@ -1,0 +1,215 @@
+"""The frozen-prefix feature cache: a frozen prefix's output is computed once and reused.
+
+With ``k`` unfrozen blocks, everything before the last ``k`` blocks is frozen: its output for an image
+never changes during a trial. When that image's transform is deterministic too (evaluation always;
+training when ``data.augment: none``), tl-sweep computes the prefix once per image and trains only the
+suffix (the last ``k`` blocks and the head) on the stored features. Epochs after the first then skip the
+frozen prefix's forward pass entirely; a linear probe trains only its head.
+
+How the model is cut (:func:`split`), for any torchvision family and without per-family code: the model
+is traced with torch.fx (torchvision's own ``NodePathTracer``, as ``create_feature_extractor`` uses), each
+graph node is marked *trainable-side* when it calls a module with trainable parameters, reads one, calls a
+module that is random in training mode (Dropout with p > 0, StochasticDepth... unless frozen into eval),
+or takes a trainable-side input. The *cut* is the set of input-dependent nodes feeding the trainable side:
+when it is one tensor, the prefix graph computes it and the suffix graph starts from it. Both graphs share
+the model's parameters (``GraphModule`` holds references, not copies), so training the suffix trains the
+model, and checkpoints stay whole models.
+
+Features are stored per (arch, weights, frozen blocks, data fingerprint, split rows, transform, dtype) as
+one ``.npy`` next to the decode-once image cache, written atomically under a file lock: trials with the
+same key (on the same node) reuse them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from tl_sweep import models
+
+MAX_BYTES = 2 << 30  # per split: larger features (early cuts at high resolution) are recomputed instead
+
+
+@dataclass
+class Split:
+    """A model cut after its frozen prefix: ``suffix(prefix(x)) == model(x)``."""
+
+    prefix: fx.GraphModule
+    suffix: fx.GraphModule
+    cut: str  # the graph node whose output is cached, e.g. ``layer3`` or ``flatten``
+
+
+def _random_in_training(m: nn.Module) -> bool:
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return True  # batch statistics in training mode
+    return type(m).__name__ == "StochasticDepth" and getattr(m, "p", 0) > 0
+
+
+def split(model: nn.Module, frozen: models.Frozen) -> Split | str:
+    """Cut ``model`` after its frozen prefix (as :func:`models.freeze` left it); a reason when it can't be."""
+    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+
+    try:
+        graph = NodePathTracer(**_set_default_tracer_kwargs(None)).trace(model)
+    except Exception as e:  # noqa: BLE001 - a model fx cannot trace simply runs without the cache
+        return f"torch.fx cannot trace it ({type(e).__name__})"
+    kept_eval = {id(m) for m in frozen.eval_modules}
+    params = dict(model.named_parameters())
+
+    def trainable_module(target: str) -> bool:
+        m = model.get_submodule(target)
+        if any(p.requires_grad for p in m.parameters()):
+            return True
+        return any(_random_in_training(s) and id(s) not in kept_eval for s in m.modules())
+
+    side: dict[fx.Node, bool] = {}  # node -> trainable side
+    dep: dict[fx.Node, bool] = {}  # node -> depends on the input image
+    for n in graph.nodes:
+        ins = n.all_input_nodes
+        dep[n] = n.op == "placeholder" or any(dep[a] for a in ins)
+        own = (n.op == "call_module" and trainable_module(n.target)) or (
+            n.op == "get_attr" and n.target in params and params[n.target].requires_grad)
+        side[n] = own or any(side[a] for a in ins)
+    c = _articulation(graph, dep, side)
+    if c is None:
+        return "nothing is frozen"
+    if not any(n.op == "call_module" for n in _ancestors(c) | {c}):
+        return "the frozen prefix does no work"
+
+    prefix = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        if n.op == "output":
+            break
+        if not side[n]:
+            env[n] = prefix.node_copy(n, lambda a: env[a])
+        if n is c:
+            break
+    prefix.output(env[c])
+
+    suffix = fx.Graph()
+    env = {c: suffix.placeholder("features")}
+    after = False
+    for n in graph.nodes:
+        if n is c:
+            after = True
+        elif n.op != "placeholder" and (after or not dep[n]):
+            env[n] = suffix.node_copy(n, lambda a: env[a])
+    return Split(_module(model, prefix), _module(model, suffix), str(c.name))
+
+
+def _articulation(graph: fx.Graph, dep: dict, side: dict) -> fx.Node | None:
+    """The last image-dependent node, before the trainable side begins, that every later node goes through.
+
+    Walking the graph in order while counting the image-dependent values still needed later: a node after
+    which it alone is live is a valid single-tensor cut (a DenseNet block's concatenations or an Inception
+    module's pooling branch are not: other values are still live there).
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_use = {n: max((order[u] for u in n.users), default=-1) for n in graph.nodes}
+    live: set[fx.Node] = set()
+    best = None
+    for i, n in enumerate(graph.nodes):
+        if not dep[n]:
+            continue
+        if side[n] or n.op == "output":
+            return best
+        live -= {a for a in n.all_input_nodes if last_use[a] == i}
+        if last_use[n] > i:
+            live.add(n)
+        if live == {n} and n.op != "placeholder":
+            best = n
+    return best
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    gm = fx.GraphModule(model, graph)  # submodules and parameters by reference: shared with ``model``
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+
+def weights_id(weights: str, weights_file, seed: int) -> str:
+    """What identifies the frozen weights: the torchvision name, the checkpoint's content, or the seed."""
+    if weights == "none":
+        return f"random-init-seed{seed}"
+    if weights_file is None:
+        return weights
+    if hasattr(weights_file, "getbuffer"):
+        return hashlib.sha1(weights_file.getbuffer()).hexdigest()
+    return _file_hash(str(weights_file), os.path.getmtime(weights_file), os.path.getsize(weights_file))
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: str, mtime: float, size: int) -> str:
+    key = (path, mtime, size)
+    if key not in _HASHES:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def key(*parts) -> str:
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:20]
+
+
+def load_or_compute(folder: Path, name: str, compute: Callable[[], torch.Tensor], log=lambda m: None
+                    ) -> tuple[np.ndarray, bool]:
+    """Features ``name`` from ``folder`` (memory-mapped), or ``compute()`` them once and store them.
+
+    One writer per key and node (file lock); the file appears atomically (temp + rename), so a crash or a
+    full disk never leaves half a cache behind. bfloat16 features (GPU autocast) are stored as their int16
+    bits (numpy has no bfloat16): see :func:`to_tensor`. Returns the features and whether they were reused.
+    """
+    from filelock import FileLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.npy"
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return np.load(path, mmap_mode="r"), True
+        t = compute().contiguous().cpu()
+        arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, path)
+        except OSError as e:  # no room: train on the in-memory copy, store nothing
+            Path(tmp).unlink(missing_ok=True)
+            log(f"feature cache not stored ({e.strerror or e}); this trial keeps its copy in memory")
+        return arr, False
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A batch of stored features as a tensor (int16 storage is bfloat16 bits)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.view(torch.bfloat16) if t.dtype == torch.int16 else t
