@@ -42,18 +42,19 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     finished = sum(1 for k in kids if k.info.status == "FINISHED")
     order = sorted(kids, key=lambda k: k.info.start_time)
-    startup = [k.data.metrics.get("startup_seconds", float("nan")) for k in order]
     train_s = sum(k.data.metrics.get("epoch_seconds", 0) for k in kids)
     print(f"{args.trials} trials, {args.concurrent} concurrent: wall {wall:.0f}s; {len(kids)} child runs in MLflow "
           f"({finished} FINISHED)")
     print(f"per trial: {wall / args.trials:.2f}s wall, of which training {train_s / len(kids):.3f}s; "
           f"overhead {(wall * args.concurrent - train_s) / args.trials:.2f} slot-seconds per trial")
     print(f"driver peak RSS {peak:.0f} MiB")
-    later = sorted(startup[args.concurrent:])
-    print(f"trial start-up (function entry to first step): first {args.concurrent} trials "
-          f"{', '.join(f'{x:.2f}s' for x in startup[:args.concurrent])}; later trials median {later[len(later) // 2]:.2f}s, "
-          f"max {later[-1]:.2f}s")
-
+    for metric, what in (("scheduled_to_first_step_seconds", "trial scheduled to first step (driver clock)"),
+                         ("startup_seconds", "trial function entry to first step")):
+        times = [k.data.metrics.get(metric, float("nan")) for k in order]
+        later = sorted(times[args.concurrent:])
+        print(f"start-up, {what}: first {args.concurrent} trials "
+              f"{', '.join(f'{x:.2f}s' for x in times[:args.concurrent])}; later trials median "
+              f"{later[len(later) // 2]:.2f}s, max {later[-1]:.2f}s")
 
 if __name__ == "__main__":
     main()

@@ -114,6 +114,24 @@ class Progress(tune.Callback):
     def __init__(self, total: int, uri: str, log: log_fn):
         self.total, self.uri, self.log = total, uri, log
         self.done, self.best, self.t0 = 0, None, time.perf_counter()
+        self.added: dict[str, float] = {}  # trial id -> when Tune created it (a slot was free: it is scheduled)
+        self.n_seen, self.step_began = 0, time.time()
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.step_began = time.time()
+
+    def on_step_end(self, iteration, trials, **info):
+        # trials created in this step (Tune's list only grows): dated at the step's start, so the start-up
+        # measured from it is an upper bound
+        for t in trials[self.n_seen:]:
+            self.added[t.trial_id] = self.step_began
+        self.n_seen = len(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        """Start-up as the user waits for it: trial scheduled -> its first training work, incl. the actor."""
+        first, added = result.get("first_step_unix"), self.added.pop(trial.trial_id, None)
+        if first is not None and added is not None and result.get("mlflow_run_id"):
+            tracking.log_metric(self.uri, result["mlflow_run_id"], "scheduled_to_first_step_seconds", first - added)
 
     def _line(self, trial, how: str) -> None:
         self.done += 1

@@ -142,6 +142,10 @@ def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | Non
         _retry(client(uri).log_artifact, run_id, str(p), artifact_path)
 
 
+def log_metric(uri: str, run_id: str, key: str, value: float, step: int = 0) -> None:
+    _retry(client(uri).log_metric, run_id, key, float(value), step=step)
+
+
 def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
     from mlflow.entities import Metric, RunTag
 

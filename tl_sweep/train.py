@@ -300,7 +300,7 @@ class Fit:
             self.set_depth(k)
         dev = self.device
         if self.first_step_at is None:  # start-up ends where training work begins (features included)
-            self.first_step_at = time.perf_counter()
+            self.first_step_at, self.first_step_wall = time.perf_counter(), time.time()
         if self.deterministic:
             batches, transform, forward = self.view("train")
         else:
@@ -410,8 +410,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                     checkpoint = _write_checkpoint(Path(tmp) / "resume", {
                         "fit": fit.state(), "best": best, "best_state": best_state,
                         "epoch": epoch, "run_id": run.run_id})
+                # first_step_unix: the driver measures scheduling -> first step (runner.Progress)
                 tune.report({**metrics, "epoch": epoch, "progress": epoch * ctx.min_epochs / epochs,
-                             "mlflow_run_id": run.run_id}, checkpoint=checkpoint)
+                             "mlflow_run_id": run.run_id,
+                             **({"first_step_unix": fit.first_step_wall} if epoch == first else {})},
+                            checkpoint=checkpoint)
     except SystemExit:  # the scheduler stopped this trial; the driver records it
         raise
     except TrialError as e:  # deterministic (NaN loss...): a retry would fail the same way, so end it here
