@@ -44,6 +44,26 @@ def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
     assert proc.stdout.count("failed: trial") == len(bad)
 
 
+def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_path):
+    """resources.memory_gb caps each CPU trial's memory; batch 512 at full fine-tuning needs more."""
+    db = tmp_path / "m.db"
+    proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=5", "--set", "search.space.batch_size=[8, 512]",
+               "--set", "search.space.unfrozen_blocks=5", "--set", "data.train_per_class=60",
+               "--set", "data.image_size=64", "--set", "resources.memory_gb=1.2", "--set", "search.space.optimizer=sgd",
+               "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "trial"]
+    big = [r for r in runs if r.data.params["batch_size"] == "512"]
+    small = [r for r in runs if r.data.params["batch_size"] == "8"]
+    assert len(runs) == 5 and big and small, "the seeded search should try both batch sizes"
+    for r in big:
+        assert r.info.status == "FAILED" and r.data.tags["tl_sweep.failure"] == "OutOfMemory"
+        assert "lower batch_size" in r.data.tags["tl_sweep.error"]
+        assert "past resources.memory_gb 1.2" in r.data.tags["tl_sweep.error"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["val_acc"] > 0 for r in small)
+    assert proc.stdout.count("failed: trial") == len(big) and "out of memory (batch_size 512" in proc.stdout
+
+
 def test_unreachable_tracking_server_is_refused_before_training(tmp_path):
     proc = tl(["run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
     assert proc.returncode == 2

@@ -239,8 +239,16 @@ class Failures(_Strict):
 
 
 class Resources(_Strict):
+    """Per trial. ``gpu`` may be a fraction (several small trials share a GPU).
+
+    ``memory_gb``: the most memory a trial's worker process may hold. Ray reserves it when placing trials,
+    and a CPU trial that goes past it ends FAILED as out of memory (``train.MemoryLimit``) instead of the
+    node's OOM killer taking a worker with other trials on it. A worker with torch loaded holds ~0.5 GB.
+    """
+
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
 
 
 class Tracking(_Strict):

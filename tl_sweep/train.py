@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class TrialContext:
     parent_run_id: str
     use_gpu: bool
     feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
+    memory_limit: int | None = None  # bytes a CPU trial's process may grow by (resources.memory_gb)
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
@@ -377,6 +379,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
         return
     fit, best = None, -1.0
+    limit = MemoryLimit(ctx.memory_limit if device.type == "cpu" else None)
     try:
         fit = Fit(ctx, params, device)
         best_state, first = None, 1
@@ -417,14 +420,102 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                             checkpoint=checkpoint)
     except SystemExit:  # the scheduler stopped this trial; the driver records it
         raise
-    except TrialError as e:  # deterministic (NaN loss...): a retry would fail the same way, so end it here
-        run.end("FAILED", tags={"tl_sweep.error": f"TrialError: {e}"[:500]})
-        # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
-        tune.report({"trial_error": str(e), "val_acc": 0.0, "best_val_acc": max(best, 0.0),
-                     "epoch": fit.n_epochs if fit else 0, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark (and maybe retry) it
-        run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
-        raise
+        limit.restore()
+        failure = deterministic_failure(e, params, ctx)
+        if failure is None:
+            run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
+            raise
+        # a NaN loss, out of memory: a retry would fail the same way, so the trial ends here
+        kind, reason = failure
+        traceback.clear_frames(e.__traceback__)  # the failed step's tensors go now, not with the exception
+        epochs_done, fit = (fit.n_epochs if fit else 0), None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        limit.give_back()
+        if isinstance(e, TrialOutOfMemory):
+            cause = f" [held {limit.held / 2**30:.2f} GiB, past resources.memory_gb {limit.limit / 2**30:g}]"
+        else:
+            cause = "" if kind == "TrialError" else f" [{type(e).__name__}: {str(e).strip()[:200]}]"
+        run.end("FAILED", tags={"tl_sweep.error": f"{kind}: {reason}{cause}"[:700], "tl_sweep.failure": kind})
+        # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
+        tune.report({"trial_error": reason, "val_acc": 0.0, "best_val_acc": max(best, 0.0), "epoch": epochs_done,
+                     "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
+    finally:
+        limit.restore()
+
+
+def deterministic_failure(e: BaseException, params: dict[str, Any], ctx: TrialContext) -> tuple[str, str] | None:
+    """``(kind, reason)`` for failures a retry would repeat (NaN loss, out of memory); ``None`` otherwise."""
+    if isinstance(e, TrialError):
+        return "TrialError", str(e)
+    oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    if not oom:
+        return None
+    return "OutOfMemory", (f"out of memory (batch_size {params['batch_size']}, {ctx.input['crop']}px, "
+                           f"{params['unfrozen_blocks']} unfrozen blocks): lower batch_size or data.image_size, "
+                           f"or give trials more memory (resources.memory_gb, fewer trials per GPU)")
+
+
+class TrialOutOfMemory(MemoryError):
+    """A CPU trial grew past ``resources.memory_gb`` (raised in the trial's thread by :class:`MemoryLimit`)."""
+
+
+class MemoryLimit:
+    """``resources.memory_gb`` on a CPU trial: the most memory its worker process may hold.
+
+    A watcher thread reads the process's anonymous resident memory (``RssAnon``: tensors, not the
+    memory-mapped image cache) every 10 ms; past the budget it raises :class:`TrialOutOfMemory` in the trial's
+    thread (``PyThreadState_SetAsyncExc``: delivered as soon as the running operation returns), so the trial
+    ends FAILED as out of memory and frees what it held, instead of the kernel's OOM killer ending a worker
+    that other trials share. A soft limit: one operation may overshoot before it is stopped. (A hard
+    ``RLIMIT_DATA`` was tried first: Ray's own threads then failed their allocations too and aborted.)
+    """
+
+    def __init__(self, nbytes: int | None):
+        import threading
+
+        self.stop, self.thread, self.held, self.limit = threading.Event(), None, 0, nbytes or 0
+        if nbytes and os.path.exists("/proc/self/status"):
+            self.target = threading.get_ident()
+            self.thread = threading.Thread(target=self._watch, name="tl-sweep-memory", daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def rss_anon() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    def _watch(self) -> None:
+        import ctypes
+
+        while not self.stop.wait(0.01):
+            self.held = self.rss_anon()
+            if self.held > self.limit:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target),
+                                                           ctypes.py_object(TrialOutOfMemory))
+                return
+
+    def restore(self) -> None:
+        import ctypes
+
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self.thread = None  # and drop an exception not delivered yet
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target), None)
+
+    @staticmethod
+    def give_back() -> None:
+        """Return freed heap to the OS (glibc), so a reused worker starts its next trial small."""
+        import ctypes
+        import ctypes.util
+
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        except (OSError, AttributeError, TypeError):
+            pass
 
 
 def _write_checkpoint(folder: Path, state: dict[str, Any]):
