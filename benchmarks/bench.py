@@ -71,10 +71,13 @@ def cached_epoch(p: data.Prepared, size: int, batch: int, device) -> tuple[calla
     return (lambda: [aug.train(x.to(device)) for x, _ in batches(batch, shuffle=True)]), len(batches)
 
 
+PRECISION = "auto"
+
+
 def step_fn(model, frozen, x, y, opt):
     def step():
         frozen.train_mode(model)
-        with train.autocast(x.device):
+        with train.autocast(x.device, PRECISION):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,11 +94,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--epochs", type=int, default=4, help="epochs per feature-cache measurement")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile on CPU)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 autocast on a GPU, fp32 on a CPU (as resources.precision)")
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
                                                                         f"{torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; {args.arch} at {args.size}px, batch {args.batch}")
+    print(f"device: {name}; torch {torch.__version__}; {args.arch} at {args.size}px, batch {args.batch}, "
+          f"precision {args.precision}")
     root = Path(args.data)
     resize = round(args.size / 0.875)
     t0 = time.perf_counter()
@@ -167,7 +175,7 @@ def feature_cache(p: data.Prepared, args, device, n_blocks: int) -> list[tuple]:
         arch=args.arch, arms={"bench": ("none", None)}, head="linear", head_hidden=0, head_dropout=0.0,
         regime={"kind": "fixed"}, input={"crop": args.size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD},
         augment={"enabled": False}, data=p, seed=0, min_epochs=1, tracking_uri="", experiment_id="",
-        parent_run_id="", use_gpu=device.type == "cuda")
+        parent_run_id="", use_gpu=device.type == "cuda", precision=args.precision)
     params = dict(batch_size=args.batch, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
                   layer_decay=1.0, epochs=args.epochs)
     out = []

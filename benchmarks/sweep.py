@@ -11,6 +11,8 @@
    prefix recomputed every step; no tracking. It runs exactly the configurations tl-sweep's search chose
    (``tune.grid_search`` over them), with the same concurrency and CPUs per trial.
 
+``--precision bf16``: tl-sweep trains under bf16 autocast (on a CPU with AVX512-BF16 or AMX).
+
 Both are timed from the start to the end of the sweep (Ray start-up included in both). Prints wall time,
 trials/hour and the ratio. ``--augment``: random resized crop + flip for training (no feature cache
 possible); default: no augmentation, the tutorials' "fixed feature extractor" setting, where tl-sweep trains
@@ -37,6 +39,7 @@ search:
   max_concurrent: 2
   space: {{unfrozen_blocks: [0, 1, 5], optimizer: sgd, lr_mult: [0.5, 2.0], batch_size: 32, epochs: {epochs}}}
 scheduler: {{kind: fifo}}
+resources: {{precision: {precision}}}
 tracking: {{uri: "sqlite:///{tmp}/bench.db"}}
 storage: {tmp}/ray_results
 """
@@ -95,6 +98,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--augment", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="tl-sweep's resources.precision (the tutorial trainable is fp32 either way)")
     args = ap.parse_args()
 
     import ray
@@ -112,7 +117,7 @@ def main() -> None:
         torch.save(torchvision.models.resnet18().state_dict(), ckpt)
         Path("spec.yaml").write_text(SPEC.format(
             ckpt=ckpt, root=Path(args.data).resolve(), size=args.size, trials=args.trials, epochs=args.epochs,
-            tmp=tmp, augment="" if args.augment else ", augment: none"))
+            tmp=tmp, augment="" if args.augment else ", augment: none", precision=args.precision))
         cfg = spec.load(Path("spec.yaml"))
 
         t0 = time.perf_counter()
@@ -141,7 +146,8 @@ def main() -> None:
     mode = "random resized crop + flip" if args.augment else "no augmentation (fixed feature extractor)"
     trials = ", ".join(f"k={c['unfrozen_blocks']} lr×{c['lr_mult']:g}" for c in configs)
     print(f"{n} trials ({trials}), "
-          f"{args.epochs} epochs each, {args.size}px, {mode}, 2 concurrent, 1 CPU per trial")
+          f"{args.epochs} epochs each, {args.size}px, {mode}, 2 concurrent, 1 CPU per trial; "
+          f"tl-sweep precision {args.precision}")
     print(f"{'':32s} {'wall s':>8s} {'trials/hour':>12s}")
     print(f"{'tl-sweep (Ray Tune+Optuna+MLflow)':32s} {ours:8.1f} {n / ours * 3600:12.0f}")
     print(f"{'tutorial-style trainable':32s} {peer:8.1f} {n / peer * 3600:12.0f}")

@@ -78,3 +78,16 @@ def test_checkpoint_state_restores_the_fit_exactly():
     b.epoch()
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka  # same data order, same steps, same weights
+
+
+def test_bf16_precision_on_cpu_trains_under_autocast():
+    import dataclasses
+
+    c = dataclasses.replace(ctx({"kind": "fixed"}), precision="bf16")
+    fit = train.Fit(c, dict(PARAMS, epochs=1), torch.device("cpu"))
+    m = fit.epoch()
+    assert m["train_loss"] == m["train_loss"] and fit.model.fc.weight.dtype == torch.float32  # master weights
+    with train.autocast(torch.device("cpu"), "bf16"):
+        assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.bfloat16
+    with train.autocast(torch.device("cpu"), "auto"):  # auto is fp32 on a CPU
+        assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.float32

@@ -244,11 +244,16 @@ class Resources(_Strict):
     ``memory_gb``: the most memory a trial's worker process may hold. Ray reserves it when placing trials,
     and a CPU trial that goes past it ends FAILED as out of memory (``train.MemoryLimit``) instead of the
     node's OOM killer taking a worker with other trials on it. A worker with torch loaded holds ~0.5 GB.
+
+    ``precision``: ``auto`` trains under bf16 autocast on a GPU and in fp32 on a CPU; ``bf16`` uses autocast on
+    a CPU too (1.7× faster steps on a CPU with AVX512-BF16, see BENCHMARKS.md; slower without it).
+
     """
 
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
     memory_gb: float | None = Field(None, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
 
 
 class Tracking(_Strict):

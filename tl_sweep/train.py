@@ -66,7 +66,8 @@ class TrialContext:
     parent_run_id: str
     use_gpu: bool
     feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
-    memory_limit: int | None = None  # bytes a CPU trial's process may grow by (resources.memory_gb)
+    memory_limit: int | None = None  # bytes a CPU trial's process may hold (resources.memory_gb)
+    precision: str = "auto"  # resources.precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
@@ -135,17 +136,20 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tup
     return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on a GPU (``auto``), or wherever ``precision: bf16`` asks for it; else fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, batches: Batches, transform: Callable, binary: bool, batch_size: int = 256
-             ) -> tuple[float, float]:
+def evaluate(forward: Callable, batches: Batches, transform: Callable, binary: bool, batch_size: int = 256,
+             precision: str = "auto") -> tuple[float, float]:
     """Mean loss and accuracy of ``forward(transform(x))`` over a split (the caller sets eval mode)."""
     total_loss, correct = 0.0, 0
     for x, y in batches(batch_size, shuffle=False):
-        with autocast(batches.device):
+        with autocast(batches.device, precision):
             logits = forward(transform(x.to(batches.device, non_blocking=True)))
         loss, c = loss_and_correct(logits, y.to(batches.device), binary)
         total_loss += loss.item() * len(y)
@@ -264,9 +268,9 @@ class Fit:
 
     def _features(self, split: str) -> Batches | None:
         """The frozen prefix's output for every image of ``split``: from the node's store, or computed now."""
-        src, dev, prefix = self._batches(split), self.device, self.split.prefix
+        src, dev, prefix, c = self._batches(split), self.device, self.split.prefix, self.ctx
         self.model.eval()
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), autocast(dev, c.precision):
             one = prefix(self.aug.eval(next(src(1, shuffle=False))[0].to(dev)))
         size = one.element_size() * one.numel() * len(src)
         if size > features.MAX_BYTES:
@@ -275,15 +279,16 @@ class Fit:
 
         @torch.no_grad()
         def compute() -> torch.Tensor:
-            with autocast(dev):
+            with autocast(dev, c.precision):
                 return torch.cat([prefix(self._channels_last(self.aug.eval(x.to(dev, non_blocking=True))))
                                   for x, _ in src(256, shuffle=False)])
 
-        c, inp = self.ctx, self.ctx.input
+        inp = c.input
         rows = self.ctx.data.index[split]
         name = features.key(c.arch, features.weights_id(*self.weights), len(self.part) - self.depth, self.split.cut,
                             c.data.fingerprint, split, hashlib.sha1(np.asarray(rows).tobytes()).hexdigest(),
-                            inp["crop"], tuple(inp["mean"]), tuple(inp["std"]), dev.type, torch.__version__)
+                            inp["crop"], tuple(inp["mean"]), tuple(inp["std"]), dev.type, c.precision,
+                            torch.__version__)
         arr, reused = features.load_or_compute(Path(c.data.cache).parent / "features", name, compute,
                                                log=self.notes.append)
         self.notes.append(f"{split} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
@@ -293,7 +298,7 @@ class Fit:
         """Loss and accuracy on ``split`` (eval mode, deterministic transform, stored features when cut)."""
         batches, transform, forward = self.view(split)
         self.model.eval()
-        return evaluate(forward, batches, transform, self.binary)
+        return evaluate(forward, batches, transform, self.binary, precision=self.ctx.precision)
 
     def epoch(self) -> dict[str, float]:
         self.n_epochs += 1
@@ -312,7 +317,7 @@ class Fit:
         total, seen, t0 = 0.0, 0, time.perf_counter()
         for x, y in batches(self.batch_size, shuffle=True, gen=self.gen):
             x, y = transform(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
-            with autocast(dev):
+            with autocast(dev, self.ctx.precision):
                 loss, _ = loss_and_correct(forward(x), y, self.binary)
             if not torch.isfinite(loss):
                 raise TrialError(f"loss became {loss.item()} at epoch {self.n_epochs} (lower lr_mult)")
