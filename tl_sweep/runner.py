@@ -116,6 +116,7 @@ class Progress(tune.Callback):
         self.done, self.best, self.t0 = 0, None, time.perf_counter()
         self.added: dict[str, float] = {}  # trial id -> when Tune created it (a slot was free: it is scheduled)
         self.n_seen, self.step_began = 0, time.time()
+        self.startup: dict[str, float] = {}
 
     def on_step_begin(self, iteration, trials, **info):
         self.step_began = time.time()
@@ -128,10 +129,16 @@ class Progress(tune.Callback):
         self.n_seen = len(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        """Start-up as the user waits for it: trial scheduled -> its first training work, incl. the actor."""
+        """Start-up as the user waits for it: trial scheduled -> its first training work, incl. the actor.
+
+        Logged with the run's end (one MLflow call per trial from the driver's loop, not two)."""
         first, added = result.get("first_step_unix"), self.added.pop(trial.trial_id, None)
-        if first is not None and added is not None and result.get("mlflow_run_id"):
-            tracking.log_metric(self.uri, result["mlflow_run_id"], "scheduled_to_first_step_seconds", first - added)
+        if first is not None and added is not None:
+            self.startup[trial.trial_id] = first - added
+
+    def _metrics(self, trial) -> dict[str, float]:
+        s = self.startup.pop(trial.trial_id, None)
+        return {} if s is None else {"scheduled_to_first_step_seconds": s}
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
@@ -147,8 +154,10 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        if r.get("trial_error"):
+        if r.get("trial_error"):  # the trial closed its run FAILED itself
             self._line(trial, f"FAILED ({r['trial_error']}) ")
+            if r.get("mlflow_run_id"):
+                tracking.end_run(self.uri, r["mlflow_run_id"], "FAILED", {}, self._metrics(trial))
             return
         stopped = r.get("epoch", 0) < _config(trial.config).get("epochs", 0)
         self._line(trial, "(early-stopped) " if stopped else "")
@@ -156,13 +165,14 @@ class Progress(tune.Callback):
             tags = {"tl_sweep.epochs_run": str(r.get("epoch", 0))}
             if stopped:
                 tags["tl_sweep.early_stopped"] = "true"
-            tracking.end_run(self.uri, r["mlflow_run_id"], "FINISHED", tags)
+            tracking.end_run(self.uri, r["mlflow_run_id"], "FINISHED", tags, self._metrics(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "FAILED ")
         r = trial.last_result or {}
         if r.get("mlflow_run_id"):
-            tracking.end_run(self.uri, r["mlflow_run_id"], "FAILED", {"tl_sweep.epochs_run": str(r.get("epoch", 0))})
+            tracking.end_run(self.uri, r["mlflow_run_id"], "FAILED", {"tl_sweep.epochs_run": str(r.get("epoch", 0))},
+                             self._metrics(trial))
 
 
 def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str, tuple[str, str | None]]]:

@@ -142,10 +142,6 @@ def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | Non
         _retry(client(uri).log_artifact, run_id, str(p), artifact_path)
 
 
-def log_metric(uri: str, run_id: str, key: str, value: float, step: int = 0) -> None:
-    _retry(client(uri).log_metric, run_id, key, float(value), step=step)
-
-
 def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
     from mlflow.entities import Metric, RunTag
 
@@ -246,12 +242,15 @@ class TrialRun:
         end_run(self.uri, self.run_id, status, tags)
 
 
-def end_run(uri: str, run_id: str, status: str, tags: dict[str, str]) -> None:
+def end_run(uri: str, run_id: str, status: str, tags: dict[str, str], metrics: dict[str, float] | None = None
+            ) -> None:
     """Tag a run and set its final status, unless it already ended (the trial may have closed it itself)."""
-    from mlflow.entities import RunTag
+    from mlflow.entities import Metric, RunTag
 
     c = client(uri)
-    if tags:
-        _retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if tags or metrics:
+        now = int(time.time() * 1000)
+        _retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()],
+               metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
     if _retry(c.get_run, run_id).info.status == "RUNNING":
         _retry(c.set_terminated, run_id, status)
