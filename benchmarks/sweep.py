@@ -128,6 +128,8 @@ def main() -> None:
         configs = [{k: type(v)(kid.data.params[k]) for k, v in
                     (("unfrozen_blocks", 0), ("lr_mult", 0.0), ("batch_size", 0), ("epochs", 0))} for kid in kids]
         ours_acc = sorted(kid.data.metrics["best_val_acc"] for kid in kids)
+        order = sorted(kids, key=lambda k: k.info.start_time)
+        startup = [k.data.metrics.get("scheduled_to_first_step_seconds", float("nan")) for k in order]
 
         t0 = time.perf_counter()
         ray.init(logging_level="WARNING", include_dashboard=False)
@@ -145,6 +147,11 @@ def main() -> None:
     n = len(configs)
     mode = "random resized crop + flip" if args.augment else "no augmentation (fixed feature extractor)"
     trials = ", ".join(f"k={c['unfrozen_blocks']} lr×{c['lr_mult']:g}" for c in configs)
+    import platform
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"
+    print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}")
     print(f"{n} trials ({trials}), "
           f"{args.epochs} epochs each, {args.size}px, {mode}, 2 concurrent, 1 CPU per trial; "
           f"tl-sweep precision {args.precision}")
@@ -152,6 +159,9 @@ def main() -> None:
     print(f"{'tl-sweep (Ray Tune+Optuna+MLflow)':32s} {ours:8.1f} {n / ours * 3600:12.0f}")
     print(f"{'tutorial-style trainable':32s} {peer:8.1f} {n / peer * 3600:12.0f}")
     print(f"tl-sweep / tutorial throughput: {peer / ours:.2f}x  (target >= 3)")
+    later = sorted(startup[2:])
+    print(f"tl-sweep start-up, trial scheduled to first step: first two {startup[0]:.2f}s, {startup[1]:.2f}s; "
+          f"later median {later[len(later) // 2]:.2f}s, max {later[-1]:.2f}s (target <= 2s)")
     print(f"best val_acc per trial, sorted: tl-sweep {[round(a, 3) for a in ours_acc]}; "
           f"tutorial {[round(a, 3) for a in peer_acc]}")
 

@@ -181,8 +181,9 @@ class Fit:
         self.model = models.build(ctx.arch, len(ctx.data.classes), weights=weights,
                                   weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
                                   hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
-        if device.type == "cuda":
+        if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels (torchvision's recipe)
             self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
         self.part = models.partition(self.model, ctx.arch)
         self.batch_size = int(params["batch_size"])
         self.lr = learning_rate(params["optimizer"], float(params["lr_mult"]), self.batch_size)
