@@ -62,12 +62,21 @@ def one_error_line(code, out, err) -> str:
     (BASE.replace("num_trials: 2", "num_trials: 12") + "study: {sources: [source:digits-5-9]}\n",
      ["unknown source model", "digits-0-4"]),
     (BASE.replace("log: true}", "log: true}\n    epochs: {low: 5, high: 2}"), ["epochs", "swap"]),
+    (BASE + "data: {augment: flips}\n", ["data.augment", "use none, or a mapping"]),
+    (BASE + "resources: {precision: fp16}\n", ["resources.precision", "bf16"]),
+    (BASE + "resources: {memory_gb: 0}\n", ["resources.memory_gb", "greater than 0"]),
 ])
 def test_spec_errors_are_one_line(cli, tmp_path, text, expected):
     line = one_error_line(*cli("validate", write(tmp_path, text)))
     assert str(tmp_path / "spec.yaml") in line or "spec.yaml" in line
     for piece in expected:
         assert piece in line, line
+
+
+def test_augment_none_trains_on_the_eval_transform(cli, tmp_path):
+    code, out, err = cli("validate", write(tmp_path, BASE + "data: {augment: none}\n"))
+    assert code == 0, err
+    assert yaml.safe_load(out)["data"]["augment"]["enabled"] is False
 
 
 def test_missing_spec_file(cli, tmp_path):
