@@ -104,7 +104,7 @@ class Summary:
 
 def _config(config: dict | None) -> dict[str, Any]:
     """A trial's flat config: a study's final re-trainings carry theirs under ``cfg`` (a grid of configs)."""
-    config = dict(config or {})
+    config = config or {}
     return dict(config.get("cfg", config))
 
 
@@ -214,8 +214,7 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str
 def _rows(results) -> list[dict[str, Any]]:
     rows = []
     for r in results:
-        m, c = r.metrics or {}, dict(r.config or {})
-        c = _config(c)
+        m, c = r.metrics or {}, _config(r.config)
         failed = r.error is not None or bool(m.get("trial_error"))
         stopped = m.get("epoch", 0) < c.get("epochs", 0) and not failed
         trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "")
