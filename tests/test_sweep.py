@@ -49,6 +49,9 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
         for name in ("train_loss", "val_loss", "train_img_per_s"):
             assert len(client.get_metric_history(t.info.run_id, name)) == epochs_run
         assert [m.step for m in client.get_metric_history(t.info.run_id, "startup_seconds")] == [1]
+        assert 0 < t.data.metrics["scheduled_to_first_step_seconds"] < 120  # measured by the driver
+        if int(t.data.params["unfrozen_blocks"]) < 5:  # a frozen prefix: validation runs on its stored features
+            assert "val (" in t.data.tags["tl_sweep.feature_cache"], t.data.tags
         if epochs_run < int(t.data.params["epochs"]):
             assert t.data.tags["tl_sweep.early_stopped"] == "true"
             stopped += 1
