@@ -357,10 +357,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run id. A restarted trial (``--resume``, a lost worker) continues from it in the same MLflow run and does
     not log an epoch twice.
     """
+    import logging
+
     import ray
     from ray import tune
 
     entered = time.perf_counter()
+    # one "Checkpoint successfully created" INFO line per epoch per trial would bury the progress lines
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     params = dict(config.get("cfg", config))  # a study's final re-trainings come as a grid of whole configs
     arm = params.setdefault("arm", next(iter(ctx.arms)))
     params.setdefault("seed", ctx.seed)
