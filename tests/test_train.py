@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -91,3 +92,31 @@ def test_bf16_precision_on_cpu_trains_under_autocast():
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.bfloat16
     with train.autocast(torch.device("cpu"), "auto"):  # auto is fp32 on a CPU
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.float32
+
+
+def test_memory_limit_stops_the_trial_thread_past_its_budget():
+    base = train.MemoryLimit.rss_anon()
+    limit = train.MemoryLimit(base + (200 << 20))  # 200 MiB more than now
+    held = []
+    try:
+        with pytest.raises(train.TrialOutOfMemory):
+            for _ in range(40):  # up to 1.6 GiB, 40 MiB at a time, every page touched
+                held.append(torch.ones(10 << 20))
+                time.sleep(0.02)
+    finally:
+        limit.restore()
+    assert limit.held > base + (200 << 20) and len(held) < 40  # stopped soon after the budget, not at the end
+    held.clear()
+    time.sleep(0.05)  # restored: no late exception arrives here
+
+
+def test_out_of_memory_errors_are_classified_as_such():
+    c = ctx({"kind": "fixed"})
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried")
+    for e in (cuda, cpu, train.TrialOutOfMemory()):
+        kind, reason = train.deterministic_failure(e, PARAMS, c)
+        assert kind == "OutOfMemory" and "batch_size 20, 16px" in reason and "lower batch_size" in reason
+    assert train.deterministic_failure(train.TrialError("loss became nan"), PARAMS, c) == ("TrialError",
+                                                                                           "loss became nan")
+    assert train.deterministic_failure(RuntimeError("worker lost"), PARAMS, c) is None  # retried by Tune
