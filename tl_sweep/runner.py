@@ -350,7 +350,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0,
         feature_cache=s.data.feature_cache, memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb
-        else None, precision=s.resources.precision, checkpoint_every=s.failures.checkpoint_every)
+        else None, gpu_share=s.resources.gpu, precision=s.resources.precision, checkpoint_every=s.failures.checkpoint_every)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():

@@ -239,7 +239,8 @@ class Failures(_Strict):
 
 
 class Resources(_Strict):
-    """Per trial. ``gpu`` may be a fraction (several small trials share a GPU).
+    """Per trial. ``gpu`` may be a fraction (several small trials share a GPU; each may then use that share of
+    the GPU's memory, so one that outgrows it fails out of memory instead of its neighbours).
 
     ``memory_gb``: the most memory a trial's worker process may hold. Ray reserves it when placing trials,
     and a CPU trial that goes past it ends FAILED as out of memory (``train.MemoryLimit``) instead of the

@@ -68,6 +68,7 @@ class TrialContext:
     feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
     memory_limit: int | None = None  # bytes a CPU trial's process may hold (resources.memory_gb)
     precision: str = "auto"  # resources.precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
+    gpu_share: float = 0.0  # resources.gpu: a fraction < 1 also caps the trial's share of GPU memory
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
@@ -371,6 +372,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     final = bool(params.pop("final", False))
     device = device_for(ctx.use_gpu)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if device.type == "cuda" and 0 < ctx.gpu_share < 1:  # trials sharing a GPU: one that outgrows its share
+        torch.cuda.set_per_process_memory_fraction(ctx.gpu_share)  # fails out of memory, not its neighbours
     weights = ctx.arms[arm][0]
     trial_id = tune.get_context().get_trial_id()
     resumed = _read_checkpoint(tune.get_checkpoint())
