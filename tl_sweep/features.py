@@ -57,9 +57,9 @@ def _random_in_training(m: nn.Module) -> bool:
 
 def split(model: nn.Module, frozen: models.Frozen) -> Split | str:
     """Cut ``model`` after its frozen prefix (as :func:`models.freeze` left it); a reason when it can't be."""
-    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+    try:  # torchvision's tracer settings (its ops as leaf modules), as create_feature_extractor uses them
+        from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
-    try:
         graph = NodePathTracer(**_set_default_tracer_kwargs(None)).trace(model)
     except Exception as e:  # noqa: BLE001 - a model fx cannot trace simply runs without the cache
         return f"torch.fx cannot trace it ({type(e).__name__})"
