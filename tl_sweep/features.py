@@ -88,9 +88,7 @@ def split(model: nn.Module, frozen: models.Frozen) -> Split | str:
 
     prefix = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for n in graph.nodes:
-        if n.op == "output":
-            break
+    for n in graph.nodes:  # everything up to the cut but the trainable side's own constants
         if not side[n]:
             env[n] = prefix.node_copy(n, lambda a: env[a])
         if n is c:

@@ -252,8 +252,8 @@ def _tuner(cfg: Config, ctx: train.TrialContext, name: str, total: int, log: log
     """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
-    if s.resources.memory_gb:
-        res["memory"] = int(s.resources.memory_gb * 2**30)
+    if ctx.memory_limit:
+        res["memory"] = ctx.memory_limit  # Ray reserves what the trial may hold
     trainable = tune.with_resources(tune.with_parameters(train.run_trial, ctx=ctx), res)
     path = f"{s.storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
@@ -349,8 +349,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
         augment=s.data.augment.model_dump(), data=prepared, seed=s.seed, min_epochs=_min_epochs(cfg),
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, use_gpu=s.resources.gpu > 0,
-        feature_cache=s.data.feature_cache, memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb
-        else None, gpu_share=s.resources.gpu, precision=s.resources.precision, checkpoint_every=s.failures.checkpoint_every)
+        feature_cache=s.data.feature_cache, gpu_share=s.resources.gpu, precision=s.resources.precision,
+        memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
+        checkpoint_every=s.failures.checkpoint_every)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():

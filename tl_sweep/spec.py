@@ -247,8 +247,7 @@ class Resources(_Strict):
     node's OOM killer taking a worker with other trials on it. A worker with torch loaded holds ~0.5 GB.
 
     ``precision``: ``auto`` trains under bf16 autocast on a GPU and in fp32 on a CPU; ``bf16`` uses autocast on
-    a CPU too (1.7× faster steps on a CPU with AVX512-BF16, see BENCHMARKS.md; slower without it).
-
+    a CPU too (1.6× faster steps on a CPU with AVX512-BF16, see BENCHMARKS.md; slower without it).
     """
 
     cpu: float = Field(1, gt=0)

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -69,12 +70,11 @@ def check(uri: str) -> None:
     elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
         raise UserError(f"tracking.uri: unsupported URI {uri!r}; use sqlite:///mlflow.db or http://host:port")
     try:
-        if uri.startswith("sqlite:///"):  # two sweeps creating one database at once race in its migrations
-            from filelock import FileLock
+        from filelock import FileLock
 
-            with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300):
-                _retry(client(uri).search_experiments, max_results=1)
-        else:
+        # two sweeps creating one sqlite database at once race in its migrations
+        sqlite = uri.startswith("sqlite:///")
+        with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300) if sqlite else nullcontext():
             _retry(client(uri).search_experiments, max_results=1)
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
