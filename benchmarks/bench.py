@@ -171,13 +171,15 @@ def feature_cache(p: data.Prepared, args, device, n_blocks: int) -> list[tuple]:
     import statistics
     import tempfile
 
-    ctx = train.TrialContext(
+    from tl_sweep.contract import TrialConfig, TrialContext
+
+    ctx = TrialContext(
         arch=args.arch, arms={"bench": ("none", None)}, head="linear", head_hidden=0, head_dropout=0.0,
         regime={"kind": "fixed"}, input={"crop": args.size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD},
-        augment={"enabled": False}, data=p, seed=0, min_epochs=1, tracking_uri="", experiment_id="",
-        parent_run_id="", use_gpu=device.type == "cuda", precision=args.precision)
-    params = dict(batch_size=args.batch, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
-                  layer_decay=1.0, epochs=args.epochs)
+        augment={"enabled": False}, data=p, seed=0, min_epochs=1, use_gpu=device.type == "cuda",
+        precision=args.precision)
+    params = TrialConfig(batch_size=args.batch, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
+                         layer_decay=1.0, unfrozen_blocks=0, epochs=args.epochs, arm="bench", seed=0)
     out = []
     with tempfile.TemporaryDirectory() as tmp:  # a fresh store: the first epoch computes the features
         ctx = dataclasses.replace(ctx, data=dataclasses.replace(p, cache=str(Path(tmp) / "data" / "x.npy")))
@@ -186,7 +188,9 @@ def feature_cache(p: data.Prepared, args, device, n_blocks: int) -> list[tuple]:
         for k in range(n_blocks):
             times = {}
             for on in (False, True):
-                fit = train.Fit(dataclasses.replace(ctx, feature_cache=on), dict(params, unfrozen_blocks=k), device)
+                fit = train.Fit(dataclasses.replace(ctx, feature_cache=on),
+                                dataclasses.replace(params, unfrozen_blocks=k),
+                                device)
                 secs = []
                 for _ in range(args.epochs):
                     t0 = time.perf_counter()

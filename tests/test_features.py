@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tl_sweep import features, models, train
+from tl_sweep.contract import TrialConfig, TrialContext
 from test_train import PARAMS, ctx
 
 # one model per family, with the input size its forward needs
@@ -46,7 +47,7 @@ def test_suffix_of_prefix_is_the_model_at_every_depth(arch, size):
     assert isinstance(features.split(model, models.freeze(model, part, len(part))), str)  # nothing frozen
 
 
-def fit_epochs(c: train.TrialContext, params: dict, n: int) -> tuple[train.Fit, list[dict]]:
+def fit_epochs(c: TrialContext, params: TrialConfig, n: int) -> tuple[train.Fit, list[dict]]:
     fit = train.Fit(c, params, torch.device("cpu"))
     out = []
     for _ in range(n):
@@ -59,7 +60,7 @@ def fit_epochs(c: train.TrialContext, params: dict, n: int) -> tuple[train.Fit, 
 @pytest.mark.parametrize("k", [0, 2])
 def test_training_on_stored_features_is_the_same_training(k):
     base = dataclasses.replace(ctx({"kind": "fixed"}), augment={"enabled": False})
-    params = dict(PARAMS, unfrozen_blocks=k, epochs=3, seed=k + 11)
+    params = dataclasses.replace(PARAMS, unfrozen_blocks=k, epochs=3, seed=k + 11)
     plain, a = fit_epochs(dataclasses.replace(base, feature_cache=False), params, 3)
     cached, b = fit_epochs(base, params, 3)
     assert plain.split is None and cached.split is not None
@@ -76,13 +77,13 @@ def test_training_on_stored_features_is_the_same_training(k):
 
 def test_random_augmentation_still_caches_evaluation_only():
     c = ctx({"kind": "fixed"})  # random resized crops for training
-    fit, _ = fit_epochs(c, dict(PARAMS, unfrozen_blocks=1, epochs=1), 1)
+    fit, _ = fit_epochs(c, dataclasses.replace(PARAMS, unfrozen_blocks=1, epochs=1), 1)
     assert fit.split is not None and "train" not in fit.cached and fit.cached["val"] is not None
 
 
 def test_progressive_unfreezing_cuts_again_at_each_depth():
     c = dataclasses.replace(ctx({"kind": "progressive", "start": 0, "every": 1}), augment={"enabled": False})
-    fit, _ = fit_epochs(c, dict(PARAMS, unfrozen_blocks=2, epochs=3), 3)
+    fit, _ = fit_epochs(c, dataclasses.replace(PARAMS, unfrozen_blocks=2, epochs=3), 3)
     cuts = [n for n in fit.notes if n.startswith("k=")]
     assert [n.split(":")[0] for n in cuts] == ["k=0", "k=1", "k=2"]
     assert len({n.split("after ")[1] for n in cuts}) == 3  # three different cut points

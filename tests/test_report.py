@@ -7,60 +7,29 @@ import os
 import subprocess
 import sys
 
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import SPEC
-from tl_sweep import report, runner, space, spec
+from tl_sweep.report import stats
 
 
 def test_mean_ci_on_known_numbers():
-    m, lo, hi = report.mean_ci([0.8, 0.9, 1.0])
+    m, lo, hi = stats.mean_ci([0.8, 0.9, 1.0])
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) × sd / sqrt(n)
     assert m == pytest.approx(0.9) and lo == pytest.approx(0.9 - half) and hi == pytest.approx(0.9 + half)
-    assert math.isnan(report.mean_ci([0.7])[1])
+    assert math.isnan(stats.mean_ci([0.7])[1])
 
 
 def test_ntg_is_pretrained_error_minus_scratch_error():
-    gap, lo, hi = report.ntg([0.70, 0.72, 0.74], [0.90, 0.91, 0.92])
+    gap, lo, hi = stats.ntg([0.70, 0.72, 0.74], [0.90, 0.91, 0.92])
     assert gap == pytest.approx(0.19)  # error 0.28 − error 0.09
     # Welch: variances 4e-4/3 and 1e-4/3, dof = 2.94 → 3
     se = math.sqrt(4e-4 / 3 + 1e-4 / 3)
     assert hi - gap == pytest.approx(3.182446305284263 * se)
-    assert report.verdict(gap, lo, hi) == "negative transfer"
-    assert report.verdict(*report.ntg([0.95, 0.96, 0.97], [0.80, 0.81, 0.82])) == "transfer gain"
-    assert report.verdict(*report.ntg([0.80, 0.90, 0.85], [0.84, 0.86, 0.85])) == "no significant difference"
-
-
-def test_study_covers_every_depth_evenly():
-    cfg = spec.load(SPEC)
-    fn = space.DefineByRun(cfg.spec.search.space, depths=space.depths(cfg.spec.search.space), extra={"arm": "a"})
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
-    seen = []
-    for _ in range(12):
-        t = study.ask()
-        c = fn(t)
-        seen.append(c["unfrozen_blocks"])
-        assert c["arm"] == "a" and "unfrozen_blocks" not in t.params
-        study.tell(t, 0.5)
-    assert sorted(seen) == sorted(list(range(6)) * 2)
-
-
-def test_finalists_pick_best_finished_per_arm_and_depth():
-    rows = [
-        {"arm": "s", "unfrozen_blocks": 0, "best_val_acc": 0.9, "status": "EARLY_STOPPED", "batch_size": 1},
-        {"arm": "s", "unfrozen_blocks": 0, "best_val_acc": 0.8, "status": "FINISHED", "batch_size": 2},
-        {"arm": "s", "unfrozen_blocks": 1, "best_val_acc": 0.7, "status": "FINISHED", "batch_size": 3},
-        {"arm": "s", "unfrozen_blocks": 1, "best_val_acc": 0.75, "status": "FINISHED", "batch_size": 4},
-        {"arm": "s", "unfrozen_blocks": 1, "best_val_acc": None, "status": "FAILED", "batch_size": 5},
-    ]
-    for r in rows:
-        r.update({d: r.get(d, 1) for d in space.DIMENSIONS})
-    out = runner.finalists(rows, seed=0, repeats=2)
-    assert [(c["unfrozen_blocks"], c["batch_size"], c["seed"]) for c in out] == [(0, 2, 1000), (0, 2, 1001),
-                                                                                 (1, 4, 1000), (1, 4, 1001)]
-    assert all(c["final"] for c in out)
+    assert stats.verdict(gap, lo, hi) == "negative transfer"
+    assert stats.verdict(*stats.ntg([0.95, 0.96, 0.97], [0.80, 0.81, 0.82])) == "transfer gain"
+    assert stats.verdict(*stats.ntg([0.80, 0.90, 0.85], [0.84, 0.86, 0.85])) == "no significant difference"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import SPEC
-from tl_sweep import runner, space, spec
+from tl_sweep import contract, space, spec
 
 
 def test_define_by_run_respects_ranges_and_constants():
@@ -37,7 +37,7 @@ def test_max_depends_on_the_architecture():
 
 def _first_configs(seed: int, n: int = 3):
     cfg = spec.load(SPEC, [f"seed={seed}"])
-    searcher = runner.make_searcher(cfg)
+    searcher = space.make_searcher(cfg.spec, "a")
     return [searcher.suggest(f"t{i}") for i in range(n)]
 
 
@@ -48,13 +48,16 @@ def test_same_spec_proposes_the_same_first_trials():
 
 def test_early_stopped_trials_are_pruned_not_complete():
     cfg = spec.load(SPEC)
-    limiter = runner.make_searcher(cfg)
+    limiter = space.make_searcher(cfg.spec, "a")
     searcher = limiter.searcher
     a, b = limiter.suggest("a"), limiter.suggest("b")
     for tid in ("a", "b"):
         searcher.on_trial_result(tid, {"val_acc": 0.5, "training_iteration": 1})
-    limiter.on_trial_complete("a", {"val_acc": 0.5, "best_val_acc": 0.6, "epoch": 1, "config": a})
-    limiter.on_trial_complete("b", {"val_acc": 0.7, "best_val_acc": 0.8, "epoch": b["epochs"], "config": b})
+    # Tune hands searchers the flattened result: the config arrives as "config/<key>"
+    limiter.on_trial_complete("a", {"val_acc": 0.5, "best_val_acc": 0.6, "epoch": 1,
+                                    **{f"config/{k}": v for k, v in a.items()}})
+    limiter.on_trial_complete("b", {"val_acc": 0.7, "best_val_acc": 0.8, "epoch": b["epochs"],
+                                    **{f"config/{k}": v for k, v in b.items()}})
     states = {t.number: (t.state, t.value) for t in searcher._ot_study.trials}
     assert states[0][0] == TrialState.PRUNED  # stopped after epoch 1 of a longer schedule
     assert states[1] == (TrialState.COMPLETE, 0.8)  # told the best epoch, the checkpoint it keeps
@@ -64,10 +67,10 @@ def test_early_stopped_trials_are_pruned_not_complete():
 @pytest.mark.parametrize("epochs", [2, 3, 6])
 def test_asha_compares_trials_at_the_same_schedule_fraction(epochs):
     cfg = spec.load(SPEC)  # epochs 2..6, grace_period 1
-    sched = runner.make_scheduler(cfg)
+    sched = space.make_scheduler(cfg.spec)
     assert sched._time_attr == "progress" and sched._max_t == 2
-    # progress as train.run_trial reports it: epochs rescaled to the shortest (2-epoch) schedule
-    progress = [e * 2 / epochs for e in range(1, epochs + 1)]
+    # progress as the trainable reports it: epochs rescaled to the shortest (2-epoch) schedule
+    progress = [contract.progress(e, epochs, 2) for e in range(1, epochs + 1)]
     first_rung = next(e for e, p in zip(range(1, epochs + 1), progress) if p >= 1)
     assert first_rung / epochs >= 0.5 and (first_rung - 1) / epochs < 0.5  # half of its own schedule
     assert progress[-1] == pytest.approx(2)  # every schedule ends at max_t
@@ -75,5 +78,5 @@ def test_asha_compares_trials_at_the_same_schedule_fraction(epochs):
 
 def test_constant_epochs_keep_plain_asha():
     cfg = spec.load(SPEC, ["search.space.epochs=4"])
-    sched = runner.make_scheduler(cfg)
+    sched = space.make_scheduler(cfg.spec)
     assert sched._max_t == 4  # progress == epoch when every trial has the same schedule

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -18,7 +20,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC),
            "--set", "study=null", "--set", "search.num_trials=4", "--set", "search.max_concurrent=2",
-           "--set", "search.space.epochs={low: 1, high: 3}", "--set", "search.space.batch_size=[32, 64]",
+           "--set", "search.space.epochs=[2, 4]", "--set", "search.space.batch_size=[32, 64]",
            "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.experiment=e2e"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -38,7 +40,10 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.yaml", "resolved.yaml"}
     assert parent.data.params["search.num_trials"] == "4"
     assert parent.data.metrics["best_val_acc"] == max(t.data.metrics["best_val_acc"] for t in trials)
-    stopped = 0
+    reported = {}  # what each trial really reported to Tune, epoch by epoch (Tune's result.json per trial)
+    for f in Path(tmp_path, "ray_results").glob("*/*/result.json"):
+        lines = [json.loads(line) for line in f.read_text().splitlines()]
+        reported[lines[0]["mlflow_run_id"]] = [line["progress"] for line in lines]
     for t in trials:
         assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert t.info.status == "FINISHED"
@@ -52,9 +57,13 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
         assert 0 < t.data.metrics["scheduled_to_first_step_seconds"] < 120  # measured by the driver
         if int(t.data.params["unfrozen_blocks"]) < 5:  # a frozen prefix: validation runs on its stored features
             assert "val (" in t.data.tags["tl_sweep.feature_cache"], t.data.tags
-        if epochs_run < int(t.data.params["epochs"]):
-            assert t.data.tags["tl_sweep.early_stopped"] == "true"
-            stopped += 1
+        epochs = int(t.data.params["epochs"])
+        # ASHA's time is the fraction of the trial's own schedule (max_t 2 = the shortest schedule, 2 epochs)
+        assert reported[t.info.run_id] == [e * 2 / epochs for e in range(1, epochs_run + 1)]
+        if epochs_run < epochs:  # stopped at the rung: half of its own schedule, no later
+            assert t.data.tags["tl_sweep.early_stopped"] == "true" and epochs_run / epochs == 0.5
+        else:
+            assert "tl_sweep.early_stopped" not in t.data.tags
         assert [a.path for a in client.list_artifacts(t.info.run_id)] == ["best.pt"]
     best = max(trials, key=lambda t: t.data.metrics["best_val_acc"])
     path = client.download_artifacts(best.info.run_id, "best.pt", str(tmp_path))

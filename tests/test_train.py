@@ -1,28 +1,30 @@
-"""The epoch loop: regimes (fixed, progressive, LP-FT), learning rates, and a NaN loss stopping a trial."""
+"""The epoch loop: regimes (fixed, progressive, LP-FT), learning rates, resume state, bf16, a NaN loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import time
+import math
 
 import pytest
 import torch
 
 from tl_sweep import data, train
+from tl_sweep.contract import TrialConfig, TrialContext
 
 
-def ctx(regime: dict, classes=(5, 6, 7, 8, 9)) -> train.TrialContext:
+def ctx(regime: dict, classes=(5, 6, 7, 8, 9)) -> TrialContext:
     prepared = data.prepare("builtin:digits", size=18, seed=0, split=(0.6, 0.2, 0.2), classes=list(classes),
                             train_per_class=8, log=lambda m: None)
-    return train.TrialContext(
+    return TrialContext(
         arch="resnet18", arms={"scratch": ("none", None)}, head="linear", head_hidden=8, head_dropout=0.0,
         regime=regime, input={"crop": 16, "resize": 18, "mean": (0.5,) * 3, "std": (0.25,) * 3},
         augment={"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": False}, data=prepared, seed=0, min_epochs=1,
         tracking_uri="", experiment_id="", parent_run_id="", use_gpu=False)
 
 
-PARAMS = dict(batch_size=20, optimizer="sgd", lr_mult=1.0, head_lr_mult=10.0, weight_decay=0.0, layer_decay=1.0,
-              unfrozen_blocks=3, epochs=4)
+PARAMS = TrialConfig(batch_size=20, optimizer="sgd", lr_mult=1.0, head_lr_mult=10.0, weight_decay=0.0,
+                     layer_decay=1.0, unfrozen_blocks=3, epochs=4, arm="scratch", seed=0)
 
 
 def test_depth_at():
@@ -54,7 +56,7 @@ def test_reference_learning_rates_scale_with_batch():
 
 
 def test_nan_loss_stops_the_trial():
-    params = dict(PARAMS, lr_mult=1e12, head_lr_mult=1e12)
+    params = dataclasses.replace(PARAMS, lr_mult=1e12, head_lr_mult=1e12)
     fit = train.Fit(ctx({"kind": "fixed"}), params, torch.device("cpu"))
     with pytest.raises(train.TrialError, match="loss became"):
         for _ in range(4):
@@ -63,7 +65,7 @@ def test_nan_loss_stops_the_trial():
 
 def test_checkpoint_state_restores_the_fit_exactly():
     c = ctx({"kind": "lp_ft", "probe_epochs": 1, "ft_lr_mult": 0.5})
-    params = dict(PARAMS, unfrozen_blocks=2)
+    params = dataclasses.replace(PARAMS, unfrozen_blocks=2)
     a = train.Fit(c, params, torch.device("cpu"))
     a.epoch()
     a.epoch()  # now fine-tuning the last 2 blocks
@@ -82,41 +84,11 @@ def test_checkpoint_state_restores_the_fit_exactly():
 
 
 def test_bf16_precision_on_cpu_trains_under_autocast():
-    import dataclasses
-
     c = dataclasses.replace(ctx({"kind": "fixed"}), precision="bf16")
-    fit = train.Fit(c, dict(PARAMS, epochs=1), torch.device("cpu"))
+    fit = train.Fit(c, dataclasses.replace(PARAMS, epochs=1), torch.device("cpu"))
     m = fit.epoch()
-    assert m["train_loss"] == m["train_loss"] and fit.model.fc.weight.dtype == torch.float32  # master weights
+    assert math.isfinite(m["train_loss"]) and fit.model.fc.weight.dtype == torch.float32  # master weights
     with train.autocast(torch.device("cpu"), "bf16"):
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.bfloat16
     with train.autocast(torch.device("cpu"), "auto"):  # auto is fp32 on a CPU
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.float32
-
-
-def test_memory_limit_stops_the_trial_thread_past_its_budget():
-    base = train.MemoryLimit.rss_anon()
-    limit = train.MemoryLimit(base + (200 << 20))  # 200 MiB more than now
-    held = []
-    try:
-        with pytest.raises(train.TrialOutOfMemory):
-            for _ in range(40):  # up to 1.6 GiB, 40 MiB at a time, every page touched
-                held.append(torch.ones(10 << 20))
-                time.sleep(0.02)
-    finally:
-        limit.restore()
-    assert limit.held > base + (200 << 20) and len(held) < 40  # stopped soon after the budget, not at the end
-    held.clear()
-    time.sleep(0.05)  # restored: no late exception arrives here
-
-
-def test_out_of_memory_errors_are_classified_as_such():
-    c = ctx({"kind": "fixed"})
-    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried")
-    for e in (cuda, cpu, train.TrialOutOfMemory()):
-        kind, reason = train.deterministic_failure(e, PARAMS, c)
-        assert kind == "OutOfMemory" and "batch_size 20, 16px" in reason and "lower batch_size" in reason
-    assert train.deterministic_failure(train.TrialError("loss became nan"), PARAMS, c) == ("TrialError",
-                                                                                           "loss became nan")
-    assert train.deterministic_failure(RuntimeError("worker lost"), PARAMS, c) is None  # retried by Tune

@@ -49,9 +49,10 @@ def cmd_run(args) -> int:
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
           f"best by validation:")
     print(runner.table(summary.trials))
-    failed = [r for r in summary.trials + summary.finals if r["status"] == "FAILED"]
+    failed = [r for r in summary.trials + summary.finals if r.status == "FAILED"]
     for r in failed:
-        print(f"failed: trial {r['trial']} ({r['arm']}, k={r['unfrozen_blocks']}, lr_mult={r['lr_mult']}): {r['error']}")
+        print(f"failed: trial {r.trial} ({r.config.arm}, k={r.config.unfrozen_blocks}, lr_mult={r.config.lr_mult}): "
+              f"{r.error}")
     uri = cfg.spec.tracking.uri
     print()
     if uri.startswith("sqlite:///"):
@@ -73,15 +74,14 @@ def cmd_submit(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tl_sweep import report, spec, tracking
+    from tl_sweep import report, tracking
 
-    uri = spec._abs_uri(args.tracking_uri)
+    uri = tracking.normalise_uri(args.tracking_uri)
     tracking.check(uri)
     if args.run:
-        run = tracking._retry(tracking.client(uri).get_run, args.run)
-        exp_id, parent = run.info.experiment_id, args.run
+        exp_id, parent = tracking.get_run(uri, args.run).info.experiment_id, args.run
     else:
-        exp_id, parent = report.latest_parent(uri, args.experiment)
+        exp_id, parent = tracking.find_sweep(uri, args.experiment)
     report.build(uri, exp_id, parent, out_dir=args.out, log=_log, log_artifacts=not args.no_log)
     return 0
 
@@ -102,9 +102,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from tl_sweep import spec, tracking
+    from tl_sweep import tracking
 
-    uri = spec._abs_uri(args.tracking_uri)
+    uri = tracking.normalise_uri(args.tracking_uri)
     tracking.check(uri)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base} for {uri}")

@@ -175,8 +175,18 @@ def _file_hash(path: str, mtime: float, size: int) -> str:
     return _HASHES[key]
 
 
-def key(*parts) -> str:
+def key_for(arch: str, weights_id: str, frozen_blocks: int, cut: str, data, split: str, inp: dict, device: str,
+            precision: str) -> str:
+    """The store's name for one split's features: everything that changes them is in it."""
+    rows = hashlib.sha1(np.asarray(data.index[split]).tobytes()).hexdigest()
+    parts = (arch, weights_id, frozen_blocks, cut, data.fingerprint, split, rows, inp["crop"], tuple(inp["mean"]),
+             tuple(inp["std"]), device, precision, torch.__version__)
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:20]
+
+
+def folder(data) -> Path:
+    """Where a dataset's stored features live: beside its decoded image cache."""
+    return Path(data.cache).parent / "features"
 
 
 def load_or_compute(folder: Path, name: str, compute: Callable[[], torch.Tensor], log=lambda m: None

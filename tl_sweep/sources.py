@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tl_sweep import data, models
 from tl_sweep.errors import UserError
 
@@ -56,7 +54,8 @@ def task(name: str) -> SourceTask:
 
 def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False, log=print) -> Path:
     """The cached checkpoint of source ``name`` for ``arch`` at the input size; pretrain it if missing."""
-    from tl_sweep import train
+    from tl_sweep import checkpoint, spec, train
+    from tl_sweep.contract import TrialConfig, TrialContext
 
     t = task(name)
     key = json.dumps({"v": VERSION, "task": dataclasses.asdict(t), "arch": arch, "crop": inp["crop"],
@@ -70,17 +69,23 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
     t0 = time.perf_counter()
     prepared = data.prepare(t.dataset, size=inp["resize"], seed=seed, split=(0.9, 0.1, 0.0),
                             classes=list(t.classes), log=log)
-    ctx = train.TrialContext(
-        arch=arch, arms={"scratch": ("none", None)}, head="linear", head_hidden=1, head_dropout=0.0, regime={},
-        input=inp, augment={"scale": (0.7, 1.0), "hflip": False}, data=prepared, seed=seed, min_epochs=t.epochs,
-        tracking_uri="", experiment_id="", parent_run_id="", use_gpu=use_gpu)
-    params = {"batch_size": t.batch_size, "optimizer": t.optimizer, "lr_mult": t.lr_mult, "head_lr_mult": 1.0,
-              "weight_decay": 5e-4, "layer_decay": 1.0, "unfrozen_blocks": models.num_blocks(arch, inp["crop"]), "epochs": t.epochs}
-    model, acc = train.fit_plain(ctx, params, log=log)
+    n = models.num_blocks(arch, inp["crop"])
+    pretrain = spec.Spec(name=f"source-{name}", seed=seed, model={"arch": arch, "weights": "none"},
+                         data={"dataset": t.dataset, "classes": list(t.classes),
+                               "augment": {"scale": (0.7, 1.0), "hflip": False}},
+                         resources={"gpu": 1 if use_gpu else 0})
+    cfg = spec.Config(spec=pretrain, spec_text="", spec_dir="", experiment=pretrain.name, arms={"scratch": "none"},
+                      input=inp, max_blocks=n)
+    ctx = TrialContext.from_config(cfg, prepared, {"scratch": ("none", None)})
+    trial = TrialConfig(batch_size=t.batch_size, optimizer=t.optimizer, lr_mult=t.lr_mult, head_lr_mult=1.0,
+                        weight_decay=5e-4, layer_decay=1.0, unfrozen_blocks=n, epochs=t.epochs, arm="scratch",
+                        seed=seed)
+    model, acc = train.fit_plain(ctx, trial, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"model": model.cpu().state_dict(), "arch": arch, "source": name, "val_acc": acc,
-                "classes": list(prepared.classes)}, tmp)
+    checkpoint.save(checkpoint.make(model.cpu().state_dict(), arch=arch, classes=list(prepared.classes),
+                                    head={"kind": "linear"}, input=inp, trial=trial.to_tune(), epoch=t.epochs,
+                                    val_acc=acc), tmp)
     os.replace(tmp, path)
     log(f"source:{name}: val_acc {acc:.3f} on held-out source images, {time.perf_counter() - t0:.0f}s; saved {path}")
     return path

@@ -435,16 +435,6 @@ def _abs(p: str, base: Path) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
-def _abs_uri(uri: str) -> str:
-    """A relative ``sqlite:///x.db`` becomes absolute against the working directory, as MLflow reads it."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if "://" not in uri:
-        raise UserError(f"tracking.uri: {uri!r} is not a tracking URI; use sqlite:///mlflow.db or "
-                        f"http://host:port (MLflow 3 refuses a plain ./mlruns folder)")
-    return uri
-
-
 def _weights(w: str, arch: str, spec_dir: Path) -> str:
     """A weights value checked and resolved: enum names and ``source:``/``none`` as is, paths absolute."""
     if w == "none" or models.torchvision_weights(arch, w) is not None:
@@ -496,7 +486,9 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         space.unfrozen_blocks = Range(low=ub.low, high=n, log=ub.log)
     elif ub == "max":
         space.unfrozen_blocks = n
-    spec.tracking.uri = _abs_uri(spec.tracking.uri)
+    from tl_sweep.tracking import normalise_uri  # tracking reads the trial contract, which reads this module
+
+    spec.tracking.uri = normalise_uri(spec.tracking.uri)
     if "://" not in spec.storage:  # written in the spec: relative to it; the default: the working directory
         spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())
     return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir),

@@ -18,10 +18,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from tl_sweep.contract import Tag
 from tl_sweep.errors import UserError
 
 T = TypeVar("T")
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG, ROLE_TAG, TRIAL_ID_TAG = Tag.PARENT, Tag.ROLE, Tag.TRIAL_ID
+ERROR_TAG, SUPERSEDED_TAG = Tag.ERROR, Tag.SUPERSEDED
 RETRY_SECONDS = 60.0
 
 
@@ -45,6 +47,17 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def normalise_uri(uri: str) -> str:
+    """A relative ``sqlite:///x.db`` becomes absolute against the working directory, as MLflow reads it, so
+    trials running in other directories write to the same store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        raise UserError(f"tracking.uri: {uri!r} is not a tracking URI; use sqlite:///mlflow.db or "
+                        f"http://host:port (MLflow 3 refuses a plain ./mlruns folder)")
+    return uri
 
 
 def check(uri: str) -> None:
@@ -120,7 +133,7 @@ def start_parent(uri: str, exp_id: str, run_name: str, config: dict, files: dict
     from mlflow.entities import Param
 
     c = client(uri)
-    run = _retry(c.create_run, exp_id, run_name=run_name, tags={"tl_sweep.role": "sweep", **tags})
+    run = _retry(c.create_run, exp_id, run_name=run_name, tags={ROLE_TAG: "sweep", **tags})
     rid = run.info.run_id
     params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
     for i in range(0, len(params), 100):
@@ -143,13 +156,8 @@ def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | Non
 
 
 def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
-    from mlflow.entities import Metric, RunTag
-
-    c = client(uri)
-    now = int(time.time() * 1000)
-    _retry(c.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-           tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    _retry(c.set_terminated, run_id, status)
+    log_batch(uri, run_id, metrics, tags)
+    _retry(client(uri).set_terminated, run_id, status)
 
 
 def children(uri: str, exp_id: str, parent_id: str) -> list:
@@ -170,8 +178,7 @@ def close_orphans(uri: str, exp_id: str, parent_id: str) -> int:
     n = 0
     for run in children(uri, exp_id, parent_id):
         if run.info.status == "RUNNING":
-            _retry(client(uri).set_tag, run.info.run_id, "tl_sweep.error", "trial process ended without closing")
-            _retry(client(uri).set_terminated, run.info.run_id, "KILLED")
+            close_run(uri, run.info.run_id, "KILLED", {ERROR_TAG: "trial process ended without closing"})
             n += 1
     return n
 
@@ -180,9 +187,9 @@ def retire_unknown(uri: str, exp_id: str, parent_id: str, known_trials: set[str]
     """Soft-delete unfinished child runs whose Tune trial the (resumed) sweep does not know; returns how many."""
     n = 0
     for run in children(uri, exp_id, parent_id):
-        if run.info.status != "FINISHED" and run.data.tags.get("tl_sweep.trial_id") not in known_trials:
-            _retry(client(uri).set_tag, run.info.run_id, "tl_sweep.superseded", "started after the last saved "
-                   "sweep state of a killed driver; its trial was proposed again on --resume")
+        if run.info.status != "FINISHED" and run.data.tags.get(TRIAL_ID_TAG) not in known_trials:
+            log_batch(uri, run.info.run_id, {}, {SUPERSEDED_TAG: "started after the last saved sweep state of a "
+                                                 "killed driver; its trial was proposed again on --resume"})
             _retry(client(uri).delete_run, run.info.run_id)
             n += 1
     return n
@@ -194,15 +201,18 @@ def ui_link(uri_or_base: str, exp_id: str) -> str:
 
 
 class TrialRun:
-    """One trial's nested MLflow run, written through the client API with retries."""
+    """One trial's nested MLflow run, written through the client API with retries.
+
+    The trial opens it (:meth:`open`) and logs to it; the driver closes it (:func:`close_run`).
+    """
 
     def __init__(self, uri: str, run_id: str, previous: str | None = None, metrics: dict | None = None):
         self.uri, self.run_id = uri, run_id
         self.previous, self.metrics = previous, metrics or {}  # an earlier attempt's status and last metrics
 
     @classmethod
-    def start(cls, uri: str, exp_id: str, parent_id: str, *, name: str, params: dict[str, Any],
-              tags: dict[str, str], run_id: str | None = None) -> "TrialRun":
+    def open(cls, uri: str, exp_id: str, parent_id: str, *, name: str, params: dict[str, Any],
+             tags: dict[str, str], run_id: str | None = None) -> "TrialRun":
         """Open the trial's run: ``run_id`` (resumed from a checkpoint), else the run an earlier attempt of
         the same Tune trial created (found by its trial id), else a new nested run."""
         from mlflow.entities import Param
@@ -210,47 +220,103 @@ class TrialRun:
         c = client(uri)
         if run_id is None:
             found = _retry(c.search_runs, [exp_id], max_results=1, filter_string=(
-                f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`tl_sweep.trial_id` = '{tags['tl_sweep.trial_id']}'"))
+                f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_ID_TAG}` = '{tags[TRIAL_ID_TAG]}'"))
             run_id = found[0].info.run_id if found else None
         if run_id is not None:
             found = _retry(c.get_run, run_id)
             if found.info.status != "FINISHED":
                 _retry(c.update_run, run_id, status="RUNNING")
             return cls(uri, run_id, found.info.status, found.data.metrics)
-        run = _retry(c.create_run, exp_id, run_name=name,
-                     tags={PARENT_TAG: parent_id, "tl_sweep.role": "trial", **tags})
+        run = _retry(c.create_run, exp_id, run_name=name, tags={PARENT_TAG: parent_id, **tags})
         _retry(c.log_batch, run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return cls(uri, run.info.run_id)
 
-    def last_step(self) -> int:
-        """The last epoch this run logged (0 for a new run)."""
-        hist = _retry(client(self.uri).get_metric_history, self.run_id, "val_acc")
-        return max((m.step for m in hist), default=0)
+    def last_step(self, metric: str) -> int:
+        """The last epoch this run logged ``metric`` for (0 for a new run)."""
+        return max((m.step for m in metric_history(self.uri, self.run_id, metric)), default=0)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
-        from mlflow.entities import Metric, RunTag
+        log_batch(self.uri, self.run_id, metrics, tags, step=epoch)
 
-        now = int(time.time() * 1000)
-        _retry(client(self.uri).log_batch, self.run_id,
-               metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
-               tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+    def log_tags(self, tags: dict[str, str]) -> None:
+        log_batch(self.uri, self.run_id, {}, tags)
 
     def log_artifact(self, path: Path) -> None:
         _retry(client(self.uri).log_artifact, self.run_id, str(path))
 
-    def end(self, status: str, tags: dict[str, str]) -> None:
-        end_run(self.uri, self.run_id, status, tags)
 
-
-def end_run(uri: str, run_id: str, status: str, tags: dict[str, str], metrics: dict[str, float] | None = None
-            ) -> None:
-    """Tag a run and set its final status, unless it already ended (the trial may have closed it itself)."""
+def log_batch(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
+              step: int = 0) -> None:
+    """Metrics (at ``step``) and tags in one call."""
     from mlflow.entities import Metric, RunTag
 
+    now = int(time.time() * 1000)
+    _retry(client(uri).log_batch, run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+           tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+
+
+def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None,
+              metrics: dict[str, float] | None = None) -> None:
+    """The one way a run ends: its last tags and metrics, then its status (unless it ended already)."""
     c = client(uri)
     if tags or metrics:
-        now = int(time.time() * 1000)
-        _retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()],
-               metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
+        log_batch(uri, run_id, metrics or {}, tags)
     if _retry(c.get_run, run_id).info.status == "RUNNING":
         _retry(c.set_terminated, run_id, status)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def get_run(uri: str, run_id: str):
+    """A run (info, params, metrics, tags); an unknown id is a one-line error."""
+    try:
+        return _retry(client(uri).get_run, run_id)
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own RESOURCE_DOES_NOT_EXIST
+        if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+            raise UserError(f"--run: no run {run_id} in {uri}; copy the id from the MLflow UI or "
+                            f"tl-sweep run's output") from None
+        raise
+
+
+def experiment(uri: str, exp_id: str):
+    return _retry(client(uri).get_experiment, exp_id)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list:
+    """Every logged value of one metric of a run, in step order."""
+    return sorted(_retry(client(uri).get_metric_history, run_id, key), key=lambda m: m.step)
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path | None:
+    """Download one artifact of a run into ``dst``; ``None`` when the run has no such artifact."""
+    try:
+        return Path(_retry(client(uri).download_artifacts, run_id, path, str(dst)))
+    except Exception:  # noqa: BLE001 - absent (e.g. a sweep logged by an older tl-sweep)
+        return None
+
+
+def latest_sweep(uri: str, exp_id: str):
+    """The newest parent (sweep) run of an experiment, or ``None``."""
+    runs = _retry(client(uri).search_runs, [exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+                  order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def find_sweep(uri: str, experiment_name: str) -> tuple[str, str]:
+    """(experiment id, newest parent run id) of an experiment, by name; one-line errors when there is none."""
+    c = client(uri)
+    exp = _retry(c.get_experiment_by_name, experiment_name)
+    if exp is None:
+        names = [e.name for e in _retry(c.search_experiments)]
+        raise UserError(f"--experiment: no experiment {experiment_name!r} in {uri}; experiments there: "
+                        f"{', '.join(names) or 'none'}")
+    run = latest_sweep(uri, exp.experiment_id)
+    if run is None:
+        raise UserError(f"--experiment: experiment {experiment_name!r} has no tl-sweep run yet; run a spec first")
+    return exp.experiment_id, run.info.run_id
+
+
+def reopen(uri: str, run_id: str) -> None:
+    """Mark a resumed sweep's parent run RUNNING again."""
+    _retry(client(uri).update_run, run_id, status="RUNNING")

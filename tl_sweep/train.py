@@ -1,31 +1,17 @@
-"""The trial: build, freeze, fine-tune for ``epochs`` epochs, report each epoch, keep the best checkpoint.
-
-``run_trial(config, ctx)`` is the Ray Tune trainable. ``config`` is the flat trial config that Optuna
-sampled (the search-space dimensions: ``batch_size, optimizer, lr_mult, head_lr_mult, weight_decay,
-layer_decay, unfrozen_blocks, epochs``); ``ctx`` is the sweep's :class:`TrialContext`, shipped once through
-the object store. The same :func:`fit` loop pretrains the built-in source models.
+"""The epoch loop, in the shape of torchvision's reference ``train.py``: ``train_one_epoch`` and ``evaluate``,
+plus :class:`Fit`, a model being fine-tuned at a depth (no Ray, no MLflow: :mod:`tl_sweep.trainable` wraps it
+for Ray Tune, :mod:`tl_sweep.sources` uses it to pretrain source models).
 
 Learning rate: ``lr = REFERENCE_LR[optimizer] × lr_mult × batch_size / 256`` for the unfrozen blocks, times
 ``head_lr_mult`` for the new head (times ``layer_decay**distance`` per block below the head when layer
 decay is on). The schedule is a per-step cosine from ``lr`` to 0 over the trial's *own* epochs.
-
-Each epoch reports ``progress = epoch × min_epochs / epochs`` (the fraction of the trial's own schedule,
-in epochs of the shortest schedule): ASHA compares trials at equal schedule phase, not at equal epoch
-count (see docs/search.md).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import os
-import tempfile
 import time
-import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -33,44 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_sweep import features, models, tracking
+from tl_sweep import features, models
+from tl_sweep.contract import TrialConfig, TrialContext
 from tl_sweep.data import Augmenter, Prepared
 
 # Reference learning rates at batch size 256 (lr_mult = 1): the torchvision ImageNet recipe for SGD,
 # the usual 1e-3 for the adaptive methods.
 REFERENCE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
-METRIC = "val_acc"  # maximised; reported every epoch
 
 
 class TrialError(RuntimeError):
     """A trial that cannot go on (e.g. its loss became NaN); it ends FAILED with this reason."""
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """Everything a trial needs besides its sampled config, resolved once on the driver."""
-
-    arch: str
-    arms: dict[str, tuple[str, str | None]]  # arm name -> (model.weights, resolved checkpoint file or None)
-    head: str
-    head_hidden: int
-    head_dropout: float
-    regime: dict[str, Any]
-    input: dict[str, Any]
-    augment: dict[str, Any]
-    data: Prepared
-    seed: int
-    min_epochs: int
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    use_gpu: bool
-    feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
-    memory_limit: int | None = None  # bytes a CPU trial's process may hold (resources.memory_gb)
-    precision: str = "auto"  # resources.precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
-    gpu_share: float = 0.0  # resources.gpu: a fraction < 1 also caps the trial's share of GPU memory
-    checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
-    blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
 
 def learning_rate(optimizer: str, lr_mult: float, batch_size: int) -> float:
@@ -89,6 +48,27 @@ def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Opti
 
 def cosine(total_steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on a GPU (``auto``), or wherever ``precision: bf16`` asks for it; else fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def depth_at(regime: dict[str, Any], final: int, epoch: int) -> int:
+    """Unfrozen blocks during ``epoch`` (1-based) under a regime; ``final`` is ``unfrozen_blocks``."""
+    kind = regime.get("kind", "fixed")
+    if kind == "progressive":
+        return min(final, regime["start"] + (epoch - 1) // regime["every"])
+    if kind == "lp_ft":
+        return 0 if epoch <= regime["probe_epochs"] else final
+    return final
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 class Batches:
@@ -137,11 +117,29 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tup
     return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
 
 
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on a GPU (``auto``), or wherever ``precision: bf16`` asks for it; else fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def train_one_epoch(forward: Callable, batches: Batches, transform: Callable, optimizer: torch.optim.Optimizer,
+                    schedule, *, batch_size: int, gen: torch.Generator, binary: bool, precision: str = "auto",
+                    epoch: int = 0) -> tuple[float, int, float]:
+    """One pass over ``batches`` (the caller sets train mode); returns (mean loss, steps, seconds).
+
+    A non-finite loss raises :class:`TrialError`: a retry would diverge the same way.
+    """
+    dev = batches.device
+    total, seen, steps, t0 = 0.0, 0, 0, time.perf_counter()
+    for x, y in batches(batch_size, shuffle=True, gen=gen):
+        x, y = transform(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
+        with autocast(dev, precision):
+            loss, _ = loss_and_correct(forward(x), y, binary)
+        if not torch.isfinite(loss):
+            raise TrialError(f"loss became {loss.item()} at epoch {epoch} (lower lr_mult)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        steps += 1
+        total += loss.item() * len(y)
+        seen += len(y)
+    return total / seen, steps, time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -158,27 +156,17 @@ def evaluate(forward: Callable, batches: Batches, transform: Callable, binary: b
     return total_loss / len(batches), correct / len(batches)
 
 
-def depth_at(regime: dict[str, Any], final: int, epoch: int) -> int:
-    """Unfrozen blocks during ``epoch`` (1-based) under a regime; ``final`` is ``unfrozen_blocks``."""
-    kind = regime.get("kind", "fixed")
-    if kind == "progressive":
-        return min(final, regime["start"] + (epoch - 1) // regime["every"])
-    if kind == "lp_ft":
-        return 0 if epoch <= regime["probe_epochs"] else final
-    return final
-
-
 class Fit:
-    """A model being fine-tuned: :meth:`epoch` trains one epoch at the regime's depth for that epoch."""
+    """A model being fine-tuned: :meth:`epoch` trains one epoch at the regime's depth for that epoch.
 
-    def __init__(self, ctx: TrialContext, params: dict[str, Any], device: torch.device):
-        seed = int(params.get("seed", ctx.seed))
-        torch.manual_seed(seed)
-        self.ctx, self.params, self.device = ctx, params, device
-        arm = params.get("arm", next(iter(ctx.arms)))
-        weights, weights_file = ctx.arms[arm]
-        if arm in ctx.blobs:  # another node of a cluster: the checkpoint came through the object store
-            weights_file = io.BytesIO(ctx.blobs[arm])
+    ``weights_file`` may be a path or a file-like object (a checkpoint shipped through Ray's object store).
+    """
+
+    def __init__(self, ctx: TrialContext, trial: TrialConfig, device: torch.device, weights_file=None):
+        torch.manual_seed(trial.seed)
+        self.ctx, self.trial, self.device = ctx, trial, device
+        weights, file = ctx.arms[trial.arm]
+        weights_file = weights_file if weights_file is not None else file
         self.model = models.build(ctx.arch, len(ctx.data.classes), weights=weights,
                                   weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
                                   hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
@@ -186,17 +174,16 @@ class Fit:
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.part = models.partition(self.model, ctx.arch)
-        self.batch_size = int(params["batch_size"])
-        self.lr = learning_rate(params["optimizer"], float(params["lr_mult"]), self.batch_size)
+        self.lr = learning_rate(trial.optimizer, trial.lr_mult, trial.batch_size)
         self.batches = {"train": Batches.of(ctx.data, "train", device)}
-        self.steps = math.ceil(len(self.batches["train"]) / self.batch_size) * int(params["epochs"])
+        self.steps = math.ceil(len(self.batches["train"]) / trial.batch_size) * trial.epochs
         self.step_count, self.depth, self.n_epochs, self.first_step_at = 0, None, 0, None
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(trial.seed)
         self.aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,
                              generator=self.gen, **ctx.augment)
         self.binary = ctx.head == "binary"
         self.deterministic = not ctx.augment.get("enabled", True)  # training sees the eval transform
-        self.weights = (weights, weights_file, seed)
+        self.weights = (weights, weights_file, trial.seed)  # what identifies the frozen weights (feature cache)
         self.split: features.Split | None = None
         self.cached: dict[str, Batches | None] = {}
         self.notes: list[str] = []  # what the feature cache did, per depth (a tag of the MLflow run)
@@ -215,17 +202,16 @@ class Fit:
             got = features.split(self.model, self.frozen)
             self.split = got if isinstance(got, features.Split) else None
             self.notes.append(f"k={k}: " + (f"cut after {got.cut}" if self.split else f"off, {got}"))
-        p = self.params
+        t = self.trial
         lr = self.lr * scale
-        groups = models.param_groups(self.model, self.part, self.frozen, lr=lr,
-                                     weight_decay=float(p["weight_decay"]), head_lr_mult=float(p["head_lr_mult"]),
-                                     layer_decay=float(p["layer_decay"]))
-        self.optimizer = make_optimizer(p["optimizer"], groups, lr)
+        groups = models.param_groups(self.model, self.part, self.frozen, lr=lr, weight_decay=t.weight_decay,
+                                     head_lr_mult=t.head_lr_mult, layer_decay=t.layer_decay)
+        self.optimizer = make_optimizer(t.optimizer, groups, lr)
         offset, curve = self.offset, cosine(self.steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: curve(s + offset))
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue this fit exactly where it is (a Tune checkpoint's content).
+        """Everything needed to continue this fit exactly where it is (a resume checkpoint's content).
 
         Only tensors of blocks trained so far (and the head) are saved: frozen blocks still hold the weights
         the trial started from, which a restore rebuilds anyway. A linear probe's checkpoint is tiny.
@@ -285,14 +271,9 @@ class Fit:
                 return torch.cat([prefix(self._channels_last(self.aug.eval(x.to(dev, non_blocking=True))))
                                   for x, _ in src(256, shuffle=False)])
 
-        inp = c.input
-        rows = self.ctx.data.index[split]
-        name = features.key(c.arch, features.weights_id(*self.weights), len(self.part) - self.depth, self.split.cut,
-                            c.data.fingerprint, split, hashlib.sha1(np.asarray(rows).tobytes()).hexdigest(),
-                            inp["crop"], tuple(inp["mean"]), tuple(inp["std"]), dev.type, c.precision,
-                            torch.__version__)
-        arr, reused = features.load_or_compute(Path(c.data.cache).parent / "features", name, compute,
-                                               log=self.notes.append)
+        name = features.key_for(c.arch, features.weights_id(*self.weights), len(self.part) - self.depth,
+                                self.split.cut, c.data, split, c.input, dev.type, c.precision)
+        arr, reused = features.load_or_compute(features.folder(c.data), name, compute, log=self.notes.append)
         self.notes.append(f"{split} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
         return Batches(arr, src.y.cpu().numpy(), dev)
 
@@ -303,255 +284,32 @@ class Fit:
         return evaluate(forward, batches, transform, self.binary, precision=self.ctx.precision)
 
     def epoch(self) -> dict[str, float]:
+        """Train one epoch; returns its metrics (``train_loss``, ``train_img_per_s``, ``epoch_seconds``...)."""
         self.n_epochs += 1
-        k = depth_at(self.ctx.regime, int(self.params["unfrozen_blocks"]), self.n_epochs)
+        k = depth_at(self.ctx.regime, self.trial.unfrozen_blocks, self.n_epochs)
         if k != self.depth:
             self.set_depth(k)
-        dev = self.device
         if self.first_step_at is None:  # start-up ends where training work begins (features included)
             self.first_step_at, self.first_step_wall = time.perf_counter(), time.time()
         if self.deterministic:
             batches, transform, forward = self.view("train")
         else:
             batches, forward = self.batches["train"], self.model
-            transform = lambda x: self._channels_last(self.aug.train(x))
+            transform = lambda x: self._channels_last(self.aug.train(x))  # noqa: E731
         self.frozen.train_mode(self.model)
-        total, seen, t0 = 0.0, 0, time.perf_counter()
-        for x, y in batches(self.batch_size, shuffle=True, gen=self.gen):
-            x, y = transform(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
-            with autocast(dev, self.ctx.precision):
-                loss, _ = loss_and_correct(forward(x), y, self.binary)
-            if not torch.isfinite(loss):
-                raise TrialError(f"loss became {loss.item()} at epoch {self.n_epochs} (lower lr_mult)")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.schedule.step()
-            self.step_count += 1
-            total += loss.item() * len(y)
-            seen += len(y)
-        secs = time.perf_counter() - t0
-        return {"train_loss": total / seen, "train_img_per_s": seen / secs, "epoch_seconds": secs,
+        loss, steps, secs = train_one_epoch(forward, batches, transform, self.optimizer, self.schedule,
+                                            batch_size=self.trial.batch_size, gen=self.gen, binary=self.binary,
+                                            precision=self.ctx.precision, epoch=self.n_epochs)
+        self.step_count += steps
+        return {"train_loss": loss, "train_img_per_s": len(batches) / secs, "epoch_seconds": secs,
                 "trainable_blocks": float(k)}
 
 
-def trial_name(arch: str, params: dict[str, Any]) -> str:
-    """A readable run name: ``resnet18·k=2·sgd·bs32``."""
-    return f"{arch}·k={params['unfrozen_blocks']}·{params['optimizer']}·bs{params['batch_size']}"
-
-
-def device_for(use_gpu: bool) -> torch.device:
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
-def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune trainable: one fine-tuning trial, one nested MLflow run.
-
-    ``config`` holds the search dimensions plus ``arm`` (which weights), and for the final evaluation of a
-    study ``seed`` and ``final: True``: only then is the test split read, once, with the best-epoch model.
-
-    Everything is written before ``tune.report``: a scheduler's stop arrives inside ``tune.report`` and the
-    actor is killed right after, so nothing may depend on code after it. The best checkpoint is logged when
-    it improves; the driver (``runner.Progress``) closes the run with its final status from ``mlflow_run_id``.
-
-    Resume: every ``checkpoint_every`` epochs the whole fit state goes into a Tune checkpoint with the MLflow
-    run id. A restarted trial (``--resume``, a lost worker) continues from it in the same MLflow run and does
-    not log an epoch twice.
-    """
-    import logging
-
-    import ray
-    from ray import tune
-
-    entered = time.perf_counter()
-    # one "Checkpoint successfully created" INFO line per epoch per trial would bury the progress lines
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    params = dict(config.get("cfg", config))  # a study's final re-trainings come as a grid of whole configs
-    arm = params.setdefault("arm", next(iter(ctx.arms)))
-    params.setdefault("seed", ctx.seed)
-    final = bool(params.pop("final", False))
-    device = device_for(ctx.use_gpu)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    if device.type == "cuda" and 0 < ctx.gpu_share < 1:  # trials sharing a GPU: one that outgrows its share
-        torch.cuda.set_per_process_memory_fraction(ctx.gpu_share)  # fails out of memory, not its neighbours
-    weights = ctx.arms[arm][0]
-    trial_id = tune.get_context().get_trial_id()
-    resumed = _read_checkpoint(tune.get_checkpoint())
-    run = tracking.TrialRun.start(
-        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
-        name=trial_name(ctx.arch, params) + (f"·{arm}" if len(ctx.arms) > 1 else "") + (
-            f"·seed{params['seed']}" if final else ""),
-        params={**params, "arch": ctx.arch, "weights": weights},
-        tags={"tl_sweep.trial_id": trial_id, "tl_sweep.role": "final" if final else "trial",
-              "tl_sweep.node": ray.get_runtime_context().get_node_id(),
-              "tl_sweep.arm": arm, "tl_sweep.source": weights, "tl_sweep.depth": str(params["unfrozen_blocks"])},
-        run_id=resumed["run_id"] if resumed else None)
-    epochs = int(params["epochs"])
-    logged = run.last_step()
-    if run.previous == "FINISHED" and logged >= epochs:  # done before a killed driver could record it
-        tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
-        return
-    fit, best = None, -1.0
-    limit = MemoryLimit(ctx.memory_limit if device.type == "cpu" else None)
-    try:
-        fit = Fit(ctx, params, device)
-        best_state, first = None, 1
-        if resumed:
-            fit.restore(resumed["fit"])
-            best, best_state, first = resumed["best"], resumed["best_state"], resumed["epoch"] + 1
-        with tempfile.TemporaryDirectory() as tmp:
-            for epoch in range(first, epochs + 1):
-                metrics = fit.epoch()
-                if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
-                    metrics["startup_seconds"] = fit.first_step_at - entered
-                metrics["val_loss"], metrics["val_acc"] = fit.evaluate("val")
-                if metrics["val_acc"] > best:
-                    best = metrics["val_acc"]
-                    if final:  # only a final re-training needs the best weights again (for the test split)
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
-                    path = Path(tmp) / "best.pt"
-                    torch.save({"model": fit.model.state_dict(), "arch": ctx.arch, "classes": list(ctx.data.classes),
-                                "params": params, "epoch": epoch, "val_acc": best, "head": ctx.head}, path)
-                    run.log_artifact(path)
-                metrics["best_val_acc"] = best
-                if final and epoch == epochs:  # the held-out test split, once, with the best-val checkpoint
-                    fit.model.load_state_dict(best_state)
-                    metrics["test_loss"], metrics["test_acc"] = fit.evaluate("test")
-                if epoch > logged:
-                    run.log_epoch(epoch, metrics, {"tl_sweep.feature_cache": "; ".join(fit.notes)[:5000]}
-                                  if fit.notes else None)
-                checkpoint = None
-                every = ctx.checkpoint_every
-                if every and epoch < epochs and epoch % every == 0:
-                    checkpoint = _write_checkpoint(Path(tmp) / "resume", {
-                        "fit": fit.state(), "best": best, "best_state": best_state,
-                        "epoch": epoch, "run_id": run.run_id})
-                # first_step_unix: the driver measures scheduling -> first step (runner.Progress)
-                tune.report({**metrics, "epoch": epoch, "progress": epoch * ctx.min_epochs / epochs,
-                             "mlflow_run_id": run.run_id,
-                             **({"first_step_unix": fit.first_step_wall} if epoch == first else {})},
-                            checkpoint=checkpoint)
-    except SystemExit:  # the scheduler stopped this trial; the driver records it
-        raise
-    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark (and maybe retry) it
-        limit.restore()
-        failure = deterministic_failure(e, params, ctx)
-        if failure is None:
-            run.end("FAILED", tags={"tl_sweep.error": f"{type(e).__name__}: {e}"[:500]})
-            raise
-        # a NaN loss, out of memory: a retry would fail the same way, so the trial ends here
-        kind, reason = failure
-        traceback.clear_frames(e.__traceback__)  # the failed step's tensors go now, not with the exception
-        epochs_done, fit = (fit.n_epochs if fit else 0), None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        limit.give_back()
-        if isinstance(e, TrialOutOfMemory):
-            cause = f" [held {limit.held / 2**30:.2f} GiB, past resources.memory_gb {limit.limit / 2**30:g}]"
-        else:
-            cause = "" if kind == "TrialError" else f" [{type(e).__name__}: {str(e).strip()[:200]}]"
-        run.end("FAILED", tags={"tl_sweep.error": f"{kind}: {reason}{cause}"[:700], "tl_sweep.failure": kind})
-        # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
-        tune.report({"trial_error": reason, "val_acc": 0.0, "best_val_acc": max(best, 0.0), "epoch": epochs_done,
-                     "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
-    finally:
-        limit.restore()
-
-
-def deterministic_failure(e: BaseException, params: dict[str, Any], ctx: TrialContext) -> tuple[str, str] | None:
-    """``(kind, reason)`` for failures a retry would repeat (NaN loss, out of memory); ``None`` otherwise."""
-    if isinstance(e, TrialError):
-        return "TrialError", str(e)
-    oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-    if not oom:
-        return None
-    return "OutOfMemory", (f"out of memory (batch_size {params['batch_size']}, {ctx.input['crop']}px, "
-                           f"{params['unfrozen_blocks']} unfrozen blocks): lower batch_size or data.image_size, "
-                           f"or give trials more memory (resources.memory_gb, fewer trials per GPU)")
-
-
-class TrialOutOfMemory(MemoryError):
-    """A CPU trial grew past ``resources.memory_gb`` (raised in the trial's thread by :class:`MemoryLimit`)."""
-
-
-class MemoryLimit:
-    """``resources.memory_gb`` on a CPU trial: the most memory its worker process may hold.
-
-    A watcher thread reads the process's anonymous resident memory (``RssAnon``: tensors, not the
-    memory-mapped image cache) every 10 ms; past the budget it raises :class:`TrialOutOfMemory` in the trial's
-    thread (``PyThreadState_SetAsyncExc``: delivered as soon as the running operation returns), so the trial
-    ends FAILED as out of memory and frees what it held, instead of the kernel's OOM killer ending a worker
-    that other trials share. A soft limit: one operation may overshoot before it is stopped. (A hard
-    ``RLIMIT_DATA`` was tried first: Ray's own threads then failed their allocations too and aborted.)
-    """
-
-    def __init__(self, nbytes: int | None):
-        import threading
-
-        self.stop, self.thread, self.held, self.limit = threading.Event(), None, 0, nbytes or 0
-        if nbytes and os.path.exists("/proc/self/status"):
-            self.target = threading.get_ident()
-            self.thread = threading.Thread(target=self._watch, name="tl-sweep-memory", daemon=True)
-            self.thread.start()
-
-    @staticmethod
-    def rss_anon() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-    def _watch(self) -> None:
-        import ctypes
-
-        while not self.stop.wait(0.01):
-            self.held = self.rss_anon()
-            if self.held > self.limit:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target),
-                                                           ctypes.py_object(TrialOutOfMemory))
-                return
-
-    def restore(self) -> None:
-        import ctypes
-
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            self.thread = None  # and drop an exception not delivered yet
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target), None)
-
-    @staticmethod
-    def give_back() -> None:
-        """Return freed heap to the OS (glibc), so a reused worker starts its next trial small."""
-        import ctypes
-        import ctypes.util
-
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-        except (OSError, AttributeError, TypeError):
-            pass
-
-
-def _write_checkpoint(folder: Path, state: dict[str, Any]):
-    from ray.tune import Checkpoint
-
-    folder.mkdir(exist_ok=True)
-    torch.save(state, folder / "trial.pt")
-    return Checkpoint.from_directory(str(folder))
-
-
-def _read_checkpoint(checkpoint) -> dict[str, Any] | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / "trial.pt", map_location="cpu", weights_only=True)
-
-
-def fit_plain(ctx: TrialContext, params: dict[str, Any], log=print) -> tuple[nn.Module, float]:
-    """The same epoch loop without Ray or MLflow: used to pretrain the built-in source models."""
-    device = device_for(ctx.use_gpu)
-    fit = Fit(ctx, params, device)
+def fit_plain(ctx: TrialContext, trial: TrialConfig, log=print) -> tuple[nn.Module, float]:
+    """The epoch loop without Ray or MLflow (pretraining the built-in source models)."""
+    fit = Fit(ctx, trial, device_for(ctx.use_gpu))
     acc = 0.0
-    for epoch in range(1, int(params["epochs"]) + 1):
+    for epoch in range(1, trial.epochs + 1):
         m = fit.epoch()
         _, acc = fit.evaluate("val")
         log(f"  epoch {epoch}: train_loss {m['train_loss']:.3f}  val_acc {acc:.3f}  "

@@ -1,0 +1,37 @@
+"""The command line: validate, models, version, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from conftest import SPEC
+
+
+def test_validate_prints_the_resolved_config(cli):
+    code, out, err = cli("validate", SPEC, "--set", "search.num_trials=14")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["search"]["num_trials"] == 14 and resolved["resolved"]["max_blocks"] == 5
+    assert resolved["tracking"]["uri"].startswith("sqlite:////")  # absolute: trials run elsewhere
+
+
+def test_models_lists_every_family(cli):
+    code, out, _ = cli("models")
+    assert code == 0 and "resnet18" in out and "vit_b_16" in out and len(out.splitlines()) > 80
+
+
+def test_report_on_an_unknown_experiment_is_one_line(cli, tmp_path):
+    code, out, err = cli("report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no experiment 'nope'" in err
+
+
+def test_version_and_python_m():
+    import tl_sweep
+
+    proc = subprocess.run([sys.executable, "-m", "tl_sweep.cli", "validate", str(SPEC)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "max_blocks: 5" in proc.stdout
+    assert tl_sweep.__version__ and tl_sweep.__version__ != "0+unknown"

@@ -1,0 +1,40 @@
+"""The trial contract: one typed config from Tune to MLflow and back; the status and early-stop rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tl_sweep import contract
+from tl_sweep.contract import TrialConfig
+
+CONFIG = TrialConfig(batch_size=32, optimizer="adamw", lr_mult=0.37, head_lr_mult=10.0, weight_decay=1e-4,
+                     layer_decay=0.8, unfrozen_blocks=2, epochs=5, arm="source:digits-0-4", seed=7)
+
+
+def test_params_round_trip_with_their_types():
+    params = CONFIG.to_params()
+    assert all(isinstance(v, str) for v in params.values())  # what MLflow stores
+    back = TrialConfig.from_params(params)
+    assert back == CONFIG and isinstance(back.batch_size, int) and isinstance(back.lr_mult, float)
+    final = dataclasses.replace(CONFIG, role="final", seed=1001)
+    assert TrialConfig.from_params(final.to_params()) == final and final.final
+
+
+def test_from_tune_reads_sampled_values_and_constants():
+    tune_config = {**CONFIG.to_tune(), "lr_mult": 0.37000000001, "batch_size": 32}
+    got = TrialConfig.from_tune(tune_config)
+    assert got.lr_mult == 0.37000000001 and got.role == "trial"
+    assert set(contract.DIMENSIONS) <= set(CONFIG.to_tune())
+
+
+def test_run_names_tell_trials_apart():
+    assert CONFIG.name("resnet18", several_arms=False) == "resnet18·k=2·adamw·bs32"
+    assert dataclasses.replace(CONFIG, role="final").name("resnet18", True) == \
+        "resnet18·k=2·adamw·bs32·source:digits-0-4·seed7"
+
+
+def test_status_and_early_stop_rules():
+    assert contract.status(False, 5, 5) == "FINISHED"
+    assert contract.status(False, 2, 5) == "EARLY_STOPPED" and contract.stopped_early(2, 5)
+    assert contract.status(True, 5, 5) == "FAILED"
+    assert contract.progress(3, 6, 2) == 1.0 and contract.progress(6, 6, 2) == 2.0

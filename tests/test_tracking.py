@@ -1,0 +1,57 @@
+"""The one door to MLflow, against a real sqlite store: URIs, the parent run, a trial run's open → log →
+close, the latest sweep, histories and artifacts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tl_sweep import tracking
+from tl_sweep.contract import Tag
+from tl_sweep.errors import UserError
+
+
+def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.normalise_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}"
+    assert tracking.normalise_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(UserError, match="not a tracking URI"):
+        tracking.normalise_uri("./mlruns")
+
+
+def test_a_trial_run_opens_logs_and_closes_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.check(uri)
+    exp = tracking.experiment_id(uri, "t")
+    assert tracking.experiment_id(uri, "t") == exp  # found, not created twice
+    parent = tracking.start_parent(uri, exp, "sweep", {"a": {"b": [1, 2]}}, {"spec.yaml": "name: t\n"},
+                                   tags={"x": "1"})
+    assert tracking.latest_sweep(uri, exp).info.run_id == parent
+    run = tracking.TrialRun.open(uri, exp, parent, name="trial", params={"k": 1},
+                                 tags={Tag.TRIAL_ID: "abc", Tag.ROLE: "trial"})
+    run.log_epoch(1, {"val_acc": 0.5})
+    run.log_epoch(2, {"val_acc": 0.7})
+    assert run.last_step("val_acc") == 2
+    assert [(m.step, m.value) for m in tracking.metric_history(uri, run.run_id, "val_acc")] == [(1, 0.5), (2, 0.7)]
+    again = tracking.TrialRun.open(uri, exp, parent, name="trial", params={"k": 1},
+                                   tags={Tag.TRIAL_ID: "abc", Tag.ROLE: "trial"})  # a retried attempt
+    assert again.run_id == run.run_id and again.metrics["val_acc"] == 0.7
+    tracking.close_run(uri, run.run_id, "FINISHED", {Tag.EPOCHS_RUN: "2"}, {"extra": 1.0})
+    tracking.close_run(uri, run.run_id, "FAILED")  # already ended: the status stays
+    got = tracking.get_run(uri, run.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags[Tag.EPOCHS_RUN] == "2"
+    assert [r.info.run_id for r in tracking.children(uri, exp, parent)] == [run.run_id]
+    assert tracking.download_artifact(uri, parent, "spec.yaml", tmp_path).read_text() == "name: t\n"
+    assert tracking.download_artifact(uri, parent, "absent.txt", tmp_path) is None
+    assert tracking.find_sweep(uri, "t") == (exp, parent)
+    with pytest.raises(UserError, match="no experiment 'nope'"):
+        tracking.find_sweep(uri, "nope")
+
+
+def test_runs_left_running_are_closed_as_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = tracking.experiment_id(uri, "t")
+    parent = tracking.start_parent(uri, exp, "sweep", {}, {}, tags={})
+    run = tracking.TrialRun.open(uri, exp, parent, name="trial", params={}, tags={Tag.TRIAL_ID: "x"})
+    assert tracking.close_orphans(uri, exp, parent) == 1
+    got = tracking.get_run(uri, run.run_id)
+    assert got.info.status == "KILLED" and "without closing" in got.data.tags[Tag.ERROR]

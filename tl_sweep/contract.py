@@ -1,0 +1,188 @@
+"""The trial contract: what a trial is told, what it reports, and the rules every module reads the same way.
+
+One flat, typed :class:`TrialConfig` is at once the Optuna parameters (plus constants), the Ray Tune config,
+the MLflow params of the trial's run and what its checkpoint stores (nanoGPT's one-config idea). A study's
+final re-trainings carry the same type (``role="final"``), not a wrapper. :class:`TrialContext` is what a
+trial needs besides its config, built once from the resolved spec (:meth:`TrialContext.from_config`).
+
+Defined here once: the metric and its mode, the MLflow tag names, the early-stop rule, the status rule and
+the ``progress`` a trial reports for ASHA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tl_sweep.spec import Space
+
+METRIC = "val_acc"  # reported every epoch; the searcher and scheduler rank on it
+MODE = "max"
+DIMENSIONS = tuple(Space.model_fields)  # the search dimensions, in spec order
+
+Status = Literal["FINISHED", "EARLY_STOPPED", "FAILED"]
+
+
+class Tag:
+    """MLflow tag names (one place; the report and the resume logic read what trials wrote)."""
+
+    ROLE = "tl_sweep.role"  # sweep | trial | final
+    TRIAL_ID = "tl_sweep.trial_id"
+    ARM = "tl_sweep.arm"
+    SOURCE = "tl_sweep.source"
+    DEPTH = "tl_sweep.depth"
+    NODE = "tl_sweep.node"
+    ERROR = "tl_sweep.error"
+    FAILURE = "tl_sweep.failure"  # TrialError | OutOfMemory: failures a retry would repeat
+    EPOCHS_RUN = "tl_sweep.epochs_run"
+    EARLY_STOPPED = "tl_sweep.early_stopped"
+    FEATURE_CACHE = "tl_sweep.feature_cache"
+    SPEC_HASH = "tl_sweep.spec_hash"
+    SUPERSEDED = "tl_sweep.superseded"
+    PARENT = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial's configuration: the search dimensions, which arm (weights), the seed and the role."""
+
+    batch_size: int
+    optimizer: str
+    lr_mult: float
+    head_lr_mult: float
+    weight_decay: float
+    layer_decay: float
+    unfrozen_blocks: int
+    epochs: int
+    arm: str
+    seed: int
+    role: Literal["trial", "final"] = "trial"
+
+    @classmethod
+    def from_tune(cls, config: dict[str, Any]) -> TrialConfig:
+        """From a Ray Tune trial config (Optuna's sampled values plus constants; or a final's whole config)."""
+        return cls(**{f.name: _cast(f, config[f.name]) for f in _FIELDS if f.name in config})
+
+    def to_tune(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_params(self) -> dict[str, str]:
+        """MLflow params (strings); :meth:`from_params` reads them back typed."""
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> TrialConfig:
+        """From a trial run's MLflow params (runs logged before ``role`` was a param are search trials)."""
+        return cls(**{f.name: _cast(f, params[f.name]) for f in _FIELDS if f.name in params})
+
+    @property
+    def final(self) -> bool:
+        return self.role == "final"
+
+    def dims(self) -> dict[str, Any]:
+        return {d: getattr(self, d) for d in DIMENSIONS}
+
+    def name(self, arch: str, several_arms: bool) -> str:
+        """A readable run name: ``resnet18·k=2·sgd·bs32`` (``·arm``, ``·seed1000`` where they tell runs apart)."""
+        return (f"{arch}·k={self.unfrozen_blocks}·{self.optimizer}·bs{self.batch_size}"
+                + (f"·{self.arm}" if several_arms else "") + (f"·seed{self.seed}" if self.final else ""))
+
+
+_FIELDS = dataclasses.fields(TrialConfig)
+_HINTS = typing.get_type_hints(TrialConfig)
+
+
+def _cast(f: dataclasses.Field, v: Any) -> Any:
+    kind = _HINTS[f.name]
+    if kind is int:
+        return int(float(v)) if isinstance(v, str) else int(v)
+    if kind is float:
+        return float(v)
+    return str(v)
+
+
+def stopped_early(epochs_run: int, epochs: int) -> bool:
+    """The early-stop rule: a trial that reported fewer epochs than its schedule was stopped by the scheduler."""
+    return epochs_run < epochs
+
+
+def status(failed: bool, epochs_run: int, epochs: int) -> Status:
+    """The status rule for a trial's outcome (Tune result, summary row and report read it the same way)."""
+    if failed:
+        return "FAILED"
+    return "EARLY_STOPPED" if stopped_early(epochs_run, epochs) else "FINISHED"
+
+
+def progress(epoch: int, epochs: int, min_epochs: int) -> float:
+    """What a trial reports as ASHA's time: its epoch rescaled so every schedule ends at ``min_epochs``.
+
+    ASHA then compares trials at the same fraction of their own schedules (docs/search.md).
+    """
+    return epoch * min_epochs / epochs
+
+
+@dataclass
+class TrialResult:
+    """How a trial ended: from Tune on the driver, or from MLflow when a report is rebuilt."""
+
+    config: TrialConfig
+    status: Status
+    epochs_run: int
+    best_val_acc: float | None = None
+    test_acc: float | None = None
+    trial: str = ""  # Tune trial id
+    run_id: str = ""  # MLflow run id
+    name: str = ""  # MLflow run name
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat dict (tables, CSV)."""
+        return {"trial": self.trial, "run_id": self.run_id, "name": self.name, **self.config.to_tune(),
+                "best_val_acc": self.best_val_acc, "test_acc": self.test_acc, "epochs_run": self.epochs_run,
+                "status": self.status, "error": self.error}
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its :class:`TrialConfig`, resolved once on the driver."""
+
+    arch: str
+    arms: dict[str, tuple[str, str | None]]  # arm name -> (model.weights, resolved checkpoint file or None)
+    head: str
+    head_hidden: int
+    head_dropout: float
+    regime: dict[str, Any]
+    input: dict[str, Any]
+    augment: dict[str, Any]
+    data: Any  # data.Prepared
+    seed: int
+    min_epochs: int
+    use_gpu: bool
+    tracking_uri: str = ""
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
+    memory_limit: int | None = None  # bytes a CPU trial's process may hold (resources.memory_gb)
+    precision: str = "auto"  # resources.precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
+    gpu_share: float = 0.0  # resources.gpu: a fraction < 1 also caps the trial's share of GPU memory
+    checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
+    blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
+
+    @classmethod
+    def from_config(cls, cfg, data, arms: dict[str, tuple[str, str | None]], *, tracking_uri: str = "",
+                    experiment_id: str = "", parent_run_id: str = "") -> TrialContext:
+        """The one place a context is built: from a resolved :class:`~tl_sweep.spec.Config`."""
+        from tl_sweep.spec import values_of
+
+        s = cfg.spec
+        return cls(
+            arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
+            head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
+            augment=s.data.augment.model_dump(), data=data, seed=s.seed,
+            min_epochs=int(min(values_of(s.search.space.epochs))), use_gpu=s.resources.gpu > 0,
+            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+            feature_cache=s.data.feature_cache, gpu_share=s.resources.gpu, precision=s.resources.precision,
+            memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
+            checkpoint_every=s.failures.checkpoint_every)

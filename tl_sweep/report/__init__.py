@@ -1,0 +1,62 @@
+"""Freeze-depth and negative-transfer report, built from MLflow alone.
+
+:func:`build` reads a sweep's parent run and child runs from the tracking store (local or a remote server)
+(:mod:`~tl_sweep.report.collect`), computes the study's statistics (:mod:`~tl_sweep.report.stats`, pure
+functions) and writes ``report.md``, ``trials.csv`` and PNG plots (:mod:`~tl_sweep.report.render`), then logs
+them on the parent run. ``tl-sweep report`` rebuilds byte-for-byte the ``report.md`` and ``trials.csv`` that
+``tl-sweep run`` wrote at its end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tl_sweep import contract, tracking
+from tl_sweep.errors import UserError
+from tl_sweep.report import collect, render, stats
+
+__all__ = ["Report", "build"]
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    markdown: str
+    key: str
+
+
+def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = None, log=print,
+          log_artifacts: bool = True) -> Report:
+    """Write report.md, trials.csv and plots for one sweep; log them on its parent run; print the key table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sweep = collect.sweep(uri, exp_id, parent_id)
+    results = sweep.results
+    if not any(not r.config.final for r in results):
+        raise UserError(f"run {parent_id} has no trial runs to report on")
+    out = Path(out_dir or Path("reports") / f"{sweep.experiment}-{parent_id[:8]}")
+    out.mkdir(parents=True, exist_ok=True)
+    a = stats.analyze(results)
+    render.plot_freeze_depth(a, out / "freeze_depth.png")
+    chosen = stats.curve_runs(results, a)
+    history = collect.histories(uri, [rid for _, _, rid in chosen], contract.METRIC)
+    curves = render.plot_learning_curves([(label, style, history[rid]) for label, style, rid in chosen],
+                                         out / "learning_curves.png")
+    study = stats.search_study(results)
+    imp = stats.importance(study)
+    if imp:
+        render.plot_search(study, imp, out / "param_importance.png", out / "parallel_coordinates.png")
+    header = {"experiment": sweep.experiment, **collect.describe(sweep)}
+    markdown = render.markdown(header, parent_id, results, a, imp, curves)
+    (out / "report.md").write_text(markdown)
+    (out / "trials.csv").write_text(render.trials_csv(results))
+    # the resolved spec beside the report, so the folder reproduces the study on its own
+    tracking.download_artifact(uri, parent_id, "resolved.yaml", out)
+    if log_artifacts:
+        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))  # not resolved.yaml again
+        tracking.log_files(uri, parent_id, files, artifact_path="report")
+    key_text = render.text_table(render.key_table(a))
+    log(f"\nreport: {out / 'report.md'} (also in the parent run's artifacts under report/)\n{key_text}")
+    return Report(out, markdown, key_text)

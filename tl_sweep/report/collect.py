@@ -1,0 +1,56 @@
+"""MLflow → typed rows: a sweep's child runs as :class:`~tl_sweep.contract.TrialResult`, its parent's context,
+and the metric histories the plots draw. The only part of the report that reads the tracking store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tl_sweep import tracking
+from tl_sweep.contract import Tag, TrialConfig, TrialResult
+
+
+@dataclass
+class Sweep:
+    """What a report is built from."""
+
+    experiment: str
+    parent_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    results: list[TrialResult] = field(default_factory=list)
+
+
+def result(run) -> TrialResult:
+    """A child run as a typed result (status: FAILED, EARLY_STOPPED, or MLflow's own)."""
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    params = dict(p, role=t.get(Tag.ROLE, "trial"), arm=p.get("arm") or p.get("weights"))
+    status = "FAILED" if run.info.status == "FAILED" else (
+        "EARLY_STOPPED" if t.get(Tag.EARLY_STOPPED) == "true" else run.info.status)
+    epochs = t.get(Tag.EPOCHS_RUN)
+    return TrialResult(TrialConfig.from_params(params), status, int(epochs) if epochs is not None else 0,
+                       best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
+                       trial=t.get(Tag.TRIAL_ID, ""), run_id=run.info.run_id, name=run.info.run_name,
+                       error=t.get(Tag.ERROR))
+
+
+def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:
+    """The parent run's params and tags and one result per child run, in a stable order."""
+    parent = tracking.get_run(uri, parent_id)
+    results = [result(r) for r in tracking.children(uri, exp_id, parent_id)]
+    results.sort(key=lambda r: (r.config.role, r.config.arm, r.config.unfrozen_blocks, -(r.best_val_acc or -1),
+                                r.config.seed, r.run_id))
+    return Sweep(tracking.experiment(uri, exp_id).name, parent_id, parent.data.params, parent.data.tags, results)
+
+
+def histories(uri: str, run_ids: list[str], metric: str) -> dict[str, list[tuple[int, float]]]:
+    """``metric`` per epoch for each run."""
+    return {rid: [(m.step, m.value) for m in tracking.metric_history(uri, rid, metric)] for rid in run_ids}
+
+
+def describe(s: Sweep) -> dict[str, Any]:
+    """The parent's context for the report's header."""
+    p, t = s.params, s.tags
+    return {"arch": p.get("model.arch"), "dataset": p.get("data.dataset"), "crop": p.get("resolved.input.crop", "?"),
+            "seed": p.get("seed"), **{k: t.get(f"tl_sweep.data.{k}", "?") for k in ("classes", "n_train", "n_val",
+                                                                                       "n_test")}}

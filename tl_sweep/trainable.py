@@ -1,0 +1,161 @@
+"""The Ray Tune trainable: one fine-tuning trial, one nested MLflow run, one report per epoch.
+
+``run_trial(config, ctx)`` reads its :class:`~tl_sweep.contract.TrialConfig` from Tune's config and the sweep's
+:class:`~tl_sweep.contract.TrialContext` (shipped once through the object store), runs :class:`~tl_sweep.train.Fit`
+epoch by epoch, logs each epoch and the best checkpoint to its MLflow run, and reports to Tune.
+
+Its MLflow run has one owner: the trial opens it and logs to it; the driver closes it with its final status
+(:class:`tl_sweep.runner.Recorder`), because a trial the scheduler stops may not run another line.
+
+Failures: a NaN loss or an out-of-memory error would repeat on a retry, so the trial ends at once (FAILED,
+``tl_sweep.failure`` tag, the searcher told FAIL); any other exception is re-raised for Tune to retry
+(``failures.max_failures``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_sweep import checkpoint, contract, limits, tracking
+from tl_sweep.contract import Tag, TrialConfig, TrialContext
+from tl_sweep.train import Fit, TrialError, device_for
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune trainable. Only a final re-training (``role: final``) reads the test split: once, at its end,
+    with the best-validation weights.
+
+    Everything is written before ``tune.report``: a scheduler's stop arrives inside it.
+    Resume: every ``checkpoint_every`` epochs the fit state goes into a Tune checkpoint with the MLflow run id;
+    a restarted trial (``--resume``, a lost worker) continues from it in the same run without logging an epoch
+    twice.
+    """
+    import ray
+    from ray import tune
+
+    entered = time.perf_counter()
+    # one "Checkpoint successfully created" INFO line per epoch per trial would bury the progress lines
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    trial = TrialConfig.from_tune(config)
+    device = device_for(ctx.use_gpu)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    limits.share_gpu(device, ctx.gpu_share)
+    weights = ctx.arms[trial.arm][0]
+    resumed = _read(tune.get_checkpoint())
+    run = tracking.TrialRun.open(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial.name(ctx.arch, len(ctx.arms) > 1),
+        params={**trial.to_params(), "arch": ctx.arch, "weights": weights},
+        tags={Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
+              Tag.NODE: ray.get_runtime_context().get_node_id(), Tag.ARM: trial.arm, Tag.SOURCE: weights,
+              Tag.DEPTH: str(trial.unfrozen_blocks)},
+        run_id=resumed["resume"]["run_id"] if resumed else None)
+    logged = run.last_step(contract.METRIC)
+    if run.previous == "FINISHED" and logged >= trial.epochs:  # done before a killed driver could record it
+        tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
+        return
+    fit, best = None, -1.0
+    limit = limits.MemoryLimit(ctx.memory_limit if device.type == "cpu" else None)
+    try:
+        blob = ctx.blobs.get(trial.arm)  # another node of a cluster: the checkpoint came through the object store
+        fit = Fit(ctx, trial, device, weights_file=io.BytesIO(blob) if blob else None)
+        best_state, first = None, 1
+        if resumed:
+            r = resumed["resume"]
+            fit.restore({**r["fit"], "model": resumed["model"]})
+            best, best_state, first = resumed["val_acc"], r["best_state"], resumed["epoch"] + 1
+        with tempfile.TemporaryDirectory() as tmp:
+            for epoch in range(first, trial.epochs + 1):
+                metrics = fit.epoch()
+                if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
+                    metrics["startup_seconds"] = fit.first_step_at - entered
+                metrics["val_loss"], metrics[contract.METRIC] = fit.evaluate("val")
+                if metrics[contract.METRIC] > best:
+                    best = metrics[contract.METRIC]
+                    if trial.final:  # only a final re-training needs the best weights again (for the test split)
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
+                    run.log_artifact(checkpoint.save(_checkpoint(ctx, trial, fit.model.state_dict(), epoch, best),
+                                                     Path(tmp) / "best.pt"))
+                metrics["best_val_acc"] = best
+                if trial.final and epoch == trial.epochs:  # the held-out test split, once, best-val weights
+                    fit.model.load_state_dict(best_state)
+                    metrics["test_loss"], metrics["test_acc"] = fit.evaluate("test")
+                if epoch > logged:
+                    run.log_epoch(epoch, metrics, {Tag.FEATURE_CACHE: "; ".join(fit.notes)[:5000]}
+                                  if fit.notes else None)
+                resume = None
+                if ctx.checkpoint_every and epoch < trial.epochs and epoch % ctx.checkpoint_every == 0:
+                    state = fit.state()
+                    resume = _write(Path(tmp) / "resume", _checkpoint(
+                        ctx, trial, state.pop("model"), epoch, best,
+                        resume={"fit": state, "best_state": best_state, "run_id": run.run_id}))
+                # first_step_unix: the driver measures scheduling -> first step (runner.Recorder)
+                tune.report({**metrics, "epoch": epoch,
+                             "progress": contract.progress(epoch, trial.epochs, ctx.min_epochs),
+                             "mlflow_run_id": run.run_id,
+                             **({"first_step_unix": fit.first_step_wall} if epoch == first else {})},
+                            checkpoint=resume)
+    except SystemExit:  # the scheduler stopped this trial; the driver records it
+        raise
+    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised for Tune to mark (and maybe retry) it
+        limit.restore()
+        failure = deterministic_failure(e, trial, ctx)
+        if failure is None:
+            run.log_tags({Tag.ERROR: f"{type(e).__name__}: {e}"[:500]})
+            raise
+        # a NaN loss, out of memory: a retry would fail the same way, so the trial ends here
+        kind, reason = failure
+        traceback.clear_frames(e.__traceback__)  # the failed step's tensors go now, not with the exception
+        epochs_done, fit = (fit.n_epochs if fit else 0), None
+        limit.give_back()
+        if isinstance(e, limits.TrialOutOfMemory):
+            cause = f" [held {limit.held / 2**30:.2f} GiB, past resources.memory_gb {limit.limit / 2**30:g}]"
+        else:
+            cause = "" if kind == "TrialError" else f" [{type(e).__name__}: {str(e).strip()[:200]}]"
+        run.log_tags({Tag.ERROR: f"{kind}: {reason}{cause}"[:700], Tag.FAILURE: kind})
+        # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
+        tune.report({"trial_error": reason, contract.METRIC: 0.0, "best_val_acc": max(best, 0.0),
+                     "epoch": epochs_done, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
+    finally:
+        limit.restore()
+
+
+def deterministic_failure(e: BaseException, trial: TrialConfig, ctx: TrialContext) -> tuple[str, str] | None:
+    """``(kind, reason)`` for failures a retry would repeat (NaN loss, out of memory); ``None`` otherwise."""
+    if isinstance(e, TrialError):
+        return "TrialError", str(e)
+    if not limits.is_out_of_memory(e):
+        return None
+    return "OutOfMemory", (f"out of memory (batch_size {trial.batch_size}, {ctx.input['crop']}px, "
+                           f"{trial.unfrozen_blocks} unfrozen blocks): lower batch_size or data.image_size, "
+                           f"or give trials more memory (resources.memory_gb, fewer trials per GPU)")
+
+
+def _checkpoint(ctx: TrialContext, trial: TrialConfig, state: dict, epoch: int, val_acc: float,
+                resume: dict | None = None) -> dict[str, Any]:
+    return checkpoint.make(state, arch=ctx.arch, classes=list(ctx.data.classes), input=ctx.input,
+                           head={"kind": ctx.head, "hidden": ctx.head_hidden, "dropout": ctx.head_dropout},
+                           trial=trial.to_tune(), epoch=epoch, val_acc=val_acc, resume=resume)
+
+
+def _write(folder: Path, ckpt: dict[str, Any]):
+    from ray.tune import Checkpoint
+
+    folder.mkdir(exist_ok=True)
+    checkpoint.save(ckpt, folder / "trial.pt")
+    return Checkpoint.from_directory(str(folder))
+
+
+def _read(ckpt) -> dict[str, Any] | None:
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return checkpoint.load(Path(d) / "trial.pt")
