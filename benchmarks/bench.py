@@ -175,7 +175,8 @@ def feature_cache(p: data.Prepared, args, device, n_blocks: int) -> list[tuple]:
 
     ctx = TrialContext(
         arch=args.arch, arms={"bench": ("none", None)}, head="linear", head_hidden=0, head_dropout=0.0,
-        regime={"kind": "fixed"}, input={"crop": args.size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD},
+        regime={"kind": "fixed"}, input={"crop": args.size, "resize": round(args.size / 0.875),
+                                         "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD},
         augment={"enabled": False}, data=p, seed=0, min_epochs=1, use_gpu=device.type == "cuda",
         precision=args.precision)
     params = TrialConfig(batch_size=args.batch, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -107,3 +108,21 @@ def test_a_full_disk_keeps_the_features_in_memory_and_stores_nothing(tmp_path):
         signal.signal(signal.SIGXFSZ, prev)
     assert not reused and arr.shape == (64, 1024, 1024) and "not stored" in notes[0]
     assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_store_key_tells_apart_resize_sizes_and_weight_files(tmp_path, monkeypatch):
+    c = ctx({"kind": "fixed"})
+    inp = dict(c.input)
+    a = features.key_for("resnet18", "w", 4, "layer3", c.data, "val", inp, "cpu", "fp32")
+    b = features.key_for("resnet18", "w", 4, "layer3", c.data, "val", dict(inp, resize=inp["resize"] + 4), "cpu",
+                         "fp32")
+    assert a != b  # same crop, another resize: other pixels, other features
+    # a torchvision weights name is identified by the content of the file torchvision loads it from
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = models.hub_file(models.torchvision_weights("resnet18", "IMAGENET1K_V1"))
+    path.parent.mkdir(parents=True)
+    torch.save(models.build("resnet18", 1000, head="linear").state_dict(), path)
+    first = features.weights_id("IMAGENET1K_V1", None, 0, arch="resnet18")
+    torch.save({"other": torch.zeros(1)}, path)
+    os.utime(path, (1, 1))  # another file under the same name
+    assert first.startswith("IMAGENET1K_V1:") and features.weights_id("IMAGENET1K_V1", None, 0, arch="resnet18") != first

@@ -64,19 +64,33 @@ def test_early_stopped_trials_are_pruned_not_complete():
     assert a["epochs"] > 1
 
 
-@pytest.mark.parametrize("epochs", [2, 3, 6])
-def test_asha_compares_trials_at_the_same_schedule_fraction(epochs):
-    cfg = spec.load(SPEC)  # epochs 2..6, grace_period 1
+def test_rungs_are_the_ones_ray_asha_uses_and_fall_at_one_fraction_of_every_schedule():
+    for sets, expected in ((["study=null"], (1.0,)), (["study=null", "search.space.epochs={low: 9, high: 12}"],
+                                                        (1.0, 3.0))):
+        cfg = spec.load(SPEC, sets)
+        asha = space.make_scheduler(cfg.spec)
+        milestones = sorted(m for m, _ in asha._brackets[0]._rungs if m < asha._max_t)
+        assert contract.rungs(cfg.spec) == expected == tuple(milestones)
+    # a 3-epoch trial of 4 steps per epoch reaches the rung at half its schedule: step 6, inside epoch 2
+    assert contract.rung_steps((1.0,), 2, 12) == {6: 1.0} and contract.rung_steps((1.0,), 2, 5) == {2: 1.0}
+
+
+def test_a_study_runs_asha_inside_each_cell_never_across():
+    from types import SimpleNamespace
+
+    cfg = spec.load(SPEC)
     sched = space.make_scheduler(cfg.spec)
-    assert sched._time_attr == "progress" and sched._max_t == 2
-    # progress as the trainable reports it: epochs rescaled to the shortest (2-epoch) schedule
-    progress = [contract.progress(e, epochs, 2) for e in range(1, epochs + 1)]
-    first_rung = next(e for e, p in zip(range(1, epochs + 1), progress) if p >= 1)
-    assert first_rung / epochs >= 0.5 and (first_rung - 1) / epochs < 0.5  # half of its own schedule
-    assert progress[-1] == pytest.approx(2)  # every schedule ends at max_t
+    trial = lambda tid, arm, k: SimpleNamespace(trial_id=tid, config={"arm": arm, "unfrozen_blocks": k})  # noqa
+    a1, a2, b1 = trial("a1", "src", 0), trial("a2", "src", 0), trial("b1", "src", 5)
+    for t in (a1, a2, b1):
+        sched.on_trial_add(None, t)
+    rung = lambda acc: {"progress": 1.0, "val_acc": acc}  # noqa: E731
+    assert sched.on_trial_result(None, a1, rung(0.9)) == sched.CONTINUE  # first at its rung
+    assert sched.on_trial_result(None, a2, rung(0.2)) == sched.STOP  # below its own cell's first trial
+    assert sched.on_trial_result(None, b1, rung(0.2)) == sched.CONTINUE  # another depth: judged apart
 
 
 def test_constant_epochs_keep_plain_asha():
-    cfg = spec.load(SPEC, ["search.space.epochs=4"])
+    cfg = spec.load(SPEC, ["search.space.epochs=4", "study=null"])
     sched = space.make_scheduler(cfg.spec)
     assert sched._max_t == 4  # progress == epoch when every trial has the same schedule

@@ -20,7 +20,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC),
            "--set", "study=null", "--set", "search.num_trials=4", "--set", "search.max_concurrent=2",
-           "--set", "search.space.epochs=[2, 4]", "--set", "search.space.batch_size=[32, 64]",
+           "--set", "search.space.epochs=[2, 3]", "--set", "search.space.batch_size=[32, 64]",
            "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.experiment=e2e"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -43,7 +43,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     reported = {}  # what each trial really reported to Tune, epoch by epoch (Tune's result.json per trial)
     for f in Path(tmp_path, "ray_results").glob("*/*/result.json"):
         lines = [json.loads(line) for line in f.read_text().splitlines()]
-        reported[lines[0]["mlflow_run_id"]] = [line["progress"] for line in lines]
+        reported[lines[0]["mlflow_run_id"]] = lines
     for t in trials:
         assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert t.info.status == "FINISHED"
@@ -58,12 +58,17 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
         if int(t.data.params["unfrozen_blocks"]) < 5:  # a frozen prefix: validation runs on its stored features
             assert "val (" in t.data.tags["tl_sweep.feature_cache"], t.data.tags
         epochs = int(t.data.params["epochs"])
-        # ASHA's time is the fraction of the trial's own schedule (max_t 2 = the shortest schedule, 2 epochs)
-        assert reported[t.info.run_id] == [e * 2 / epochs for e in range(1, epochs_run + 1)]
-        if epochs_run < epochs:  # stopped at the rung: half of its own schedule, no later
-            assert t.data.tags["tl_sweep.early_stopped"] == "true" and epochs_run / epochs == 0.5
+        # ASHA's time is the fraction of the trial's own schedule, in epochs of the shortest (2): its one rung
+        # (grace period 1) is half of every schedule; a 3-epoch trial reports it in the middle of epoch 2
+        lines = reported[t.info.run_id]
+        rung = next(line for line in lines if line["progress"] >= 1)
+        assert rung["progress"] == 1.0 and abs(rung["steps"] - rung["total_steps"] / 2) <= 0.5
+        assert [line["progress"] for line in lines if line["steps"] % (line["total_steps"] // epochs) == 0] == \
+            [e * 2 / epochs for e in range(1, epochs_run + 1)]
+        if epochs_run < epochs:  # stopped at the rung, no later
+            assert t.data.tags["tl_sweep.early_stopped"] == "true" and lines[-1] is rung
         else:
-            assert "tl_sweep.early_stopped" not in t.data.tags
+            assert "tl_sweep.early_stopped" not in t.data.tags and lines[-1]["progress"] == 2.0
         assert [a.path for a in client.list_artifacts(t.info.run_id)] == ["best.pt"]
     best = max(trials, key=lambda t: t.data.metrics["best_val_acc"])
     path = client.download_artifacts(best.info.run_id, "best.pt", str(tmp_path))

@@ -59,6 +59,7 @@ class TrialConfig:
     arm: str
     seed: int
     role: Literal["trial", "final"] = "trial"
+    search: int = 0  # which search repeat of a study (its own seeds, its own finals)
 
     @classmethod
     def from_tune(cls, config: dict[str, Any]) -> TrialConfig:
@@ -80,6 +81,11 @@ class TrialConfig:
     @property
     def final(self) -> bool:
         return self.role == "final"
+
+    @property
+    def cell(self) -> tuple[str, int]:
+        """A study's cell: (arm, depth)."""
+        return self.arm, self.unfrozen_blocks
 
     def dims(self) -> dict[str, Any]:
         return {d: getattr(self, d) for d in DIMENSIONS}
@@ -115,6 +121,25 @@ def status(failed: bool, epochs_run: int, epochs: int) -> Status:
     return "EARLY_STOPPED" if stopped_early(epochs_run, epochs) else "FINISHED"
 
 
+def rungs(s) -> tuple[float, ...]:
+    """The ASHA milestones of a spec (``progress`` values), as Ray's ASHA computes them; () without ASHA."""
+    import math
+
+    from tl_sweep.spec import values_of
+
+    sch, max_t = s.scheduler, int(min(values_of(s.search.space.epochs)))
+    if sch.kind != "asha" or sch.grace_period >= max_t:
+        return ()
+    n = int(math.log(max_t / sch.grace_period) / math.log(sch.reduction_factor) + 1)
+    return tuple(r for k in range(n) if (r := float(sch.grace_period * sch.reduction_factor ** k)) < max_t)
+
+
+def rung_steps(rungs: tuple[float, ...], min_epochs: int, total_steps: int) -> dict[int, float]:
+    """The optimizer step at which a trial reaches each rung: the same fraction of every schedule, rounded to
+    the nearest step (a rung falls between epochs when it must)."""
+    return {max(1, round(r / min_epochs * total_steps)): r for r in rungs}
+
+
 def progress(epoch: int, epochs: int, min_epochs: int) -> float:
     """What a trial reports as ASHA's time: its epoch rescaled so every schedule ends at ``min_epochs``.
 
@@ -136,12 +161,13 @@ class TrialResult:
     run_id: str = ""  # MLflow run id
     name: str = ""  # MLflow run name
     error: str | None = None
+    seconds: float | None = None  # compute seconds (on its device), start to last epoch
 
     def row(self) -> dict[str, Any]:
         """A flat dict (tables, CSV)."""
         return {"trial": self.trial, "run_id": self.run_id, "name": self.name, **self.config.to_tune(),
                 "best_val_acc": self.best_val_acc, "test_acc": self.test_acc, "epochs_run": self.epochs_run,
-                "status": self.status, "error": self.error}
+                "status": self.status, "seconds": self.seconds, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -156,7 +182,7 @@ class TrialContext:
     regime: dict[str, Any]
     input: dict[str, Any]
     augment: dict[str, Any]
-    data: Any  # data.Prepared
+    data: Any  # data.Prepared: the splits of search repeat 0 (and of a plain sweep)
     seed: int
     min_epochs: int
     use_gpu: bool
@@ -168,11 +194,17 @@ class TrialContext:
     precision: str = "auto"  # resources.precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
     gpu_share: float = 0.0  # resources.gpu: a fraction < 1 also caps the trial's share of GPU memory
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
+    rungs: tuple[float, ...] = ()  # the scheduler's milestones, in progress units: reported at exactly these
+    repeats: tuple[Any, ...] = ()  # a study's data.Prepared per search repeat (splits drawn with its own seed)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
+
+    def data_for(self, search: int):
+        """The splits a trial of search repeat ``search`` trains, validates and tests on."""
+        return self.repeats[search] if search < len(self.repeats) else self.data
 
     @classmethod
     def from_config(cls, cfg, data, arms: dict[str, tuple[str, str | None]], *, tracking_uri: str = "",
-                    experiment_id: str = "", parent_run_id: str = "") -> TrialContext:
+                    experiment_id: str = "", parent_run_id: str = "", repeats: tuple = ()) -> TrialContext:
         """The one place a context is built: from a resolved :class:`~tl_sweep.spec.Config`."""
         from tl_sweep.spec import values_of
 
@@ -185,4 +217,4 @@ class TrialContext:
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
             feature_cache=s.data.feature_cache, gpu_share=s.resources.gpu, precision=s.resources.precision,
             memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
-            checkpoint_every=s.failures.checkpoint_every)
+            checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats))

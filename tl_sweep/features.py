@@ -150,12 +150,17 @@ def _module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 # ------------------------------------------------------------------------------------------ the store
 
 
-def weights_id(weights: str, weights_file, seed: int) -> str:
-    """What identifies the frozen weights: the torchvision name, the checkpoint's content, or the seed."""
+def weights_id(weights: str, weights_file, seed: int, arch: str = "") -> str:
+    """What identifies the frozen weights: the checkpoint's content (a file, bytes, or the file torchvision
+    loads an enum name from), or the init seed. Two files under one name never share features."""
     if weights == "none":
         return f"random-init-seed{seed}"
     if weights_file is None:
-        return weights
+        enum = models.torchvision_weights(arch, weights) if arch else None
+        path = models.hub_file(enum) if enum is not None else None
+        if path is None or not path.exists():
+            return weights
+        return f"{weights}:{_file_hash(str(path), os.path.getmtime(path), os.path.getsize(path))}"
     if hasattr(weights_file, "getbuffer"):
         return hashlib.sha1(weights_file.getbuffer()).hexdigest()
     return _file_hash(str(weights_file), os.path.getmtime(weights_file), os.path.getsize(weights_file))
@@ -179,8 +184,8 @@ def key_for(arch: str, weights_id: str, frozen_blocks: int, cut: str, data, spli
             precision: str) -> str:
     """The store's name for one split's features: everything that changes them is in it."""
     rows = hashlib.sha1(np.asarray(data.index[split]).tobytes()).hexdigest()
-    parts = (arch, weights_id, frozen_blocks, cut, data.fingerprint, split, rows, inp["crop"], tuple(inp["mean"]),
-             tuple(inp["std"]), device, precision, torch.__version__)
+    parts = (arch, weights_id, frozen_blocks, cut, data.fingerprint, split, rows, inp["resize"], inp["crop"],
+             tuple(inp["mean"]), tuple(inp["std"]), device, precision, torch.__version__)
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:20]
 
 

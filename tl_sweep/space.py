@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+import pickle
+
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import Searcher as TuneSearcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tl_sweep import contract
@@ -94,13 +98,78 @@ class Searcher(OptunaSearch):
         return super().on_trial_complete(trial_id, {**result, self.metric: result["best_val_acc"]}, error)
 
 
+def _tpe(space: Space, budget: int, seed: int, depths: list[int] | None, extra: dict) -> Searcher:
+    """Seeded TPE (``constant_liar`` so concurrent trials do not collide)."""
+    n_startup = min(10, max(2, budget // 3))
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=n_startup)
+    return Searcher(space=DefineByRun(space, depths=depths, extra=extra), metric=contract.METRIC, mode=contract.MODE,
+                    sampler=sampler)
+
+
 def make_searcher(s: Spec, arm: str, depths: list[int] | None = None) -> ConcurrencyLimiter:
-    """Seeded TPE (``constant_liar`` so concurrent trials do not collide) behind a concurrency limit."""
-    n_startup = min(10, max(2, s.search.num_trials // 3))
-    sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=n_startup)
-    sampler_fn = DefineByRun(s.search.space, depths=depths, extra={"arm": arm, "seed": s.seed, "role": "trial"})
-    searcher = Searcher(space=sampler_fn, metric=contract.METRIC, mode=contract.MODE, sampler=sampler)
+    """A plain sweep's search: seeded TPE behind a concurrency limit."""
+    searcher = _tpe(s.search.space, s.search.num_trials, s.seed, depths, {"arm": arm, "seed": s.seed, "role": "trial"})
     return ConcurrencyLimiter(searcher, max_concurrent=s.search.max_concurrent)
+
+
+def cell_seed(seed: int, arm: str, depth: int, search: int) -> int:
+    """The sampler seed of one cell's search repeat: independent across cells and repeats, fixed by the spec."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}/{arm}/{depth}/{search}".encode()).hexdigest()[:8], 16)
+
+
+class StudySearcher(TuneSearcher):
+    """A study's searches behind one Tune searcher: one seeded TPE per (cell, search repeat), each with the same
+    budget (``study.trials_per_cell``). Suggestions go round-robin over the searches that have budget left, so
+    concurrent trials belong to different cells and each cell's TPE has seen its own earlier results.
+    """
+
+    def __init__(self, s: Spec, cells: list[tuple[str, int]]):
+        super().__init__(metric=contract.METRIC, mode=contract.MODE)
+        st = s.study
+        self.searches = []  # [key, searcher, issued]
+        for r in range(st.search_repeats):
+            for arm, depth in cells:
+                extra = {"arm": arm, "seed": s.seed + r, "role": "trial", "search": r}
+                tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra)
+                self.searches.append([(arm, depth, r), tpe, 0])
+        self.budget, self.owner, self.next = st.trials_per_cell, {}, 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # each cell's searcher has its own space, metric and mode
+
+    def suggest(self, trial_id: str):
+        n = len(self.searches)
+        for i in range(n):
+            j = (self.next + i) % n
+            entry = self.searches[j]
+            if entry[2] < self.budget:
+                config = entry[1].suggest(trial_id)
+                entry[2] += 1
+                self.owner[trial_id], self.next = j, j + 1
+                return config
+        return TuneSearcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.searches[self.owner[trial_id]][1].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            self.searches[self.owner.pop(trial_id)][1].on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def study_searcher(s: Spec, cells: list[tuple[str, int]]) -> ConcurrencyLimiter:
+    return ConcurrencyLimiter(StudySearcher(s, cells), max_concurrent=s.search.max_concurrent)
 
 
 def min_epochs(space: Space) -> int:
@@ -108,12 +177,49 @@ def min_epochs(space: Space) -> int:
 
 
 def make_scheduler(s: Spec):
-    """ASHA on ``progress`` (epochs rescaled to the shortest schedule) or FIFO; see docs/search.md."""
+    """ASHA on ``progress`` (the fraction of each trial's own schedule, in epochs of the shortest one), or FIFO;
+    in a study, one ASHA per cell and search repeat (:class:`CellScheduler`). See docs/search.md."""
+    if not contract.rungs(s):
+        return FIFOScheduler()  # fifo, or no rung fits before the shortest schedule ends
     sch = s.scheduler
-    if sch.kind == "fifo":
-        return FIFOScheduler()
-    max_t = min_epochs(s.search.space)  # progress runs 0..min_epochs over every trial's own schedule
-    if sch.grace_period >= max_t:
-        return FIFOScheduler()  # no rung fits before the shortest schedule ends
-    return ASHAScheduler(time_attr="progress", metric=contract.METRIC, mode=contract.MODE, max_t=max_t,
-                         grace_period=sch.grace_period, reduction_factor=sch.reduction_factor)
+    asha = functools.partial(ASHAScheduler, time_attr="progress", metric=contract.METRIC, mode=contract.MODE,
+                             max_t=min_epochs(s.search.space), grace_period=sch.grace_period,
+                             reduction_factor=sch.reduction_factor)
+    return asha() if s.study is None else CellScheduler(asha)
+
+
+class CellScheduler(FIFOScheduler):
+    """ASHA inside each cell of a study (and each search repeat), never across depths or arms: a trial is
+    compared only with trials of its own search."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make, self.cells, self.of = make, {}, {}
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        c = trial.config
+        key = (c.get("arm"), c.get("unfrozen_blocks"), c.get("search", 0))
+        if key not in self.cells:
+            self.cells[key] = self.make()
+        self.of[trial.trial_id] = self.cells[key]
+        self.of[trial.trial_id].on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        sub = self.of.get(trial.trial_id)
+        return sub.on_trial_result(tune_controller, trial, result) if sub else self.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        sub = self.of.pop(trial.trial_id, None)
+        if sub:
+            sub.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        sub = self.of.pop(trial.trial_id, None)
+        if sub:
+            sub.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"ASHA per cell: {len(self.cells)} cells"

@@ -26,7 +26,7 @@ from tl_sweep.errors import UserError
 
 Scalar = Union[bool, int, float, str]
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-BUILTIN = ("builtin:digits", "builtin:digits-shuffled")
+BUILTIN = ("builtin:digits", "builtin:digits-shuffled", "builtin:mnist-5k", "builtin:mnist-5k-shuffled")
 
 
 class _Strict(BaseModel):
@@ -216,18 +216,21 @@ class Regime(_Strict):
 
 
 class Study(_Strict):
-    """A transfer study: several pretrained arms plus a tuned from-scratch baseline, every depth covered.
+    """A transfer study: a grid of cells, one per (source, depth), plus the tuned from-scratch cell.
 
-    Each arm gets the same search budget (``search.num_trials``). A pretrained arm splits it evenly over
-    every ``unfrozen_blocks`` value of the space (depth assigned round-robin, TPE over the other
-    dimensions), so the freeze-depth curve has no missing or one-trial points. The scratch arm searches the
-    same space with ``weights: none`` and every block trainable. Then the best configuration per (arm, depth)
-    is re-trained ``repeats`` times with new seeds and evaluated once on the test split.
+    Every cell gets its own search with the same budget, ``trials_per_cell`` (TPE over the searched dimensions
+    other than depth, seeded per cell and per search repeat; ASHA inside the cell, never across depths). The
+    whole study is searched ``search_repeats`` times with independent seeds, so each verdict comes with its
+    stability. The chosen configuration of each cell is re-trained with ``repeats`` seeds, the same seeds in
+    every arm (pairing), and scored once on the test split. ``search.num_trials`` does not apply to a study.
     """
 
     baseline: Literal["scratch"] | None = "scratch"
     sources: list[str] | None = None  # default: [model.weights]
-    repeats: int = Field(3, ge=1)
+    depths: list[Union[int, Literal["max"]]] | None = None  # default: every unfrozen_blocks value of the space
+    trials_per_cell: int = Field(6, ge=1)
+    search_repeats: int = Field(3, ge=1)
+    repeats: int = Field(5, ge=2)  # final seeds per chosen configuration (paired across arms)
 
 
 class Failures(_Strict):
@@ -285,15 +288,11 @@ class Spec(_Strict):
         if self.regime.kind == "lp_ft" and self.regime.probe_epochs >= min(values_of(self.search.space.epochs)):
             raise ValueError(f"regime.probe_epochs: {self.regime.probe_epochs} leaves no fine-tuning epoch for "
                              f"the shortest schedule; make it smaller than search.space.epochs")
-        if self.study is not None:
-            depths = values_of(self.search.space.unfrozen_blocks)
-            lo = depths[0]
-            hi = n if depths[-1] == "max" else depths[-1]
-            n_depths = len(depths) if isinstance(self.search.space.unfrozen_blocks, list) else int(hi) - int(lo) + 1
-            if self.search.num_trials < 2 * n_depths:
-                raise ValueError(f"search.num_trials: a study needs at least 2 trials per depth; "
-                                 f"{self.search.num_trials} trials for {n_depths} depths of "
-                                 f"{self.model.arch}; raise it to {2 * n_depths} or narrow unfrozen_blocks")
+        if self.study is not None and self.study.depths is not None:
+            bad = [d for d in self.study.depths if d != "max" and not 0 <= d <= n]
+            if bad or not self.study.depths:
+                raise ValueError(f"study.depths: {bad or '[]'} is not a list of depths of {self.model.arch} "
+                                 f"(0..{n} or max); e.g. [0, 2, max]")
         if self.model.head == "binary" and self.data.classes is not None and len(self.data.classes) != 2:
             raise ValueError(f"model.head: binary needs exactly 2 classes, data.classes has "
                              f"{len(self.data.classes)}; use head: linear")
@@ -420,13 +419,24 @@ class Config(BaseModel):
     arms: dict[str, str]  # arm name -> weights (enum name | absolute checkpoint path | source:<name> | none)
     input: dict[str, Any]  # crop, resize, mean, std
     max_blocks: int
+    cells: list[tuple[str, int]] = []  # a study's grid: (arm, unfrozen blocks); scratch trains every block
+
+    def trainings(self) -> tuple[int, int]:
+        """(search trials, final re-trainings) this config will run."""
+        s = self.spec
+        if s.study is None:
+            return s.search.num_trials, 0
+        n = len(self.cells) * s.study.search_repeats
+        return n * s.study.trials_per_cell, n * s.study.repeats
 
     def dump(self) -> dict[str, Any]:
         """The resolved config as plain data (YAML/JSON/MLflow params)."""
         d = self.spec.model_dump(mode="json")
+        search, finals = self.trainings()
         d["resolved"] = {"experiment": self.experiment, "arms": self.arms,
                          "input": {k: list(v) if isinstance(v, tuple) else v for k, v in self.input.items()},
-                         "max_blocks": self.max_blocks}
+                         "max_blocks": self.max_blocks, "cells": [f"{a}@k={k}" for a, k in self.cells],
+                         "trainings": {"search": search, "final": finals, "total": search + finals}}
         return d
 
 
@@ -456,6 +466,9 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
     spec = spec.model_copy(deep=True)
     m, d = spec.model, spec.data
     weights = [m.weights] if spec.study is None else list(spec.study.sources or [m.weights])
+    if spec.study is not None and "none" in weights:
+        raise UserError("study.sources: none is the scratch baseline (study.baseline), not a source; list the "
+                        "pretrained weights to compare, e.g. sources: [source:mnist-5k, IMAGENET1K_V1]")
     arms = {w: _weights(w, m.arch, spec_dir) for w in weights}
     if spec.study is not None and spec.study.baseline == "scratch":
         arms["scratch"] = "none"
@@ -467,7 +480,7 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
             raise UserError(f"data.image_size: {m.arch} with {m.weights} takes exactly {inp['crop']} px (its "
                             f"pretrained position embedding / window grid is fixed); set image_size: {inp['crop']}")
         inp = dict(inp, crop=d.image_size, resize=round(d.image_size / 0.875))
-    digits = d.dataset.startswith("builtin:digits")
+    digits = d.dataset.startswith(("builtin:digits", "builtin:mnist"))  # small grey digits: mild crops, no flips
     if d.augment.scale is None:
         d.augment.scale = (0.7, 1.0) if digits else (0.08, 1.0)
     if d.augment.hflip is None:
@@ -491,8 +504,16 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
     spec.tracking.uri = normalise_uri(spec.tracking.uri)
     if "://" not in spec.storage:  # written in the spec: relative to it; the default: the working directory
         spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())
-    return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir),
-                  experiment=spec.tracking.experiment or spec.name, arms=arms, input=inp, max_blocks=n)
+    cells = []
+    if spec.study is not None:
+        space_depths = sorted({n if v == "max" else int(v) for v in values_of(space.unfrozen_blocks)}) if not \
+            isinstance(space.unfrozen_blocks, Range) else list(range(int(space.unfrozen_blocks.low),
+                                                                      int(space.unfrozen_blocks.high) + 1))
+        depths = sorted({n if d == "max" else int(d) for d in spec.study.depths}) if spec.study.depths else space_depths
+        spec.study.depths = depths
+        cells = [(arm, n if w == "none" else d) for arm, w in arms.items() for d in ([n] if w == "none" else depths)]
+    return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir), experiment=spec.tracking.experiment or spec.name,
+                  arms=arms, input=inp, max_blocks=n, cells=cells)
 
 
 def to_yaml(cfg: Config) -> str:

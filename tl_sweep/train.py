@@ -119,10 +119,11 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tup
 
 def train_one_epoch(forward: Callable, batches: Batches, transform: Callable, optimizer: torch.optim.Optimizer,
                     schedule, *, batch_size: int, gen: torch.Generator, binary: bool, precision: str = "auto",
-                    epoch: int = 0) -> tuple[float, int, float]:
+                    epoch: int = 0, after_step: Callable[[int], None] | None = None) -> tuple[float, int, float]:
     """One pass over ``batches`` (the caller sets train mode); returns (mean loss, steps, seconds).
 
-    A non-finite loss raises :class:`TrialError`: a retry would diverge the same way.
+    ``after_step(n)`` runs after the epoch's n-th step (a scheduler's rung may fall inside an epoch). A
+    non-finite loss raises :class:`TrialError`: a retry would diverge the same way.
     """
     dev = batches.device
     total, seen, steps, t0 = 0.0, 0, 0, time.perf_counter()
@@ -139,6 +140,8 @@ def train_one_epoch(forward: Callable, batches: Batches, transform: Callable, op
         steps += 1
         total += loss.item() * len(y)
         seen += len(y)
+        if after_step is not None:
+            after_step(steps)
     return total / seen, steps, time.perf_counter() - t0
 
 
@@ -165,9 +168,10 @@ class Fit:
     def __init__(self, ctx: TrialContext, trial: TrialConfig, device: torch.device, weights_file=None):
         torch.manual_seed(trial.seed)
         self.ctx, self.trial, self.device = ctx, trial, device
+        self.data = ctx.data_for(trial.search)
         weights, file = ctx.arms[trial.arm]
         weights_file = weights_file if weights_file is not None else file
-        self.model = models.build(ctx.arch, len(ctx.data.classes), weights=weights,
+        self.model = models.build(ctx.arch, len(self.data.classes), weights=weights,
                                   weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
                                   hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
         if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels (torchvision's recipe)
@@ -175,7 +179,7 @@ class Fit:
             torch.backends.cudnn.benchmark = True
         self.part = models.partition(self.model, ctx.arch)
         self.lr = learning_rate(trial.optimizer, trial.lr_mult, trial.batch_size)
-        self.batches = {"train": Batches.of(ctx.data, "train", device)}
+        self.batches = {"train": Batches.of(self.data, "train", device)}
         self.steps = math.ceil(len(self.batches["train"]) / trial.batch_size) * trial.epochs
         self.step_count, self.depth, self.n_epochs, self.first_step_at = 0, None, 0, None
         self.gen = torch.Generator().manual_seed(trial.seed)
@@ -235,7 +239,7 @@ class Fit:
 
     def _batches(self, split: str) -> Batches:
         if split not in self.batches:
-            self.batches[split] = Batches.of(self.ctx.data, split, self.device)
+            self.batches[split] = Batches.of(self.data, split, self.device)
         return self.batches[split]
 
     def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,9 +275,9 @@ class Fit:
                 return torch.cat([prefix(self._channels_last(self.aug.eval(x.to(dev, non_blocking=True))))
                                   for x, _ in src(256, shuffle=False)])
 
-        name = features.key_for(c.arch, features.weights_id(*self.weights), len(self.part) - self.depth,
-                                self.split.cut, c.data, split, c.input, dev.type, c.precision)
-        arr, reused = features.load_or_compute(features.folder(c.data), name, compute, log=self.notes.append)
+        name = features.key_for(c.arch, features.weights_id(*self.weights, arch=c.arch), len(self.part) - self.depth,
+                                self.split.cut, self.data, split, c.input, dev.type, c.precision)
+        arr, reused = features.load_or_compute(features.folder(self.data), name, compute, log=self.notes.append)
         self.notes.append(f"{split} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
         return Batches(arr, src.y.cpu().numpy(), dev)
 
@@ -283,8 +287,18 @@ class Fit:
         self.model.eval()
         return evaluate(forward, batches, transform, self.binary, precision=self.ctx.precision)
 
-    def epoch(self) -> dict[str, float]:
-        """Train one epoch; returns its metrics (``train_loss``, ``train_img_per_s``, ``epoch_seconds``...)."""
+    def evaluate_mid_epoch(self, split: str) -> tuple[float, float]:
+        """:meth:`evaluate` between two steps of an epoch: train mode (frozen blocks in eval) comes back."""
+        try:
+            return self.evaluate(split)
+        finally:
+            self.frozen.train_mode(self.model)
+
+    def epoch(self, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Train one epoch; returns its metrics (``train_loss``, ``train_img_per_s``, ``epoch_seconds``...).
+
+        ``after_step(n)`` runs after the fit's n-th optimizer step (counted over the whole fit).
+        """
         self.n_epochs += 1
         k = depth_at(self.ctx.regime, self.trial.unfrozen_blocks, self.n_epochs)
         if k != self.depth:
@@ -297,9 +311,11 @@ class Fit:
             batches, forward = self.batches["train"], self.model
             transform = lambda x: self._channels_last(self.aug.train(x))  # noqa: E731
         self.frozen.train_mode(self.model)
+        start = self.step_count
+        hook = None if after_step is None else (lambda i: after_step(start + i))
         loss, steps, secs = train_one_epoch(forward, batches, transform, self.optimizer, self.schedule,
                                             batch_size=self.trial.batch_size, gen=self.gen, binary=self.binary,
-                                            precision=self.ctx.precision, epoch=self.n_epochs)
+                                            precision=self.ctx.precision, epoch=self.n_epochs, after_step=hook)
         self.step_count += steps
         return {"train_loss": loss, "train_img_per_s": len(batches) / secs, "epoch_seconds": secs,
                 "trainable_blocks": float(k)}

@@ -72,9 +72,21 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             r = resumed["resume"]
             fit.restore({**r["fit"], "model": resumed["model"]})
             best, best_state, first = resumed["val_acc"], r["best_state"], resumed["epoch"] + 1
+        rungs = contract.rung_steps(ctx.rungs, ctx.min_epochs, fit.steps)
+        steps_per_epoch = fit.steps // trial.epochs
+
+        def at_rung(step: int) -> None:
+            """A rung inside an epoch: validation now, so ASHA judges every trial at the same schedule fraction."""
+            if step in rungs and step % steps_per_epoch:  # at an epoch's end, the epoch's own report does it
+                _, acc = fit.evaluate_mid_epoch("val")
+                # best_val_acc stays the best *epoch* (the checkpoint the trial keeps), None before the first
+                tune.report({contract.METRIC: acc, "best_val_acc": best if best >= 0 else None,
+                             "epoch": fit.n_epochs - 1, "progress": rungs[step], "steps": step, "total_steps": fit.steps,
+                             "mlflow_run_id": run.run_id})
+
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(first, trial.epochs + 1):
-                metrics = fit.epoch()
+                metrics = fit.epoch(after_step=at_rung if rungs else None)
                 if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
                     metrics["startup_seconds"] = fit.first_step_at - entered
                 metrics["val_loss"], metrics[contract.METRIC] = fit.evaluate("val")
@@ -85,6 +97,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                     run.log_artifact(checkpoint.save(_checkpoint(ctx, trial, fit.model.state_dict(), epoch, best),
                                                      Path(tmp) / "best.pt"))
                 metrics["best_val_acc"] = best
+                metrics["compute_seconds"] = time.perf_counter() - entered  # this attempt's, from its start
                 if trial.final and epoch == trial.epochs:  # the held-out test split, once, best-val weights
                     fit.model.load_state_dict(best_state)
                     metrics["test_loss"], metrics["test_acc"] = fit.evaluate("test")
@@ -98,8 +111,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                         ctx, trial, state.pop("model"), epoch, best,
                         resume={"fit": state, "best_state": best_state, "run_id": run.run_id}))
                 # first_step_unix: the driver measures scheduling -> first step (runner.Recorder)
-                tune.report({**metrics, "epoch": epoch,
-                             "progress": contract.progress(epoch, trial.epochs, ctx.min_epochs),
+                progress = max(contract.progress(epoch, trial.epochs, ctx.min_epochs), rungs.get(fit.step_count, 0))
+                tune.report({**metrics, "epoch": epoch, "progress": progress, "steps": fit.step_count,
+                             "total_steps": fit.steps,
                              "mlflow_run_id": run.run_id,
                              **({"first_step_unix": fit.first_step_wall} if epoch == first else {})},
                             checkpoint=resume)
@@ -141,7 +155,7 @@ def deterministic_failure(e: BaseException, trial: TrialConfig, ctx: TrialContex
 
 def _checkpoint(ctx: TrialContext, trial: TrialConfig, state: dict, epoch: int, val_acc: float,
                 resume: dict | None = None) -> dict[str, Any]:
-    return checkpoint.make(state, arch=ctx.arch, classes=list(ctx.data.classes), input=ctx.input,
+    return checkpoint.make(state, arch=ctx.arch, classes=list(ctx.data_for(trial.search).classes), input=ctx.input,
                            head={"kind": ctx.head, "hidden": ctx.head_hidden, "dropout": ctx.head_dropout},
                            trial=trial.to_tune(), epoch=epoch, val_acc=val_acc, resume=resume)
 

@@ -38,18 +38,24 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
         raise UserError(f"run {parent_id} has no trial runs to report on")
     out = Path(out_dir or Path("reports") / f"{sweep.experiment}-{parent_id[:8]}")
     out.mkdir(parents=True, exist_ok=True)
-    a = stats.analyze(results)
+    header = {"experiment": sweep.experiment, **collect.describe(sweep)}
+    a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")))
+    plots = set()
     render.plot_freeze_depth(a, out / "freeze_depth.png")
+    if render.plot_budget(stats.budget_curves(results), out / "budget_curves.png"):
+        plots.add("budget")
+    if render.plot_cost(a, stats.cost(results), out / "cost.png"):
+        plots.add("cost")
     chosen = stats.curve_runs(results, a)
     history = collect.histories(uri, [rid for _, _, rid in chosen], contract.METRIC)
-    curves = render.plot_learning_curves([(label, style, history[rid]) for label, style, rid in chosen],
-                                         out / "learning_curves.png")
+    if render.plot_learning_curves([(label, style, history[rid]) for label, style, rid in chosen],
+                                   out / "learning_curves.png"):
+        plots.add("curves")
+    imp = stats.importance_per_arm(results)
     study = stats.search_study(results)
-    imp = stats.importance(study)
-    if imp:
-        render.plot_search(study, imp, out / "param_importance.png", out / "parallel_coordinates.png")
-    header = {"experiment": sweep.experiment, **collect.describe(sweep)}
-    markdown = render.markdown(header, parent_id, results, a, imp, curves)
+    if imp and study is not None:
+        render.plot_parallel(study, out / "parallel_coordinates.png")
+    markdown = render.markdown(header, parent_id, results, a, imp, plots)
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(render.trials_csv(results))
     # the resolved spec beside the report, so the folder reproduces the study on its own

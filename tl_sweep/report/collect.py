@@ -31,7 +31,7 @@ def result(run) -> TrialResult:
     return TrialResult(TrialConfig.from_params(params), status, int(epochs) if epochs is not None else 0,
                        best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
                        trial=t.get(Tag.TRIAL_ID, ""), run_id=run.info.run_id, name=run.info.run_name,
-                       error=t.get(Tag.ERROR))
+                       error=t.get(Tag.ERROR), seconds=m.get("compute_seconds"))
 
 
 def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:
@@ -48,9 +48,19 @@ def histories(uri: str, run_ids: list[str], metric: str) -> dict[str, list[tuple
     return {rid: [(m.step, m.value) for m in tracking.metric_history(uri, rid, metric)] for rid in run_ids}
 
 
+def chance(single: str | None, by_search: str | None) -> dict[int, float]:
+    """The test split's majority-class rate per search repeat (older sweeps logged one figure)."""
+    import json
+
+    if by_search:
+        return {i: c for i, c in enumerate(json.loads(by_search)) if c is not None}
+    return {} if single in (None, "?", "None") else {0: float(single)}
+
+
 def describe(s: Sweep) -> dict[str, Any]:
     """The parent's context for the report's header."""
     p, t = s.params, s.tags
     return {"arch": p.get("model.arch"), "dataset": p.get("data.dataset"), "crop": p.get("resolved.input.crop", "?"),
             "seed": p.get("seed"), **{k: t.get(f"tl_sweep.data.{k}", "?") for k in ("classes", "n_train", "n_val",
-                                                                                       "n_test")}}
+                                                                                       "n_test", "chance")},
+            "chance_by_search": t.get("tl_sweep.data.chance_by_search")}

@@ -8,12 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
 
 from tl_sweep.contract import DIMENSIONS, TrialResult
-from tl_sweep.report.stats import Analysis, verdict
+from tl_sweep.report.stats import Analysis, Gap
+from tl_sweep.report.stats import mean_ci as _mean_ci
 
 def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -26,18 +28,31 @@ def _ci(t: tuple | None) -> str:
     return f"{_pct(m)}" + ("" if math.isnan(lo) else f" [{_pct(lo)}, {_pct(hi)}]")
 
 
-def _gap(g: tuple | None) -> str:
-    if not g:
+def _gap(g: Gap | None, label: str = "") -> str:
+    if g is None:
         return "–"
-    gap, lo, hi = g
-    txt = f"{100 * gap:+.1f}" + ("" if math.isnan(lo) else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-    return f"{txt} ({verdict(*g)})"
+    txt = f"{100 * g.gap:+.1f}" + ("" if math.isnan(g.lo) else f" [{100 * g.lo:+.1f}, {100 * g.hi:+.1f}]")
+    return txt + (f" ({label})" if label else "")
 
 
 def key_table(a: Analysis) -> list[list[str]]:
-    head = ["arm", "best val %", "test % [95% CI]", "NTG pts [95% CI]", "best depth", "trials"]
-    body = [[arm, _pct(v["best_val"]), _ci(v["test"]), _gap(v["ntg"]) if arm != a.scratch else "(baseline)",
-             str(v["best_depth"]), str(v["trials"])] for arm, v in a.per_arm.items()]
+    """Per source and search repeat: chosen depth, test accuracy, NTG with its paired interval and Holm p."""
+    head = ["arm", "search", "chosen depth", "finals val %", "test % [95% CI]", "NTG pts [95% CI]", "Holm p",
+            "verdict"]
+    body = []
+    for arm in a.arms:
+        for s in a.searches:
+            depth = a.chosen.get((arm, s))
+            if depth is None:
+                continue
+            cell = a.cells[(arm, depth, s)]
+            comp = next((c for c in a.primary if c.arm == arm and c.search == s), None)
+            test = _ci(cell.test) + ("" if cell.trained else " (did not train)")
+            if arm == a.scratch:
+                body.append([arm, str(s), str(depth), _pct(cell.val), test, "(baseline)", "", ""])
+            elif comp:
+                p = "–" if math.isnan(comp.gap.p_holm) else f"{comp.gap.p_holm:.3g}"
+                body.append([arm, str(s), str(depth), _pct(cell.val), test, _gap(comp.gap), p, comp.verdict])
     return [head] + body
 
 
@@ -54,36 +69,39 @@ def text_table(table: list[list[str]]) -> str:
 def findings(a: Analysis) -> list[str]:
     """Plain sentences on what the numbers show, including when they show nothing."""
     out = []
-    for arm, v in a.per_arm.items():
+    n = len(a.searches)
+    for arm in a.arms:
         if arm == a.scratch:
             continue
-        if v["ntg"]:
-            gap, lo, hi = v["ntg"]
-            out.append(f"`{arm}` at its best depth ({v['best_depth']} unfrozen blocks): NTG {100 * gap:+.1f} points "
-                       f"→ **{verdict(gap, lo, hi)}** against the tuned scratch baseline.")
-        depths = sorted(d for (arm2, d) in a.per_depth if arm2 == arm and "test" in a.per_depth[(arm2, d)])
-        if len(depths) >= 2:
-            tests = [(d, a.per_depth[(arm, d)]["test"][0]) for d in depths]
-            top = max(tests, key=lambda t: t[1])
-            low = min(tests, key=lambda t: t[1])
-            out.append(f"`{arm}`: test accuracy ranges from {_pct(low[1])}% (k={low[0]}) to {_pct(top[1])}% "
-                       f"(k={top[0]}) across depths.")
-            neg = [d for d in depths if a.per_depth[(arm, d)].get("ntg") and verdict(*a.per_depth[(arm, d)]["ntg"])
-                   == "negative transfer"]
-            if neg:
-                out.append(f"`{arm}`: negative transfer at depths {neg} (interval above 0).")
-            elif a.scratch:
-                out.append(f"`{arm}`: no depth shows negative transfer with an interval above 0.")
-    if a.scratch:
-        per_depth = [c["trials"] for (arm, _), c in a.per_depth.items() if arm != a.scratch]
-        if per_depth and min(per_depth) < a.per_arm[a.scratch]["trials"]:
-            spread = f"{min(per_depth)}" if min(per_depth) == max(per_depth) else f"{min(per_depth)}–{max(per_depth)}"
-            out.append(f"Caveat: each depth of a pretrained arm was searched with {spread} "
-                       f"trials, the scratch arm with {a.per_arm[a.scratch]['trials']} at its one depth; a per-depth "
-                       f"gap includes that difference in tuning (raise search.num_trials to narrow it).")
+        counts = a.stability(arm)
+        if counts:
+            spread = ", ".join(f"{k} in {v} of {n}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            depths = sorted({d for (x, _), d in a.chosen.items() if x == arm})
+            out.append(f"`{arm}` against the tuned scratch baseline, at its chosen depth (k = "
+                       f"{', '.join(map(str, depths))}): **{spread}** search repeats.")
+        untrained = sorted({c.depth for c in a.cells.values() if c.arm == arm and not c.trained})
+        if untrained:
+            out.append(f"`{arm}`: the finals at depths {untrained} did not beat the majority-class rate of the "
+                       f"test split in some search repeat: those cells did not train.")
+    if a.scratch and not all(c.trained for c in a.cells.values() if c.arm == a.scratch):
+        out.append("The scratch baseline did not beat the majority-class rate: no transfer verdict is possible.")
     if not out:
         out.append("No final evaluation on the test split (not a study): the table shows validation accuracy only.")
     return out
+
+
+def depth_table(a: Analysis) -> list[list[str]]:
+    head = ["arm", "depth", "search", "search trials", "best search val %", "finals val %", "test % [95% CI]",
+            "NTG pts [95% CI] (descriptive, uncorrected)"]
+    body = []
+    for (arm, depth, s) in sorted(a.cells, key=lambda k: (k[0] == a.scratch, k[0], k[1], k[2])):
+        c = a.cells[(arm, depth, s)]
+        comp = next((x for x in a.per_depth if (x.arm, x.depth, x.search) == (arm, depth, s)), None)
+        mark = " ◀ chosen" if a.chosen.get((arm, s)) == depth else ""
+        body.append([arm, f"{depth}{mark}", str(s), str(c.trials), _pct(c.best_val), _pct(c.val),
+                     _ci(c.test) + ("" if c.trained else " (did not train)"),
+                     _gap(comp.gap, comp.verdict) if comp else "–"])
+    return [head] + body
 
 
 def trials_csv(results: list[TrialResult]) -> str:
@@ -100,35 +118,86 @@ def trials_csv(results: list[TrialResult]) -> str:
 
 
 def plot_freeze_depth(a: Analysis, path: Path) -> None:
+    """Test accuracy per depth (finals of every search repeat pooled), scratch as a band, chance as a line."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    use_test = any("test" in c for c in a.per_depth.values())
     for arm in a.arms:
         if arm == a.scratch:
             continue
-        depths = sorted(d for (x, d) in a.per_depth if x == arm)
-        if use_test:
-            pts = [(d, a.per_depth[(arm, d)]["test"]) for d in depths if "test" in a.per_depth[(arm, d)]]
-            ys = [100 * t[0] for _, t in pts]
-            err = [[100 * (t[0] - t[1]) if not math.isnan(t[1]) else 0 for _, t in pts],
-                   [100 * (t[2] - t[0]) if not math.isnan(t[2]) else 0 for _, t in pts]]
-            ax.errorbar([d for d, _ in pts], ys, yerr=err, marker="o", capsize=3, label=arm)
-        else:
-            ax.plot(depths, [100 * a.per_depth[(arm, d)]["best_val"] for d in depths], marker="o", label=arm)
-    if a.scratch and a.per_arm[a.scratch]["test"]:
-        m, lo, hi = a.per_arm[a.scratch]["test"]
+        pts = []
+        for d in a.depths(arm):
+            tests = [t for c in a.cells.values() if (c.arm, c.depth) == (arm, d) for t in c.final_test.values()]
+            if tests:
+                pts.append((d, _mean_ci(tests)))
+        if pts:
+            err = [[0 if math.isnan(t[1]) else 100 * (t[0] - t[1]) for _, t in pts],
+                   [0 if math.isnan(t[2]) else 100 * (t[2] - t[0]) for _, t in pts]]
+            ax.errorbar([d for d, _ in pts], [100 * t[0] for _, t in pts], yerr=err, marker="o", capsize=3, label=arm)
+    base = [t for c in a.cells.values() if c.arm == a.scratch for t in c.final_test.values()]
+    if base:
+        m, lo, hi = _mean_ci(base)
         ax.axhline(100 * m, color="grey", ls="--", label="scratch (tuned)")
         if not math.isnan(lo):
             ax.axhspan(100 * lo, 100 * hi, color="grey", alpha=0.2)
+    if a.chance:
+        ax.axhline(100 * max(a.chance.values()), color="red", ls=":", label="chance (majority class)")
     ax.set_xlabel("unfrozen blocks (0 = linear probe)")
-    ax.set_ylabel(("test" if use_test else "best validation") + " accuracy (%)")
-    ax.set_title("Freeze depth" + (" (mean ± 95% CI over seeds)" if use_test else ""))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Freeze depth (finals of all search repeats, mean ± 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_budget(curves: dict[tuple[str, int], list[float]], path: Path) -> bool:
+    """Expected best validation accuracy vs number of trials, per cell (Dodge et al. 2019)."""
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (arm, depth), ys in sorted(curves.items()):
+        ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker=".", label=f"{arm} k={depth}")
+    ax.set_xlabel("trials in one search of the cell")
+    ax.set_ylabel("expected best validation accuracy (%)")
+    ax.set_title("Budget curves: did the budget suffice? (flat = yes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bool:
+    """Test accuracy vs compute seconds per (arm, depth): the price of each freeze depth."""
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for (arm, depth), secs in cost.items():
+        tests = [t for c in a.cells.values() if (c.arm, c.depth) == (arm, depth) for t in c.final_test.values()]
+        if tests:
+            pts.append((arm, depth, secs, statistics.fmean(tests)))
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in a.arms:
+        mine = sorted((p for p in pts if p[0] == arm), key=lambda p: p[1])
+        ax.plot([p[2] for p in mine], [100 * p[3] for p in mine], marker="o", label=arm)
+        for p in mine:
+            ax.annotate(f"k={p[1]}", (p[2], 100 * p[3]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("compute seconds (search + finals, all repeats)")
+    ax.set_ylabel("mean test accuracy of the finals (%)")
+    ax.set_title("Cost of each freeze depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]], path: Path) -> bool:
@@ -149,58 +218,59 @@ def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]],
     return bool(curves)
 
 
-def plot_search(study, imp: dict[str, float], imp_path: Path, pc_path: Path) -> None:
-    """fANOVA importance bars and Optuna's parallel coordinates."""
+def plot_parallel(study, path: Path) -> None:
+    """Optuna's parallel coordinates of the finished search trials."""
     import matplotlib.pyplot as plt
     import optuna
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    names = list(imp)[::-1]
-    ax.barh(names, [imp[n] for n in names])
-    ax.set_xlabel("fANOVA importance for best validation accuracy")
-    ax.set_title("Which search dimensions mattered")
-    fig.tight_layout()
-    fig.savefig(imp_path, dpi=110)
-    plt.close(fig)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
     fig = ax.figure
     fig.set_size_inches(8, 4.5)
     fig.tight_layout()
-    fig.savefig(pc_path, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult], a: Analysis,
-             imp: dict[str, float], curves: bool) -> str:
-    key = key_table(a)
+             imp: dict[str, dict[str, float]], plots: set[str]) -> str:
     search = [r for r in results if not r.config.final]
     finals = [r for r in results if r.config.final]
-    depth_table = [["arm", "unfrozen blocks", "search trials", "best val %", "test % [95% CI]", "NTG pts [95% CI]"]]
-    for (arm, depth) in sorted(a.per_depth, key=lambda k: (k[0] == "scratch", k[0], k[1])):
-        cell = a.per_depth[(arm, depth)]
-        depth_table.append([arm, str(depth), str(cell["trials"]), _pct(cell["best_val"]), _ci(cell.get("test")),
-                            _gap(cell.get("ntg"))])
     status = {s: sum(1 for r in search if r.status == s) for s in ("FINISHED", "EARLY_STOPPED", "FAILED")}
     h = header
     md = [f"# tl-sweep report: {h['experiment']}", "",
           f"Parent run `{parent_id}` · arch `{h['arch']}` · data `{h['dataset']}` "
-          f"(classes {h['classes']}; train {h['n_train']}, val {h['n_val']}, test {h['n_test']}) · "
-          f"input {h['crop']} px · seed {h['seed']}", "",
+          f"(classes {h['classes']}; train {h['n_train']}, val {h['n_val']}, test {h['n_test']}; majority-class "
+          f"rate of test {'/'.join(_pct(c) for c in sorted(set(a.chance.values()))) or '–'}%) · input {h['crop']} px · "
+          f"seed {h['seed']}", "",
           f"Search: {len(search)} trials ({status['FINISHED']} finished, {status['EARLY_STOPPED']} early-stopped, "
-          f"{status['FAILED']} failed); final evaluation: {len(finals)} re-trainings scored once on the test split. "
-          f"Test figures are means over seeds with 95% t-intervals; NTG = test error(pretrained) − test "
-          f"error(scratch) in points, with a 95% Welch interval. The best depth is chosen on validation accuracy.",
-          "", "## Key results", "", _md(key), "", "## What the numbers show", "",
-          *[f"- {f}" for f in findings(a)], "", "## Freeze depth", "", _md(depth_table), "",
-          "![freeze depth](freeze_depth.png)", ""]
-    if curves:
+          f"{status['FAILED']} failed); final evaluation: {len(finals)} re-trainings scored once on the test split."]
+    if a.scratch or len(a.cells) > len(a.arms):
+        trials = sorted({c.trials for c in a.cells.values()})
+        md += ["", f"Design: {len({(c.arm, c.depth) for c in a.cells.values()})} cells (arm × depth) × "
+               f"{len(a.searches)} search repeats, {'–'.join(map(str, trials))} search trials per cell and repeat "
+               f"(one seeded TPE and one ASHA per cell). Selection, declared before looking: each cell's "
+               f"configuration with the best validation accuracy among trials that ran their whole schedule; each "
+               f"arm's depth by its finals' mean **validation** accuracy, ties to the shallower depth. Finals use "
+               f"the same seeds in every arm, so NTG (test error of the source − test error of scratch, points) "
+               f"has a paired 95% interval; its p-value is Holm-corrected across sources. A cell whose finals do "
+               f"not beat the majority-class rate did not train. Test figures never choose anything."]
+    md += ["", "## Key results", "", _md(key_table(a)), "", "## What the numbers show", "",
+           *[f"- {f}" for f in findings(a)], "", "## Freeze depth", "", _md(depth_table(a)), "",
+           "![freeze depth](freeze_depth.png)", ""]
+    if "budget" in plots:
+        md += ["## Budget", "", "Expected best validation accuracy after n trials of one search of each cell "
+               "(Dodge et al. 2019, from all of the cell's search trials): a curve still rising at the budget "
+               "means more trials would have found better configurations.", "", "![budget](budget_curves.png)", ""]
+    if "cost" in plots:
+        md += ["## Cost", "", "![cost](cost.png)", ""]
+    if "curves" in plots:
         md += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
     if imp:
-        md += ["## Search", "", "fANOVA importance of each searched dimension for the best validation accuracy: "
-               + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) + ".", "",
-               "![parameter importance](param_importance.png)", "",
-               "![parallel coordinates](parallel_coordinates.png)", ""]
+        md += ["## Search", "", "fANOVA importance of each searched dimension for the best validation accuracy, "
+               "within each arm:", ""]
+        md += [f"- `{arm}`: " + ", ".join(f"{k} {v:.2f}" for k, v in i.items()) for arm, i in imp.items()]
+        md += ["", "![parallel coordinates](parallel_coordinates.png)", ""]
     md += ["All trials: [trials.csv](trials.csv).", ""]
     return "\n".join(md)

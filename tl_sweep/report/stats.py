@@ -1,12 +1,19 @@
 """The study's arithmetic: pure functions of numbers and trial results (no MLflow, no files).
 
-* **test accuracy** of an (arm, depth): mean over the study's repeat seeds of the best-validation-epoch
-  model's accuracy on the held-out test split, with a 95% t-interval;
-* **best depth** of an arm: the depth whose search reached the highest validation accuracy (test figures
-  never choose anything);
-* **NTG** (negative transfer gap, Wang et al. 2019): test error of the pretrained arm (best tuned) minus test
-  error of the scratch arm (best tuned). NTG > 0 with a 95% Welch interval above 0 is flagged as negative
-  transfer; an interval below 0 is a transfer gain; otherwise the difference is not resolved.
+Declared before looking (docs/search.md):
+
+* a **cell** is (arm, depth) within one search repeat; its chosen configuration is re-trained with the study's
+  final seeds (the same seeds in every arm) and scored once on the test split;
+* an arm's **depth** is chosen on its finals' mean *validation* accuracy; ties go to the shallower (cheaper)
+  depth. No test figure chooses anything;
+* **NTG** (negative transfer gap, Wang et al. 2019) = test error of the source at its chosen depth − test error
+  of the tuned scratch cell, in the same search repeat. With the same seeds in both arms the interval is a
+  paired t-interval over seeds; otherwise Welch's, with the exact Welch–Satterthwaite degrees of freedom. Its
+  p-value is Holm-corrected across sources. NTG > 0 with corrected p < 0.05 is *negative transfer*, < 0 a
+  *transfer gain*; otherwise *no significant difference*;
+* a cell whose finals do not beat the test split's majority-class rate (the lower end of their 95% t-interval
+  is not above it) **did not train**: it is never called negative transfer or gain;
+* per-depth gaps are descriptive (uncorrected) and labelled so.
 """
 
 from __future__ import annotations
@@ -14,15 +21,22 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
 
 from tl_sweep.contract import DIMENSIONS, TrialResult
+
+ALPHA = 0.05
 
 
 def _t(df: float) -> float:
     from scipy import stats
 
-    return float(stats.t.ppf(0.975, df))
+    return float(stats.t.ppf(1 - ALPHA / 2, df))
+
+
+def _p(t: float, df: float) -> float:
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(t), df))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
@@ -34,80 +48,238 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def ntg(pretrained_acc: list[float], scratch_acc: list[float]) -> tuple[float, float, float]:
-    """NTG = test error(pretrained) − test error(scratch), with a 95% Welch interval."""
-    gap = statistics.fmean(scratch_acc) - statistics.fmean(pretrained_acc)
-    n1, n2 = len(pretrained_acc), len(scratch_acc)
+@dataclass(frozen=True)
+class Gap:
+    """A difference of means with its 95% interval and two-sided p-value (NaN where it cannot be estimated)."""
+
+    gap: float
+    lo: float
+    hi: float
+    p: float
+    df: float
+    paired: bool
+    p_holm: float = math.nan
+
+
+def paired(x: list[float], y: list[float]) -> Gap:
+    """mean(y − x) over pairs with a paired t-interval (n − 1 df). No spread: no interval, no p."""
+    d = [b - a for a, b in zip(x, y)]
+    m, n = statistics.fmean(d), len(d)
+    if n < 2 or statistics.stdev(d) == 0:
+        return Gap(m, math.nan, math.nan, math.nan, n - 1, True)
+    se = statistics.stdev(d) / math.sqrt(n)
+    half = _t(n - 1) * se
+    return Gap(m, m - half, m + half, _p(m / se, n - 1), n - 1, True)
+
+
+def welch(x: list[float], y: list[float]) -> Gap:
+    """mean(y) − mean(x) with Welch's interval, exact (non-integer) Welch–Satterthwaite df."""
+    m = statistics.fmean(y) - statistics.fmean(x)
+    n1, n2 = len(x), len(y)
     if n1 < 2 or n2 < 2:
-        return gap, math.nan, math.nan
-    v1, v2 = statistics.variance(pretrained_acc) / n1, statistics.variance(scratch_acc) / n2
+        return Gap(m, math.nan, math.nan, math.nan, math.nan, False)
+    v1, v2 = statistics.variance(x) / n1, statistics.variance(y) / n2
     se = math.sqrt(v1 + v2)
     if se == 0:
-        return gap, gap, gap
-    dof = (v1 + v2) ** 2 / ((v1 ** 2) / (n1 - 1 if v1 else 1) + (v2 ** 2) / (n2 - 1 if v2 else 1))
-    half = _t(max(1, round(dof))) * se
-    return gap, gap - half, gap + half
+        return Gap(m, math.nan, math.nan, math.nan, math.nan, False)
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1))
+    half = _t(df) * se
+    return Gap(m, m - half, m + half, _p(m / se, df), df, False)
 
 
-def verdict(gap: float, lo: float, hi: float) -> str:
-    if math.isnan(lo):
-        return "not resolved (one seed)"
-    if lo > 0:
-        return "negative transfer"
-    if hi < 0:
-        return "transfer gain"
-    return "no significant difference"
+def ntg(source: dict[int, float], scratch: dict[int, float]) -> Gap:
+    """NTG = error(source) − error(scratch) = acc(scratch) − acc(source), from test accuracies by seed:
+    paired where the seeds match, Welch otherwise."""
+    common = sorted(set(source) & set(scratch))
+    if len(common) == len(source) == len(scratch):
+        return paired([source[s] for s in common], [scratch[s] for s in common])
+    return welch(list(source.values()), list(scratch.values()))
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (NaN stays NaN and does not count)."""
+    idx = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=lambda i: ps[i])
+    m, out, running = len(idx), [math.nan] * len(ps), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def beats_chance(tests: list[float], chance: float | None) -> bool:
+    """Whether finals beat the majority-class rate: the lower end of their 95% interval is above it."""
+    if chance is None:
+        return True
+    m, lo, _ = mean_ci(tests)
+    return (m if math.isnan(lo) else lo) > chance
+
+
+def verdict(g: Gap, *, trained: bool = True, baseline_trained: bool = True, corrected: bool = True) -> str:
+    if not baseline_trained:
+        return "baseline did not train"
+    if not trained:
+        return "did not train"
+    p = g.p_holm if corrected else g.p
+    if math.isnan(p):
+        return "not resolved (one seed, or no spread)"
+    if p >= ALPHA:
+        return "no significant difference"
+    return "negative transfer" if g.gap > 0 else "transfer gain"
+
+
+def expected_max(values: list[float], n: int) -> float:
+    """Expected best of ``n`` trials drawn (with replacement) from ``values`` (Dodge et al. 2019)."""
+    v = sorted(values)
+    N = len(v)
+    return sum(x * ((i / N) ** n - ((i - 1) / N) ** n) for i, x in enumerate(v, start=1))
+
+
+# -------------------------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class Cell:
+    arm: str
+    depth: int
+    search: int
+    trials: int = 0
+    best_val: float = math.nan
+    final_val: dict[int, float] = field(default_factory=dict)  # seed -> best validation accuracy
+    final_test: dict[int, float] = field(default_factory=dict)  # seed -> test accuracy
+    trained: bool = True
+
+    @property
+    def val(self) -> float:
+        return statistics.fmean(self.final_val.values()) if self.final_val else math.nan
+
+    @property
+    def test(self) -> tuple[float, float, float] | None:
+        return mean_ci(list(self.final_test.values())) if self.final_test else None
+
+
+@dataclass
+class Comparison:
+    arm: str
+    search: int
+    depth: int
+    gap: Gap
+    verdict: str
 
 
 @dataclass
 class Analysis:
     arms: list[str]
     scratch: str | None
-    per_depth: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
-    per_arm: dict[str, dict[str, Any]] = field(default_factory=dict)
+    searches: list[int]
+    chance: dict[int, float]  # search repeat -> majority-class rate of its test split
+    cells: dict[tuple[str, int, int], Cell] = field(default_factory=dict)
+    chosen: dict[tuple[str, int], int] = field(default_factory=dict)  # (arm, search) -> depth
+    primary: list[Comparison] = field(default_factory=list)  # source at its chosen depth vs scratch, Holm
+    per_depth: list[Comparison] = field(default_factory=list)  # descriptive, uncorrected
+
+    def depths(self, arm: str) -> list[int]:
+        return sorted({d for (a, d, _) in self.cells if a == arm})
+
+    def stability(self, arm: str) -> dict[str, int]:
+        """How often each verdict came out across the search repeats."""
+        out: dict[str, int] = {}
+        for c in self.primary:
+            if c.arm == arm:
+                out[c.verdict] = out.get(c.verdict, 0) + 1
+        return out
 
 
-def analyze(results: list[TrialResult]) -> Analysis:
-    """Per (arm, depth) and per arm: search trials, best validation accuracy, test interval and NTG."""
-    search = [r for r in results if not r.config.final and r.best_val_acc is not None]
+def choose_depth(cells: list[Cell]) -> int:
+    """The declared rule: best mean final validation accuracy; ties to the shallower depth."""
+    return min(cells, key=lambda c: (-(c.val if not math.isnan(c.val) else -1), c.depth)).depth
+
+
+def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) -> Analysis:
+    search = [r for r in results if not r.config.final]
     finals = [r for r in results if r.config.final and r.test_acc is not None]
     arms = sorted({r.config.arm for r in search}, key=lambda a: (a == "scratch", a))
-    scratch = "scratch" if "scratch" in arms else None
-    a = Analysis(arms, scratch)
+    a = Analysis(arms, "scratch" if "scratch" in arms else None, sorted({r.config.search for r in search}),
+                 dict(chance or {}))
     for r in search:
-        key = (r.config.arm, r.config.unfrozen_blocks)
-        cell = a.per_depth.setdefault(key, {"trials": 0, "best_val": -1.0, "tests": []})
-        cell["trials"] += 1
-        cell["best_val"] = max(cell["best_val"], r.best_val_acc)
+        c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
+                                                                                                 r.config.search))
+        c.trials += 1
+        if r.best_val_acc is not None and not (c.best_val >= r.best_val_acc):
+            c.best_val = r.best_val_acc
     for r in finals:
-        key = (r.config.arm, r.config.unfrozen_blocks)
-        a.per_depth.setdefault(key, {"trials": 0, "best_val": math.nan, "tests": []})["tests"].append(r.test_acc)
-    scratch_tests = []
-    if scratch:
-        sk = max((k for k in a.per_depth if k[0] == scratch), key=lambda k: a.per_depth[k]["best_val"])
-        scratch_tests = a.per_depth[sk]["tests"]
-    for (arm, _), cell in a.per_depth.items():
-        if cell["tests"]:
-            cell["test"] = mean_ci(cell["tests"])
-            if scratch_tests and arm != scratch:
-                cell["ntg"] = ntg(cell["tests"], scratch_tests)
+        c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
+                                                                                                 r.config.search))
+        c.final_test[r.config.seed] = r.test_acc
+        if r.best_val_acc is not None:
+            c.final_val[r.config.seed] = r.best_val_acc
+    for c in a.cells.values():
+        c.trained = not c.final_test or beats_chance(list(c.final_test.values()), a.chance.get(c.search))
     for arm in arms:
-        keys = [k for k in a.per_depth if k[0] == arm]
-        best = max(keys, key=lambda k: a.per_depth[k]["best_val"])
-        cell = a.per_depth[best]
-        a.per_arm[arm] = {"best_depth": best[1], "best_val": cell["best_val"], "test": cell.get("test"),
-                          "ntg": cell.get("ntg"), "trials": sum(a.per_depth[k]["trials"] for k in keys)}
+        for s in a.searches:
+            mine = [c for c in a.cells.values() if c.arm == arm and c.search == s and c.final_val]
+            if mine:
+                a.chosen[(arm, s)] = choose_depth(mine)
+    if a.scratch is None:
+        return a
+    for s in a.searches:
+        base = next((c for c in a.cells.values() if c.arm == a.scratch and c.search == s and c.final_test), None)
+        if base is None:
+            continue
+        primary = []
+        for arm in arms:
+            if arm == a.scratch:
+                continue
+            for c in sorted((c for c in a.cells.values() if c.arm == arm and c.search == s and c.final_test),
+                            key=lambda c: c.depth):
+                g = ntg(c.final_test, base.final_test)
+                a.per_depth.append(Comparison(arm, s, c.depth, g, verdict(g, trained=c.trained,
+                                                                          baseline_trained=base.trained,
+                                                                          corrected=False)))
+                if a.chosen.get((arm, s)) == c.depth:
+                    primary.append((arm, c, g))
+        adjusted = holm([g.p for _, _, g in primary])
+        for (arm, c, g), p in zip(primary, adjusted):
+            g = Gap(g.gap, g.lo, g.hi, g.p, g.df, g.paired, p)
+            a.primary.append(Comparison(arm, s, c.depth, g, verdict(g, trained=c.trained,
+                                                                    baseline_trained=base.trained)))
     return a
 
 
-def curve_runs(results: list[TrialResult], a: Analysis) -> list[tuple[str, str, str]]:
-    """The learning curves worth drawing: per arm, the best trial at its shallowest and deepest depth.
+def budget_curves(results: list[TrialResult]) -> dict[tuple[str, int], list[float]]:
+    """Per (arm, depth): expected best validation accuracy after n = 1.. trials of one search (Dodge et al.
+    2019), from every search trial of that cell over the repeats that reported a score."""
+    by: dict[tuple[str, int], list[float]] = {}
+    per_search: dict[tuple[str, int, int], int] = {}
+    for r in results:
+        if r.config.final:
+            continue
+        key = r.config.cell
+        per_search[(*key, r.config.search)] = per_search.get((*key, r.config.search), 0) + 1
+        if r.best_val_acc is not None and r.status != "FAILED":
+            by.setdefault(key, []).append(r.best_val_acc)
+    out = {}
+    for key, vals in by.items():
+        n = max(v for (a, d, _), v in per_search.items() if (a, d) == key)
+        out[key] = [expected_max(vals, k) for k in range(1, n + 1)]
+    return out
 
-    Returns (label, line style, MLflow run id).
-    """
+
+def cost(results: list[TrialResult]) -> dict[tuple[str, int], float]:
+    """Compute seconds per (arm, depth): every search trial and final of the cell, all repeats."""
+    out: dict[tuple[str, int], float] = {}
+    for r in results:
+        if r.seconds is not None:
+            out[r.config.cell] = out.get(r.config.cell, 0.0) + r.seconds
+    return out
+
+
+def curve_runs(results: list[TrialResult], a: Analysis) -> list[tuple[str, str, str]]:
+    """The learning curves worth drawing: per arm, the best search trial at its shallowest and deepest depth
+    (first search repeat). Returns (label, line style, MLflow run id)."""
     out = []
     for arm in a.arms:
-        mine = [r for r in results if not r.config.final and r.config.arm == arm and r.best_val_acc is not None]
+        mine = [r for r in results if not r.config.final and r.config.arm == arm and r.best_val_acc is not None
+                and r.config.search == 0]
         if not mine:
             continue
         depths = sorted({r.config.unfrozen_blocks for r in mine})
@@ -119,8 +291,8 @@ def curve_runs(results: list[TrialResult], a: Analysis) -> list[tuple[str, str, 
 
 
 def search_study(results: list[TrialResult]):
-    """An in-memory Optuna study of the finished search trials (importance, parallel coordinates); ``None``
-    when fewer than three finished or nothing varied."""
+    """An in-memory Optuna study of finished search trials (importance, parallel coordinates); ``None`` when
+    fewer than three finished or nothing varied."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -154,3 +326,13 @@ def importance(study) -> dict[str, float]:
     if study is None:
         return {}
     return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+
+
+def importance_per_arm(results: list[TrialResult]) -> dict[str, dict[str, float]]:
+    """fANOVA importance within each arm (depth is a dimension of a pretrained arm, never of scratch)."""
+    out = {}
+    for arm in sorted({r.config.arm for r in results if not r.config.final}):
+        imp = importance(search_study([r for r in results if r.config.arm == arm]))
+        if imp:
+            out[arm] = imp
+    return out
