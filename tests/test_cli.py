@@ -31,7 +31,21 @@ def test_report_on_an_unknown_experiment_is_one_line(cli, tmp_path):
 def test_version_and_python_m():
     import tl_sweep
 
-    proc = subprocess.run([sys.executable, "-m", "tl_sweep.cli", "validate", str(SPEC)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tl_sweep", "validate", str(SPEC)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "max_blocks: 5" in proc.stdout
     assert tl_sweep.__version__ and tl_sweep.__version__ != "0+unknown"
+    proc = subprocess.run([sys.executable, "-m", "tl_sweep", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == f"tl-sweep {tl_sweep.__version__}"
+
+
+def test_the_mlflow_environment_is_used_where_the_spec_does_not_say(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    code, out, _ = cli("validate", SPEC)
+    resolved = yaml.safe_load(out)
+    assert resolved["tracking"]["uri"] == f"sqlite:///{tmp_path / 'env.db'}"
+    assert resolved["resolved"]["experiment"] == "from-env"
+    code, out, _ = cli("validate", SPEC, "--set", "tracking.uri=sqlite:///spec.db", "--set", "tracking.experiment=x")
+    resolved = yaml.safe_load(out)  # the spec (or --set) says: it wins
+    assert resolved["tracking"]["uri"].endswith("/spec.db") and resolved["resolved"]["experiment"] == "x"

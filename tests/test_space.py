@@ -94,3 +94,37 @@ def test_constant_epochs_keep_plain_asha():
     cfg = spec.load(SPEC, ["search.space.epochs=4", "study=null"])
     sched = space.make_scheduler(cfg.spec)
     assert sched._max_t == 4  # progress == epoch when every trial has the same schedule
+
+
+def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
+    """Real Ray Tune, real Optuna, the real searcher and scheduler: a trial ASHA stops reaches Optuna as PRUNED
+    even when ``epochs`` is a constant (Tune hands searchers the flattened result)."""
+    import ray
+    from optuna.trial import TrialState
+    from ray import tune
+
+    def trainable(config):  # reports as tl-sweep's trainable does: epochs, progress, best-epoch score
+        best = 0.0
+        for epoch in range(1, config["epochs"] + 1):
+            acc = config["lr_mult"] / 10 * epoch / config["epochs"]
+            best = max(best, acc)
+            tune.report({"val_acc": acc, "best_val_acc": best, "epoch": epoch,
+                         "progress": contract.progress(epoch, config["epochs"], 3)})
+
+    cfg = spec.load(SPEC, ["study=null", "search.space.epochs=3", "search.num_trials=8", "search.max_concurrent=1",
+                           "search.space.unfrozen_blocks=0", "scheduler.reduction_factor=2"])
+    searcher, scheduler = space.make_searcher(cfg.spec, "a"), space.make_scheduler(cfg.spec)
+    assert contract.rungs(cfg.spec) == (1.0, 2.0)
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                                                 num_samples=8),
+                          run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    epochs_run = sorted(r.metrics["epoch"] for r in grid)
+    states = [t.state for t in searcher.searcher._ot_study.trials]
+    stopped = sum(e < 3 for e in epochs_run)
+    assert stopped >= 1, epochs_run  # lr_mult spreads the scores: ASHA stops the worse half at its rungs
+    assert states.count(TrialState.PRUNED) == stopped
+    assert states.count(TrialState.COMPLETE) == 8 - stopped

@@ -91,3 +91,14 @@ def test_analysis_chooses_depth_on_validation_ties_shallow_and_pairs_by_seed():
     assert a.stability("src") == {"transfer gain": 1}
     assert stats.budget_curves(results)[("src", 0)] == [0.7]
     assert stats.cost(results)[("src", 3)] == 4.0  # one search trial + three finals
+
+
+def test_parent_metrics_carry_the_study_per_search_repeat():
+    results = [_r("source:x", 2, 0, 0, 0.7), _r("scratch", 5, 0, 0, 0.6)]
+    for s, (a, b) in zip((1000, 1001, 1002), [(0.90, 0.80), (0.92, 0.81), (0.91, 0.79)]):
+        results += [_r("source:x", 2, 0, s, 0.9, a, "final"), _r("scratch", 5, 0, s, 0.8, b, "final")]
+    m = stats.parent_metrics(stats.analyze(results, chance={0: 0.2}))[0]
+    assert m["study/source_x/depth"] == 2 and m["study/scratch/depth"] == 5
+    assert m["study/source_x/test_acc"] == pytest.approx(0.91) and m["study/source_x/ntg"] == pytest.approx(-0.11)
+    assert m["study/source_x/ntg_lo"] < m["study/source_x/ntg"] < m["study/source_x/ntg_hi"] < 0
+    assert "study/scratch/ntg" not in m

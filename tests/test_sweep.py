@@ -26,7 +26,8 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "[  4/4]" in out and "best val_acc" in out
+    assert "[  4/4]" in proc.stderr and "[  4/4]" not in out  # progress on stderr, results on stdout
+    assert "best val_acc" in out
     assert "workflowType=machine_learning" in out
 
     client = MlflowClient(f"sqlite:///{db}")

@@ -92,3 +92,20 @@ def test_bf16_precision_on_cpu_trains_under_autocast():
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.bfloat16
     with train.autocast(torch.device("cpu"), "auto"):  # auto is fp32 on a CPU
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch,batch_size", [("resnet18", b) for b in (2, 3, 4, 6, 8, 12, 24)]
+                         + [("mobilenet_v3_small", 8), ("densenet121", 8)])
+def test_a_trailing_batch_of_one_image_is_dropped_in_training(arch, batch_size):
+    """25 training images = k × batch_size + 1: the last training batch would hold one image, which a
+    BatchNorm in train mode cannot normalise ("Expected more than 1 value per channel")."""
+    prepared = data.prepare("builtin:digits", size=36, seed=0, split=(0.6, 0.2, 0.2), classes=[5, 6, 7, 8, 9],
+                            train_per_class=5, log=lambda m: None)
+    c = dataclasses.replace(ctx({"kind": "fixed"}), arch=arch, data=prepared,
+                            input={"crop": 32, "resize": 36, "mean": (0.5,) * 3, "std": (0.25,) * 3})
+    trial = dataclasses.replace(PARAMS, batch_size=batch_size, unfrozen_blocks=5, epochs=1)
+    fit = train.Fit(c, trial, torch.device("cpu"))
+    m = fit.epoch()
+    assert math.isfinite(m["train_loss"]) and fit.step_count == fit.steps == 24 // batch_size
+    _, acc = fit.evaluate("val")  # evaluation keeps every image
+    assert 0 <= acc <= 1

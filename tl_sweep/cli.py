@@ -21,7 +21,8 @@ def _err(msg: str) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    """Progress goes to stderr; results (tables, run and job ids) to stdout."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def cmd_validate(args) -> int:
@@ -66,10 +67,11 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     from tl_sweep import cluster
 
+    if not args.address:
+        raise UserError("--address: give the cluster's dashboard (http://head:8265) or set RAY_ADDRESS")
     job_id, status = cluster.submit(args.spec, args.set, args.address, wait=not args.no_wait, resume=args.resume,
                                     log=_log)
-    if args.no_wait:
-        print(job_id)
+    print(job_id if args.no_wait else f"job {job_id}: {status}")
     return 0 if status in ("SUCCEEDED", "SUBMITTED", "RUNNING") else 1
 
 
@@ -121,7 +123,10 @@ def cmd_ui(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from tl_sweep import __version__
+
     p = argparse.ArgumentParser(prog="tl-sweep", description="Transfer-learning sweeps: Ray Tune + Optuna + MLflow.")
+    p.add_argument("--version", action="version", version=f"tl-sweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_spec(name: str, help: str) -> argparse.ArgumentParser:
@@ -132,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     r = with_spec("run", "run the sweep a spec describes")
-    r.add_argument("--address", default=None, help="Ray cluster to join (auto or host:port); default: local")
+    r.add_argument("--address", default=None, help="Ray cluster to join (auto or host:port); default: "
+                   "$RAY_ADDRESS, else a local Ray")
     r.add_argument("--resume", action="store_true", help="continue the latest sweep of this spec (after Ctrl-C or "
                    "a killed driver): finished trials are kept, unfinished ones continue from their checkpoints")
     r.add_argument("--report-dir", default=None, help="where report.md, trials.csv and plots go "
@@ -142,12 +148,14 @@ def parser() -> argparse.ArgumentParser:
     who = rep.add_mutually_exclusive_group(required=True)
     who.add_argument("--experiment", help="experiment name: its latest sweep")
     who.add_argument("--run", help="the sweep's parent run id")
-    rep.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    rep.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                     help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     rep.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
     rep.add_argument("--no-log", action="store_true", help="do not log the report on the parent run again")
     rep.set_defaults(fn=cmd_report)
     sm = with_spec("submit", "submit the sweep to a Ray cluster as a Ray Job and follow its logs")
-    sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://head:8265")
+    sm.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                    help="the cluster's dashboard, e.g. http://head:8265 (default: $RAY_ADDRESS)")
     sm.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sm.add_argument("--resume", action="store_true", help="continue the latest sweep of this spec on the cluster")
     sm.set_defaults(fn=cmd_submit)
@@ -155,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"
                    ).set_defaults(fn=cmd_models)
     u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
-    u.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    u.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                   help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(fn=cmd_ui)

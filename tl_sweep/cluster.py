@@ -168,6 +168,4 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
     except KeyboardInterrupt:
         log(f"stopped following job {job_id}; it keeps running (ray job stop {job_id} --address {address})")
         return job_id, "RUNNING"
-    status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
-    log(f"job {job_id}: {status}")
-    return job_id, status
+    return job_id, str(client.get_job_status(job_id)).rsplit(".", 1)[-1]

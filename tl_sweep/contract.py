@@ -196,6 +196,8 @@ class TrialContext:
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
     rungs: tuple[float, ...] = ()  # the scheduler's milestones, in progress units: reported at exactly these
     repeats: tuple[Any, ...] = ()  # a study's data.Prepared per search repeat (splits drawn with its own seed)
+    run_tags: dict[str, str] = field(default_factory=dict)  # MLflow's standard source/user/git tags, every run
+    dataset: tuple[str, str] = ("", "")  # (name, source) of data.dataset, as MLflow dataset inputs show it
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
     def data_for(self, search: int):
@@ -204,7 +206,8 @@ class TrialContext:
 
     @classmethod
     def from_config(cls, cfg, data, arms: dict[str, tuple[str, str | None]], *, tracking_uri: str = "",
-                    experiment_id: str = "", parent_run_id: str = "", repeats: tuple = ()) -> TrialContext:
+                    experiment_id: str = "", parent_run_id: str = "", repeats: tuple = (),
+                    run_tags: dict[str, str] | None = None) -> TrialContext:
         """The one place a context is built: from a resolved :class:`~tl_sweep.spec.Config`."""
         from tl_sweep.spec import values_of
 
@@ -217,4 +220,6 @@ class TrialContext:
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
             feature_cache=s.data.feature_cache, gpu_share=s.resources.gpu, precision=s.resources.precision,
             memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
-            checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats))
+            checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats),
+            run_tags=dict(run_tags or {}),
+            dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset))

@@ -547,6 +547,12 @@ class Augmenter:
         return self._normalise(x[..., o:o + self.crop, o:o + self.crop])
 
 
+def split_digests(p: Prepared) -> dict[str, tuple[int, str]]:
+    """Per split: (images, digest of the dataset's fingerprint and the split's rows)."""
+    return {k: (len(v), hashlib.sha1(f"{p.fingerprint}/{k}/{list(v)}".encode()).hexdigest()[:16])
+            for k, v in p.index.items()}
+
+
 def chance(p: Prepared, split: str = "test") -> float | None:
     """The majority-class rate of a split: what always answering the commonest class scores."""
     rows = p.index.get(split)

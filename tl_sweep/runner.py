@@ -187,7 +187,7 @@ def spec_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool) -> tuple[str, str]:
+def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool, run_tags: dict[str, str]) -> tuple[str, str]:
     """The experiment and the sweep's parent run: a new one, or (``resume``) the latest one of this spec."""
     s, uri = cfg.spec, cfg.spec.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
@@ -209,6 +209,7 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool) -> tuple
     if prepared.skipped:
         files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
     parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
+        **run_tags,
         "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), Tag.SPEC_HASH: spec_hash(cfg),
         "tl_sweep.data_fingerprint": prepared.fingerprint,
         **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()},
@@ -394,14 +395,17 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     repeats, arms = preflight(cfg, log)
     search_n, final_n = cfg.trainings()
     log(f"plan: {search_n} search trials + {final_n} final re-trainings = {search_n + final_n} trainings")
-    exp_id, parent = open_sweep(cfg, repeats, resume)
+    run_tags = tracking.source_tags(cfg.spec_file)
+    exp_id, parent = open_sweep(cfg, repeats, resume, run_tags)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
     summary = Summary(exp_id, parent)
     ctx = TrialContext.from_config(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id,
-                                   parent_run_id=parent, repeats=tuple(repeats))
+                                   parent_run_id=parent, repeats=tuple(repeats), run_tags=run_tags)
     start_ray(address)
     ctx = check_cluster(cfg, ctx)
+    if not resume:
+        tracking.log_datasets(uri, parent, *ctx.dataset, data.split_digests(repeats[0]))
     try:
         summary.trials = search(cfg, ctx, parent, log, resume)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))

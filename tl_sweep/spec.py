@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -399,7 +400,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> "Config":
     except ValidationError as err:
         raise _first_error(err, where) from None
     try:
-        return resolve(spec, path.resolve().parent, text)
+        return resolve(spec, path.resolve().parent, text).model_copy(update={"spec_file": str(path.resolve())})
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -415,6 +416,7 @@ class Config(BaseModel):
     spec: Spec
     spec_text: str
     spec_dir: str
+    spec_file: str = ""
     experiment: str
     arms: dict[str, str]  # arm name -> weights (enum name | absolute checkpoint path | source:<name> | none)
     input: dict[str, Any]  # crop, resize, mean, std
@@ -501,6 +503,11 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         space.unfrozen_blocks = n
     from tl_sweep.tracking import normalise_uri  # tracking reads the trial contract, which reads this module
 
+    # the environment MLflow users already have, where the spec does not say
+    if "uri" not in spec.tracking.model_fields_set and os.environ.get("MLFLOW_TRACKING_URI"):
+        spec.tracking.uri = os.environ["MLFLOW_TRACKING_URI"]
+    if spec.tracking.experiment is None and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        spec.tracking.experiment = os.environ["MLFLOW_EXPERIMENT_NAME"]
     spec.tracking.uri = normalise_uri(spec.tracking.uri)
     if "://" not in spec.storage:  # written in the spec: relative to it; the default: the working directory
         spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())

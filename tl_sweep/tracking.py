@@ -127,6 +127,27 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def source_tags(spec_file: str) -> dict[str, str]:
+    """MLflow's standard source tags: who ran what, from which file, at which git commit."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": spec_file or "tl-sweep"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    if spec_file:
+        try:
+            commit = subprocess.run(["git", "-C", str(Path(spec_file).parent), "rev-parse", "HEAD"], text=True,
+                                    capture_output=True, timeout=10)
+            if commit.returncode == 0:
+                tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return tags
+
+
 def start_parent(uri: str, exp_id: str, run_name: str, config: dict, files: dict[str, str],
                  tags: dict[str, str]) -> str:
     """Create the sweep's parent run: resolved config as params, spec + resolved config as artifacts."""
@@ -153,6 +174,18 @@ def log_texts(uri: str, run_id: str, files: dict[str, str], artifact_path: str |
 def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
     for p in paths:
         _retry(client(uri).log_artifact, run_id, str(p), artifact_path)
+
+
+def log_datasets(uri: str, run_id: str, name: str, source: str, splits: dict[str, tuple[int, str]]) -> None:
+    """The data a run used, as MLflow dataset inputs (the UI's Datasets column): one per split, its context
+    (train/val/test) as the tag MLflow reads, the split's digest, and its size as the profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [DatasetInput(Dataset(name=f"{name} ({split})", digest=digest, source_type="tl-sweep",
+                                   source=json.dumps({"uri": source}), profile=json.dumps({"num_rows": n})),
+                           tags=[InputTag("mlflow.data.context", split)])
+              for split, (n, digest) in splits.items()]
+    _retry(client(uri).log_inputs, run_id, datasets=inputs)
 
 
 def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:

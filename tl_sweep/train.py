@@ -97,11 +97,21 @@ class Batches:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _end(self, batch_size: int, shuffle: bool) -> int:
+        """Where batches stop: a shuffled (training) pass drops a trailing batch of one image, which a
+        BatchNorm in train mode cannot normalise (it is a different image each epoch)."""
+        n = len(self.rows)
+        return n - 1 if shuffle and n > 1 and n % batch_size == 1 else n
+
+    def steps(self, batch_size: int) -> int:
+        """Optimizer steps in one training pass."""
+        return math.ceil(self._end(batch_size, True) / batch_size)
+
     def __call__(self, batch_size: int, shuffle: bool, gen: torch.Generator | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.rows)
         order = torch.randperm(n, generator=gen).numpy() if shuffle else np.arange(n)
-        for start in range(0, n, batch_size):
+        for start in range(0, self._end(batch_size, shuffle), batch_size):
             idx = np.sort(order[start:start + batch_size])
             if self.device.type == "cuda":
                 t = torch.from_numpy(idx).to(self.device)
@@ -180,7 +190,7 @@ class Fit:
         self.part = models.partition(self.model, ctx.arch)
         self.lr = learning_rate(trial.optimizer, trial.lr_mult, trial.batch_size)
         self.batches = {"train": Batches.of(self.data, "train", device)}
-        self.steps = math.ceil(len(self.batches["train"]) / trial.batch_size) * trial.epochs
+        self.steps = self.batches["train"].steps(trial.batch_size) * trial.epochs
         self.step_count, self.depth, self.n_epochs, self.first_step_at = 0, None, 0, None
         self.gen = torch.Generator().manual_seed(trial.seed)
         self.aug = Augmenter(crop=ctx.input["crop"], mean=ctx.input["mean"], std=ctx.input["std"], device=device,

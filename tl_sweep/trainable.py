@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tl_sweep import checkpoint, contract, limits, tracking
+from tl_sweep import checkpoint, contract, data, limits, tracking
 from tl_sweep.contract import Tag, TrialConfig, TrialContext
 from tl_sweep.train import Fit, TrialError, device_for
 
@@ -54,10 +54,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run = tracking.TrialRun.open(
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial.name(ctx.arch, len(ctx.arms) > 1),
         params={**trial.to_params(), "arch": ctx.arch, "weights": weights},
-        tags={Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
+        tags={**ctx.run_tags, Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
               Tag.NODE: ray.get_runtime_context().get_node_id(), Tag.ARM: trial.arm, Tag.SOURCE: weights,
               Tag.DEPTH: str(trial.unfrozen_blocks)},
         run_id=resumed["resume"]["run_id"] if resumed else None)
+    if run.previous is None:  # a new run: the splits it reads, as MLflow dataset inputs (the test split: finals)
+        d = ctx.data_for(trial.search)
+        tracking.log_datasets(ctx.tracking_uri, run.run_id, *ctx.dataset,
+                              {k: v for k, v in data.split_digests(d).items() if k != "test" or trial.final})
     logged = run.last_step(contract.METRIC)
     if run.previous == "FINISHED" and logged >= trial.epochs:  # done before a killed driver could record it
         tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
@@ -81,8 +85,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 _, acc = fit.evaluate_mid_epoch("val")
                 # best_val_acc stays the best *epoch* (the checkpoint the trial keeps), None before the first
                 tune.report({contract.METRIC: acc, "best_val_acc": best if best >= 0 else None,
-                             "epoch": fit.n_epochs - 1, "progress": rungs[step], "steps": step, "total_steps": fit.steps,
-                             "mlflow_run_id": run.run_id})
+                             "epoch": fit.n_epochs - 1, "progress": rungs[step], "steps": step,
+                             "total_steps": fit.steps, "mlflow_run_id": run.run_id})
 
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(first, trial.epochs + 1):

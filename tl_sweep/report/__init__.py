@@ -63,6 +63,8 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     if log_artifacts:
         files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))  # not resolved.yaml again
         tracking.log_files(uri, parent_id, files, artifact_path="report")
+        for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
+            tracking.log_batch(uri, parent_id, metrics, step=search)
     key_text = render.text_table(render.key_table(a))
     log(f"\nreport: {out / 'report.md'} (also in the parent run's artifacts under report/)\n{key_text}")
     return Report(out, markdown, key_text)

@@ -336,3 +336,23 @@ def importance_per_arm(results: list[TrialResult]) -> dict[str, dict[str, float]
         if imp:
             out[arm] = imp
     return out
+
+
+def parent_metrics(a: Analysis) -> dict[int, dict[str, float]]:
+    """The study's results as MLflow metrics of the parent run, per search repeat (the metric's step): per arm
+    the chosen depth, its finals' validation and test accuracy with the interval, NTG with its interval and
+    Holm p. Names are ``study/<arm>/<quantity>`` with the arm slugged (``source:x`` → ``source_x``)."""
+    out: dict[int, dict[str, float]] = {}
+    for (arm, s), depth in a.chosen.items():
+        cell, key = a.cells[(arm, depth, s)], "study/" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
+                                                                   for ch in arm)
+        m = out.setdefault(s, {})
+        m[f"{key}/depth"] = depth
+        m[f"{key}/val_acc"] = cell.val
+        if cell.test:
+            m[f"{key}/test_acc"], m[f"{key}/test_acc_lo"], m[f"{key}/test_acc_hi"] = cell.test
+        comp = next((c for c in a.primary if c.arm == arm and c.search == s), None)
+        if comp:
+            g = comp.gap
+            m.update({f"{key}/ntg": g.gap, f"{key}/ntg_lo": g.lo, f"{key}/ntg_hi": g.hi, f"{key}/ntg_p_holm": g.p_holm})
+    return {s: {k: v for k, v in m.items() if not math.isnan(v)} for s, m in out.items()}
