@@ -49,3 +49,12 @@ def test_the_mlflow_environment_is_used_where_the_spec_does_not_say(cli, tmp_pat
     code, out, _ = cli("validate", SPEC, "--set", "tracking.uri=sqlite:///spec.db", "--set", "tracking.experiment=x")
     resolved = yaml.safe_load(out)  # the spec (or --set) says: it wins
     assert resolved["tracking"]["uri"].endswith("/spec.db") and resolved["resolved"]["experiment"] == "x"
+
+
+def test_submit_without_an_address_and_an_unknown_run_are_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, _, err = cli("submit", SPEC)
+    assert code == 2 and "--address: give the cluster's dashboard" in err
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    code, out, err = cli("report", "--run", "0123456789abcdef0123456789abcdef", "--tracking-uri", db)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no run 0123456789abcdef" in err

@@ -57,3 +57,48 @@ def test_random_resized_crop_differs_per_image():
     x = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32).expand(8, 3, 32, 32).to(torch.uint8)
     out = data.Augmenter(crop=16, mean=(0, 0, 0), std=(1, 1, 1), generator=g).train(x)
     assert len({tuple(o.flatten()[:20].tolist()) for o in out}) == 8
+
+
+def test_idx_files_are_read_as_they_are(tmp_path):
+    """torchvision:MNIST / FashionMNIST from gzipped IDX files (torchvision's raw/ layout, or Debian's flat
+    folder), without torchvision's download logic; truncated files are one line."""
+    import gzip
+
+    import numpy as np
+    import pytest
+
+    from tl_sweep.errors import UserError
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+
+    def idx(name, arr):
+        head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        (raw / f"{name}.gz").write_bytes(gzip.compress(head + arr.astype(np.uint8).tobytes()))
+
+    for split, n in (("train", 60), ("t10k", 20)):
+        idx(f"{split}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        idx(f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    p = data.prepare("torchvision:FashionMNIST", size=32, seed=0, split=(0.5, 0.5, 0.0), root=str(tmp_path),
+                     log=lambda m: None)
+    assert p.classes[0] == "T-shirt/top" and p.counts() == {"train": 30, "val": 30, "test": 20}
+    x, y, _ = p.split("test")
+    assert x.shape[1:] == (3, 32, 32) and sorted(y.tolist()) == sorted((np.arange(20) % 10).tolist())
+    assert data.chance(p) == 0.1
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 50]) + b"\0" * 20))
+    with pytest.raises(UserError, match="is truncated"):
+        data.read_idx(raw / "t10k-labels-idx1-ubyte.gz")
+
+
+def test_real_mnist_from_shared_data_when_present():
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.skip("../shared/data/MNIST is not on this machine")
+    p = data.prepare("torchvision:MNIST", size=28, seed=0, split=(0.9, 0.1, 0.0), root=str(root), train_per_class=5,
+                     log=lambda m: None)
+    assert p.counts() == {"train": 50, "val": 6000, "test": 10000} and len(p.labels) == 70000

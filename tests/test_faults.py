@@ -32,7 +32,8 @@ def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
     proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=6", "--set", "search.space.lr_mult=[1.0, 1.0e+12]",
                "--set", "search.space.epochs=2", "--set", "search.space.batch_size=32",
                "--set", "search.space.optimizer=sgd", "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
-    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "trial"]
+    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])
+            if r.data.tags.get("tl_sweep.role") == "trial"]
     assert len(runs) == 6, proc.stdout[-2000:] + proc.stderr[-2000:]
     bad = [r for r in runs if float(r.data.params["lr_mult"]) > 1]
     good = [r for r in runs if float(r.data.params["lr_mult"]) == 1]
@@ -52,7 +53,8 @@ def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_p
                "--set", "data.image_size=64", "--set", "resources.memory_gb=1.2", "--set", "search.space.optimizer=sgd",
                "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "trial"]
+    runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])
+            if r.data.tags.get("tl_sweep.role") == "trial"]
     big = [r for r in runs if r.data.params["batch_size"] == "512"]
     small = [r for r in runs if r.data.params["batch_size"] == "8"]
     assert len(runs) == 5 and big and small, "the seeded search should try both batch sizes"

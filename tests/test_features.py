@@ -125,4 +125,5 @@ def test_the_store_key_tells_apart_resize_sizes_and_weight_files(tmp_path, monke
     first = features.weights_id("IMAGENET1K_V1", None, 0, arch="resnet18")
     torch.save({"other": torch.zeros(1)}, path)
     os.utime(path, (1, 1))  # another file under the same name
-    assert first.startswith("IMAGENET1K_V1:") and features.weights_id("IMAGENET1K_V1", None, 0, arch="resnet18") != first
+    assert first.startswith("IMAGENET1K_V1:")
+    assert features.weights_id("IMAGENET1K_V1", None, 0, arch="resnet18") != first

@@ -56,6 +56,19 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     for r in finals:
         assert len(client.get_metric_history(r.info.run_id, "test_acc")) == 1
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # each cell's Optuna study persists where the parent run says (optuna-dashboard opens the same storage)
+    import optuna
+
+    url = parent.data.tags["tl_sweep.optuna_storage"]
+    names = [s.study_name for s in optuna.get_all_study_summaries(url) if parent.info.run_id in s.study_name]
+    assert len(names) == 6 and f"study/{parent.info.run_id}/scratch@k=5/search1" in names
+    study = optuna.load_study(study_name=f"study/{parent.info.run_id}/source:digits-0-4@k=4/search0", storage=url)
+    assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert parent.data.metrics["study/source_digits-0-4/depth"] in (4, 5)  # the study's results on the parent
+    system = [k for k in parent.data.metrics if k.startswith("system/")]  # MLflow system metrics, per node
+    assert any(k.endswith("/cpu_utilization_percentage") for k in system), system
+    inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs  # the UI's Datasets column
+    assert {i.tags[0].value for i in inputs} == {"train", "val", "test"}
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/trials.csv", "report/freeze_depth.png"} <= names
 

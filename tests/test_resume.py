@@ -54,7 +54,7 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
 
     again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "(resumed)" in again.stdout
+    assert "(resumed)" in again.stderr  # progress goes to stderr
     client, runs = children(db)
     assert len(runs) == 4, [r.info.run_name for r in runs]  # no duplicate child runs
     assert len({r.data.tags["tl_sweep.trial_id"] for r in runs}) == 4

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -31,6 +32,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     assert "workflowType=machine_learning" in out
 
     client = MlflowClient(f"sqlite:///{db}")
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("e2e")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep"]
@@ -70,13 +72,20 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
             assert t.data.tags["tl_sweep.early_stopped"] == "true" and lines[-1] is rung
         else:
             assert "tl_sweep.early_stopped" not in t.data.tags and lines[-1]["progress"] == 2.0
-        assert [a.path for a in client.list_artifacts(t.info.run_id)] == ["best.pt"]
-    best = max(trials, key=lambda t: t.data.metrics["best_val_acc"])
+    # the winner (best trial that ran its schedule) keeps its best epoch's weights and is an MLflow Model;
+    # no other trial stores a 45 MB checkpoint (tracking.checkpoints: winners)
+    finished = [t for t in trials if "tl_sweep.early_stopped" not in t.data.tags]
+    best = max(finished, key=lambda t: t.data.metrics["best_val_acc"])
+    for t in trials:
+        assert [a.path for a in client.list_artifacts(t.info.run_id)] == (["best.pt"] if t is best else [])
     path = client.download_artifacts(best.info.run_id, "best.pt", str(tmp_path))
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["arch"] == "resnet18" and ckpt["classes"] == ["5", "6", "7", "8", "9"]
     assert ckpt["val_acc"] == best.data.metrics["best_val_acc"]
     assert ckpt["model"]["fc.weight"].shape == (5, 512)
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    assert {m.name for m in models} == {"model", "pytorch"} and {m.source_run_id for m in models} == {best.info.run_id}
+    assert not list(Path(tmp_path, "ray_results").glob("*/*/checkpoint_*"))  # Tune's copies are gone
 
 
 def test_a_trial_no_node_fits_is_refused(tmp_path):

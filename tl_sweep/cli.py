@@ -1,4 +1,4 @@
-"""``tl-sweep run | submit | validate | report | models | ui``.
+"""``tl-sweep run | submit | validate | report | predict | models | ui``.
 
 User errors (:class:`~tl_sweep.errors.UserError`) print one line on stderr and exit with code 2.
 """
@@ -45,6 +45,8 @@ def cmd_run(args) -> int:
         os.chdir(stable)
     cfg = spec.load(args.spec, args.set)
     summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
+    if summary.report is not None:
+        print(summary.report.key)
     print()
     finals = f" + {len(summary.finals)} final re-trainings" if summary.finals else ""
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
@@ -84,8 +86,86 @@ def cmd_report(args) -> int:
         exp_id, parent = tracking.get_run(uri, args.run).info.experiment_id, args.run
     else:
         exp_id, parent = tracking.find_sweep(uri, args.experiment)
-    report.build(uri, exp_id, parent, out_dir=args.out, log=_log, log_artifacts=not args.no_log)
+    print(report.build(uri, exp_id, parent, out_dir=args.out, log=_log, log_artifacts=not args.no_log).key)
     return 0
+
+
+def cmd_predict(args) -> int:
+    from tl_sweep import classifier, data
+
+    paths = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in data.IMAGE_SUFFIXES)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder; give image files or folders of images")
+    if not paths:
+        raise UserError(f"{' '.join(args.paths)}: no images there ({', '.join(sorted(data.IMAGE_SUFFIXES))})")
+    for p in paths:  # every file an image, before any model is loaded
+        classifier.check_image(p)
+    if args.model.startswith(("runs:/", "models:/", "m-")):
+        from tl_sweep import tracking
+
+        uri = tracking.normalise_uri(args.tracking_uri)
+        model = tracking.load_pyfunc(uri, args.model)
+        frame = model.predict([str(p) for p in paths])
+        classes = [c for c in frame.columns if c not in ("label", "probability")]
+        probs = frame[classes].to_numpy()
+    else:
+        clf = classifier.Classifier.from_file(args.model)
+        classes, probs = clf.classes, clf.probabilities([str(p) for p in paths])
+    truth = [p.parent.name if p.parent.name in classes else None for p in paths]
+    parents = {p.parent.name for p in paths}
+    if all(t is None for t in truth) and len(parents) > 1 and len(paths) > len(parents):
+        raise UserError(f"MODEL: it predicts {', '.join(classes)}, and the images sit in class folders "
+                        f"{', '.join(sorted(parents))}: a model for other classes; give one trained on these")
+    top = max(1, min(args.top, len(classes)))
+    rows = []
+    for path, p, t in zip(paths, probs, truth):
+        order = (-p).argsort()[:top]
+        rows.append((str(path), classes[order[0]], f"{p[order[0]]:.3f}", t or "",
+                     ", ".join(f"{classes[j]} {p[j]:.3f}" for j in order)))
+    head = ("image", "predicted", "probability", "true", f"top {top}")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if any(truth):
+        right = sum(r[1] == r[3] for r in rows if r[3])
+        print(f"accuracy on the {sum(bool(t) for t in truth)} images in class folders: "
+              f"{right / sum(bool(t) for t in truth):.3f}")
+    if args.grid:
+        _grid(paths, [r[1] for r in rows], [float(r[2]) for r in rows], truth, Path(args.grid))
+        _log(f"grid: {args.grid}")
+    return 0
+
+
+def _grid(paths, predicted, prob, truth, out: Path) -> None:
+    """The seed tutorials' visualize_model: each image with its predicted (and true) label."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = len(paths)
+    cols = min(6, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, path, pred, p, t in zip(axes.flat, paths, predicted, prob, truth):
+        with Image.open(path) as im:
+            ax.imshow(im.convert("RGB"))
+        ok = t is None or t == pred
+        ax.set_title(f"{pred} {p:.2f}" + (f"\n(true: {t})" if t else ""), fontsize=8, color="black" if ok else "red")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 def cmd_models(args) -> int:
@@ -162,6 +242,14 @@ def parser() -> argparse.ArgumentParser:
     with_spec("validate", "print the fully resolved config and exit").set_defaults(fn=cmd_validate)
     sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"
                    ).set_defaults(fn=cmd_models)
+    pr = sub.add_parser("predict", help="classify images with a logged model or a checkpoint")
+    pr.add_argument("model", help="runs:/<run id>/model, models:/<name>@<alias>, or a tl-sweep checkpoint (best.pt)")
+    pr.add_argument("paths", nargs="+", help="image files or folders (in class folders: the true label is shown)")
+    pr.add_argument("--grid", default=None, help="write a PNG grid of the images with their predicted labels")
+    pr.add_argument("--top", type=int, default=1, help="show the K most probable classes")
+    pr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                    help="where runs:/ and models:/ live (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    pr.set_defaults(fn=cmd_predict)
     u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
     u.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                    help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -174,6 +262,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter around a one-line error
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is for results
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # the same when mlflow was imported already
     args = parser().parse_args(argv)
     try:

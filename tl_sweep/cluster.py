@@ -90,6 +90,50 @@ def check_nodes(storage: str, tracking_uri: str, data_paths: list[str]) -> int:
     return len(nodes)
 
 
+def _monitor(uri: str, run_id: str, node: str):
+    from tl_sweep import tracking
+
+    class Monitor:
+        def __init__(self):
+            self.m = tracking.SystemMetrics(uri, run_id, node)
+
+        def stop(self) -> None:
+            self.m.stop()
+
+    return Monitor
+
+
+def system_metrics(uri: str, run_id: str) -> list:
+    """System metrics of every node on the sweep's parent run (``system/<node ip>/...``): this node's in this
+    process, each other node's in a small actor pinned to it. Returns what :func:`stop_system_metrics` stops."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tl_sweep import tracking
+
+    here = ray.get_runtime_context().get_node_id()
+    out = []
+    for n in _nodes():
+        node = n["NodeManagerAddress"]
+        if n["NodeID"] == here:
+            out.append(tracking.SystemMetrics(uri, run_id, node))
+        else:
+            actor = ray.remote(num_cpus=0)(_monitor(uri, run_id, node)).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            out.append(actor)
+    return out
+
+
+def stop_system_metrics(monitors: list) -> None:
+    import ray
+
+    for m in monitors:
+        try:
+            ray.get(m.stop.remote(), timeout=30) if hasattr(m.stop, "remote") else m.stop()
+        except Exception:  # noqa: BLE001 - a lost node's monitor is gone with it
+            pass
+
+
 # -------------------------------------------------------------------------------------------- submit
 
 

@@ -162,6 +162,7 @@ class TrialResult:
     name: str = ""  # MLflow run name
     error: str | None = None
     seconds: float | None = None  # compute seconds (on its device), start to last epoch
+    checkpoint: Any = None  # Tune's Checkpoint with the best epoch's weights (trials that ran their schedule)
 
     def row(self) -> dict[str, Any]:
         """A flat dict (tables, CSV)."""
@@ -198,6 +199,7 @@ class TrialContext:
     repeats: tuple[Any, ...] = ()  # a study's data.Prepared per search repeat (splits drawn with its own seed)
     run_tags: dict[str, str] = field(default_factory=dict)  # MLflow's standard source/user/git tags, every run
     dataset: tuple[str, str] = ("", "")  # (name, source) of data.dataset, as MLflow dataset inputs show it
+    log_checkpoints: bool = False  # tracking.checkpoints: all (every trial's best.pt in MLflow)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
     def data_for(self, search: int):
@@ -222,4 +224,5 @@ class TrialContext:
             memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
             checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats),
             run_tags=dict(run_tags or {}),
-            dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset))
+            dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
+            log_checkpoints=s.tracking.checkpoints == "all")

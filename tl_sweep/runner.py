@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import ray
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -51,6 +52,7 @@ class Summary:
     status: str = "FINISHED"
     report: Any = None
     seconds: float = 0.0
+    models: dict[str, str] = field(default_factory=dict)  # arm -> MLflow model URI of its winner
 
     @property
     def best(self) -> TrialResult | None:
@@ -98,8 +100,8 @@ class Recorder(tune.Callback):
     """Closes each trial's MLflow run with its final status (the one close call), and measures start-up from
     scheduling: the Tune step that created the trial to its first training work, actor start included."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
+    def __init__(self, uri: str, study: bool):
+        self.uri, self.study = uri, study
         self.added: dict[str, float] = {}  # trial id -> when Tune created it (a slot was free: it is scheduled)
         self.n_seen, self.step_began = 0, time.time()
         self.startup: dict[str, float] = {}
@@ -120,11 +122,16 @@ class Recorder(tune.Callback):
 
     def _close(self, trial, failed: bool) -> None:
         r = trial.last_result or {}
+        epochs_run = int(r.get("epoch", 0))
+        stopped = not failed and contract.stopped_early(epochs_run, trial.config.get("epochs", 0))
+        # a checkpoint that can never be published goes now (a finished trial's Tune checkpoint holds its best
+        # weights, 45 MB for a ResNet18): study search trials, stopped and failed ones
+        if failed or stopped or (self.study and trial.config.get("role") != "final"):
+            drop_checkpoint(trial.checkpoint)
         if not r.get("mlflow_run_id"):
             return
-        epochs_run = int(r.get("epoch", 0))
         tags = {Tag.EPOCHS_RUN: str(epochs_run)}
-        if not failed and contract.stopped_early(epochs_run, trial.config.get("epochs", 0)):
+        if stopped:
             tags[Tag.EARLY_STOPPED] = "true"
         s = self.startup.pop(trial.trial_id, None)
         tracking.close_run(self.uri, r["mlflow_run_id"], "FAILED" if failed else "FINISHED", tags,
@@ -135,6 +142,14 @@ class Recorder(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, failed=True)
+
+
+def drop_checkpoint(ckpt) -> None:
+    """Delete a Tune checkpoint of a trial that has ended, where storage is a local or mounted folder."""
+    import shutil
+
+    if ckpt is not None and getattr(ckpt.filesystem, "type_name", "") == "local":
+        shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -183,6 +198,14 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
     return repeats, arms
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def spec_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -213,7 +236,8 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool, run_tags
         "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), Tag.SPEC_HASH: spec_hash(cfg),
         "tl_sweep.data_fingerprint": prepared.fingerprint,
         **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()},
-        "tl_sweep.data.chance_by_search": json.dumps([data.chance(p) for p in repeats])})
+        "tl_sweep.data.chance_by_search": json.dumps([data.chance(p) for p in repeats]),
+        "tl_sweep.optuna_storage": optuna_url(cfg)})
     return exp_id, parent
 
 
@@ -262,7 +286,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                     reuse_actors=s.resources.gpu == 0,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
-                                  callbacks=[Progress(total, log), Recorder(s.tracking.uri)],
+                                  callbacks=[Progress(total, log), Recorder(s.tracking.uri, s.study is not None)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
 
@@ -281,7 +305,7 @@ def _results(grid) -> list[TrialResult]:
         out.append(TrialResult(config, contract.status(failed, epochs_run, config.epochs), epochs_run,
                                best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
                                trial=m.get("trial_id") or (Path(r.path).name if r.path else ""),
-                               run_id=m.get("mlflow_run_id", ""),
+                               run_id=m.get("mlflow_run_id", ""), checkpoint=r.checkpoint,
                                error=m.get("trial_error") or (str(r.error).splitlines()[0][:200] if r.error else None)))
     return out
 
@@ -306,10 +330,20 @@ def _phase_name(cfg: Config, parent: str, phase: str) -> str:
     return f"{cfg.experiment}-{parent[:8]}-{''.join(c if c.isalnum() or c in '-_' else '-' for c in phase).strip('-')}"
 
 
+def optuna_url(cfg: Config) -> str:
+    """Where the sweep's Optuna studies live: ``optuna.db`` beside a sqlite tracking store, else in the cache."""
+    uri = cfg.spec.tracking.uri
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else data.cache_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
 def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: bool = False) -> list[TrialResult]:
     """A plain sweep: each arm's search in turn. A study: every cell's searches in one Tuner (equal budgets,
-    one TPE and one ASHA per cell and search repeat). Returns every search trial."""
+    one TPE and one ASHA per cell and search repeat). The Optuna studies persist in :func:`optuna_url`, named
+    ``<experiment>/<parent run>/...``. Returns every search trial."""
     s = cfg.spec
+    storage, prefix = space.optuna_storage(optuna_url(cfg)), f"{cfg.experiment}/{parent}/"
     how = (f"{s.search.max_concurrent} at a time, {s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, "
            f"scheduler {s.scheduler.kind}")
     if s.study is not None:
@@ -317,11 +351,13 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
         log(f"ray: study search: {len(cfg.cells)} cells × {s.study.search_repeats} search repeats × "
             f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
-                           space.study_searcher(s, cfg.cells), scheduler=space.make_scheduler(s), resume=resume))
+                           space.study_searcher(s, cfg.cells, storage, prefix), scheduler=space.make_scheduler(s),
+                           resume=resume))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
-        tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log, space.make_searcher(s, arm),
+        tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log,
+                       space.make_searcher(s, arm, storage=storage, name=prefix + arm),
                        scheduler=space.make_scheduler(s), resume=resume)
         out += _fit(tuner)
     return out
@@ -404,6 +440,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
                                    parent_run_id=parent, repeats=tuple(repeats), run_tags=run_tags)
     start_ray(address)
     ctx = check_cluster(cfg, ctx)
+    monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
     if not resume:
         tracking.log_datasets(uri, parent, *ctx.dataset, data.split_digests(repeats[0]))
     try:
@@ -423,12 +460,72 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         raise
     finally:
         summary.seconds = time.perf_counter() - t0
+        cluster.stop_system_metrics(monitors)
         close_sweep(summary, uri, resume, log)
     if summary.status != "KILLED":
         from tl_sweep import report
 
         summary.report = report.build(uri, exp_id, parent, out_dir=report_dir, log=log)
+        if s.tracking.log_models:
+            summary.models = publish(cfg, summary, repeats, arms, log)
+        for r in summary.trials + summary.finals:  # published (or not wanted): Tune's copies go
+            drop_checkpoint(r.checkpoint)
     return summary
+
+
+def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: dict[str, tuple[str, str | None]],
+            log: log_fn) -> dict[str, str]:
+    """The winner as an MLflow Model: per arm in a study (its chosen cell's best final by validation), the best
+    trial of a plain sweep; the overall winner registered under ``tracking.register_as`` with the alias
+    ``champion`` and its lineage. Returns arm -> model URI."""
+    import shutil
+    import tempfile
+
+    from tl_sweep.report import stats
+
+    s, uri = cfg.spec, cfg.spec.tracking.uri
+    picks: dict[str, TrialResult] = {}
+    a = summary.report.analysis if summary.report else None
+    if s.study is not None and a is not None:
+        for arm, cell in stats.winners(a).items():
+            mine = [r for r in summary.finals if (r.config.arm, r.config.unfrozen_blocks, r.config.search)
+                    == (arm, cell.depth, cell.search) and r.best_val_acc is not None and r.run_id]
+            if mine:
+                picks[arm] = max(mine, key=lambda r: (r.best_val_acc, -r.config.seed))
+    else:  # a plain sweep: the best trial that ran its whole schedule
+        done = [r for r in summary.trials if r.status == "FINISHED" and r.best_val_acc is not None and r.run_id]
+        if done:
+            best = max(done, key=lambda r: r.best_val_acc)
+            picks[best.config.arm] = best
+    uris = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        x, _, rows = repeats[0].split("train")
+        example = np.ascontiguousarray(x[np.sort(rows[:2])].transpose(0, 2, 3, 1))  # two real images, H×W×3 uint8
+        for arm, r in picks.items():
+            if r.checkpoint is None:
+                continue
+            with r.checkpoint.as_directory() as d:  # the best epoch's weights, from Tune's storage
+                path = Path(tmp) / f"{len(uris)}" / "best.pt"
+                path.parent.mkdir()
+                shutil.copy(Path(d) / "trial.pt", path)
+            tracking.log_files(uri, r.run_id, [path])
+            uris[arm] = tracking.log_model(uri, r.run_id, path, example)
+            tracking.log_torch_model(uri, r.run_id, path)
+            log(f"mlflow: {arm}: model {uris[arm]} (run {r.run_id}, k={r.config.unfrozen_blocks}, "
+                f"seed {r.config.seed})")
+    if s.tracking.register_as and uris:
+        best = stats.winners(a) if a is not None and s.study is not None else {}
+        champion = max(uris, key=lambda arm: best[arm].val) if best else next(iter(uris))
+        weights, file = arms[champion]
+        tags = {"source_weights": weights if file is None else f"sha256:{_sha256(file)}", "arm": champion,
+                "data_fingerprint": repeats[0].fingerprint, "spec_hash": spec_hash(cfg),
+                "parent_run_id": summary.parent_run_id}
+        if a is not None and champion != a.scratch:
+            tags["ntg_verdict"] = "; ".join(f"{k} in {v} of {len(a.searches)}"
+                                            for k, v in a.stability(champion).items())
+        version = tracking.register(uri, uris[champion], s.tracking.register_as, tags)
+        log(f"mlflow: registered {champion} as models:/{s.tracking.register_as}@champion (version {version})")
+    return uris
 
 
 def table(results: list[TrialResult], limit: int = 8) -> str:

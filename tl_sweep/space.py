@@ -73,42 +73,79 @@ def searched(space: Space) -> list[str]:
 
 
 class Searcher(OptunaSearch):
-    """OptunaSearch that tells Optuna how a trial really ended.
+    """OptunaSearch that tells Optuna how a trial really ended, and keeps a copy of its study where
+    optuna-dashboard and ``optuna.load_study`` open it.
 
     A trial that ran all its epochs is COMPLETE with its best-epoch ``val_acc`` (the checkpoint it keeps).
     A trial ASHA stopped is PRUNED, not COMPLETE with a mid-schedule value: TPE then ranks it below complete
     trials by how far it got, instead of mistaking a half-annealed score for a final one. A trial that
     failed deterministically (NaN loss, out of memory) is FAIL.
+
+    The search itself runs on an in-memory study, whose state Ray Tune checkpoints with the experiment (so
+    ``--resume`` restores exactly what the sampler knew); each ended trial is then copied into the persistent
+    study ``mirror = (storage, name)``, once (its Tune trial id is a user attribute).
     """
+
+    mirror: tuple | None = None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials or error or not result:
-            return super().on_trial_complete(trial_id, result, error)
-        if result.get("trial_error"):
+            out = super().on_trial_complete(trial_id, result, error)
+        elif result.get("trial_error"):
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
             self._completed_trials.add(trial_id)
-            return None
+            out = None
         # Tune hands searchers the flattened result ("config/epochs"); a constant epochs is only there
-        epochs = int(result.get("config/epochs", ot_trial.params.get("epochs", 0)))
-        if contract.stopped_early(int(result.get("epoch", 0)), epochs):
+        elif contract.stopped_early(int(result.get("epoch", 0)),
+                                    int(result.get("config/epochs", ot_trial.params.get("epochs", 0)))):
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
-            return None
-        return super().on_trial_complete(trial_id, {**result, self.metric: result["best_val_acc"]}, error)
+            out = None
+        else:
+            out = super().on_trial_complete(trial_id, {**result, self.metric: result["best_val_acc"]}, error)
+        if ot_trial is not None and self.mirror:
+            self._copy(trial_id, ot_trial)
+        return out
+
+    def _copy(self, trial_id: str, ot_trial) -> None:
+        storage, name = self.mirror
+        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        if not frozen.state.is_finished():
+            return
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+        if any(t.user_attrs.get("tune_trial_id") == trial_id for t in study.get_trials(deepcopy=False)):
+            return  # copied before a --resume
+        study.add_trial(optuna.trial.create_trial(
+            state=frozen.state, value=frozen.value if frozen.state == TrialState.COMPLETE else None,
+            params=frozen.params, distributions=frozen.distributions, intermediate_values=frozen.intermediate_values,
+            user_attrs={**frozen.user_attrs, "tune_trial_id": trial_id}))
 
 
-def _tpe(space: Space, budget: int, seed: int, depths: list[int] | None, extra: dict) -> Searcher:
-    """Seeded TPE (``constant_liar`` so concurrent trials do not collide)."""
+def optuna_storage(url: str | None):
+    """An Optuna RDB storage (sqlite waits up to a minute for another sweep's write), or in-memory (None)."""
+    if not url:
+        return None
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                      if url.startswith("sqlite") else {})
+
+
+def _tpe(space: Space, budget: int, seed: int, depths: list[int] | None, extra: dict, storage=None,
+         name: str | None = None) -> Searcher:
+    """Seeded TPE (``constant_liar`` so concurrent trials do not collide), its study in ``storage`` as ``name``."""
     n_startup = min(10, max(2, budget // 3))
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=n_startup)
-    return Searcher(space=DefineByRun(space, depths=depths, extra=extra), metric=contract.METRIC, mode=contract.MODE,
-                    sampler=sampler)
+    searcher = Searcher(space=DefineByRun(space, depths=depths, extra=extra), metric=contract.METRIC,
+                        mode=contract.MODE, sampler=sampler)
+    searcher.mirror = (storage, name) if storage is not None and name else None
+    return searcher
 
 
-def make_searcher(s: Spec, arm: str, depths: list[int] | None = None) -> ConcurrencyLimiter:
-    """A plain sweep's search: seeded TPE behind a concurrency limit."""
-    searcher = _tpe(s.search.space, s.search.num_trials, s.seed, depths, {"arm": arm, "seed": s.seed, "role": "trial"})
+def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=None,
+                  name: str | None = None) -> ConcurrencyLimiter:
+    """A plain sweep's search: seeded TPE behind a concurrency limit (its Optuna study ``name`` in ``storage``)."""
+    searcher = _tpe(s.search.space, s.search.num_trials, s.seed, depths, {"arm": arm, "seed": s.seed, "role": "trial"},
+                    storage, name)
     return ConcurrencyLimiter(searcher, max_concurrent=s.search.max_concurrent)
 
 
@@ -125,14 +162,15 @@ class StudySearcher(TuneSearcher):
     concurrent trials belong to different cells and each cell's TPE has seen its own earlier results.
     """
 
-    def __init__(self, s: Spec, cells: list[tuple[str, int]]):
+    def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = ""):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         st = s.study
         self.searches = []  # [key, searcher, issued]
         for r in range(st.search_repeats):
             for arm, depth in cells:
                 extra = {"arm": arm, "seed": s.seed + r, "role": "trial", "search": r}
-                tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra)
+                tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra,
+                           storage, f"{prefix}{arm}@k={depth}/search{r}")
                 self.searches.append([(arm, depth, r), tpe, 0])
         self.budget, self.owner, self.next = st.trials_per_cell, {}, 0
 
@@ -168,8 +206,10 @@ class StudySearcher(TuneSearcher):
             self.__dict__.update(pickle.load(f))
 
 
-def study_searcher(s: Spec, cells: list[tuple[str, int]]) -> ConcurrencyLimiter:
-    return ConcurrencyLimiter(StudySearcher(s, cells), max_concurrent=s.search.max_concurrent)
+def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "") -> ConcurrencyLimiter:
+    """A study's searcher: one Optuna study per cell and search repeat, named ``<prefix><arm>@k=<depth>/search<r>``
+    in ``storage`` (optuna-dashboard opens them)."""
+    return ConcurrencyLimiter(StudySearcher(s, cells, storage, prefix), max_concurrent=s.search.max_concurrent)
 
 
 def min_epochs(space: Space) -> int:

@@ -63,7 +63,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tracking.log_datasets(ctx.tracking_uri, run.run_id, *ctx.dataset,
                               {k: v for k, v in data.split_digests(d).items() if k != "test" or trial.final})
     logged = run.last_step(contract.METRIC)
-    if run.previous == "FINISHED" and logged >= trial.epochs:  # done before a killed driver could record it
+    done = resumed is not None and resumed["resume"].get("done")  # its last epoch ran: only the driver had not
+    if done or (run.previous == "FINISHED" and logged >= trial.epochs):  # recorded it before it was killed
         tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
         return
     fit, best = None, -1.0
@@ -71,11 +72,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         blob = ctx.blobs.get(trial.arm)  # another node of a cluster: the checkpoint came through the object store
         fit = Fit(ctx, trial, device, weights_file=io.BytesIO(blob) if blob else None)
-        best_state, first = None, 1
+        best_state, best_epoch, first = None, 0, 1
         if resumed:
             r = resumed["resume"]
             fit.restore({**r["fit"], "model": resumed["model"]})
-            best, best_state, first = resumed["val_acc"], r["best_state"], resumed["epoch"] + 1
+            best, best_state, best_epoch, first = resumed["val_acc"], r["best_state"], r["best_epoch"], \
+                resumed["epoch"] + 1
         rungs = contract.rung_steps(ctx.rungs, ctx.min_epochs, fit.steps)
         steps_per_epoch = fit.steps // trial.epochs
 
@@ -94,12 +96,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
                     metrics["startup_seconds"] = fit.first_step_at - entered
                 metrics["val_loss"], metrics[contract.METRIC] = fit.evaluate("val")
-                if metrics[contract.METRIC] > best:
-                    best = metrics[contract.METRIC]
-                    if trial.final:  # only a final re-training needs the best weights again (for the test split)
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
-                    run.log_artifact(checkpoint.save(_checkpoint(ctx, trial, fit.model.state_dict(), epoch, best),
-                                                     Path(tmp) / "best.pt"))
+                if metrics[contract.METRIC] > best:  # the best epoch's weights: the model this trial keeps
+                    best, best_epoch = metrics[contract.METRIC], epoch
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
                 metrics["best_val_acc"] = best
                 metrics["compute_seconds"] = time.perf_counter() - entered  # this attempt's, from its start
                 if trial.final and epoch == trial.epochs:  # the held-out test split, once, best-val weights
@@ -113,7 +112,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                     state = fit.state()
                     resume = _write(Path(tmp) / "resume", _checkpoint(
                         ctx, trial, state.pop("model"), epoch, best,
-                        resume={"fit": state, "best_state": best_state, "run_id": run.run_id}))
+                        resume={"fit": state, "best_state": best_state, "best_epoch": best_epoch,
+                                "run_id": run.run_id}))
+                elif epoch == trial.epochs:  # the best weights stay in Tune's storage: the winner is published
+                    best_ckpt = _checkpoint(ctx, trial, best_state, best_epoch, best,
+                                            resume={"run_id": run.run_id, "done": True})
+                    resume = _write(Path(tmp) / "best", best_ckpt)
+                    if ctx.log_checkpoints:  # tracking.checkpoints: all
+                        run.log_artifact(checkpoint.save(best_ckpt, Path(tmp) / "best.pt"))
                 # first_step_unix: the driver measures scheduling -> first step (runner.Recorder)
                 progress = max(contract.progress(epoch, trial.epochs, ctx.min_epochs), rungs.get(fit.step_count, 0))
                 tune.report({**metrics, "epoch": epoch, "progress": progress, "steps": fit.step_count,

@@ -24,6 +24,7 @@ class Report:
     out_dir: Path
     markdown: str
     key: str
+    analysis: stats.Analysis | None = None
 
 
 def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = None, log=print,
@@ -66,5 +67,5 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
         for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
             tracking.log_batch(uri, parent_id, metrics, step=search)
     key_text = render.text_table(render.key_table(a))
-    log(f"\nreport: {out / 'report.md'} (also in the parent run's artifacts under report/)\n{key_text}")
-    return Report(out, markdown, key_text)
+    log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
+    return Report(out, markdown, key_text, a)

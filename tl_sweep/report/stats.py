@@ -356,3 +356,14 @@ def parent_metrics(a: Analysis) -> dict[int, dict[str, float]]:
             g = comp.gap
             m.update({f"{key}/ntg": g.gap, f"{key}/ntg_lo": g.lo, f"{key}/ntg_hi": g.hi, f"{key}/ntg_p_holm": g.p_holm})
     return {s: {k: v for k, v in m.items() if not math.isnan(v)} for s, m in out.items()}
+
+
+def winners(a: Analysis) -> dict[str, Cell]:
+    """Per arm, the chosen cell with the best finals' mean validation accuracy over the search repeats (ties:
+    shallower depth, earlier repeat): the configuration worth publishing. Validation only, like every choice."""
+    out: dict[str, Cell] = {}
+    for (arm, s), depth in sorted(a.chosen.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        c = a.cells[(arm, depth, s)]
+        if arm not in out or (c.val, -c.depth, -c.search) > (out[arm].val, -out[arm].depth, -out[arm].search):
+            out[arm] = c
+    return out
