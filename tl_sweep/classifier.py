@@ -74,9 +74,12 @@ class Classifier:
                                     f"(JPEG, PNG, ...)") from None
             else:
                 a = np.asarray(img)
-                if a.dtype != np.uint8 or a.ndim not in (2, 3):
+                # uint8; or integers in 0..255, as an array comes back from JSON (MLflow's serving input)
+                ok = a.dtype == np.uint8 or (a.dtype.kind in "iu" and a.size and 0 <= a.min() and a.max() <= 255)
+                if not ok or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
                     raise UserError(f"image {i}: expected a uint8 H×W or H×W×C array, got {a.dtype} {a.shape}")
-                arr = data.square(Image.fromarray(a), size)
+                a = a.astype(np.uint8)
+                arr = data.square(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a), size)
             o = (size - crop) // 2
             out.append(arr[:, o:o + crop, o:o + crop])
         x = torch.from_numpy(np.stack(out)).float()

@@ -25,6 +25,8 @@ from tl_sweep import contract
 from tl_sweep.contract import DIMENSIONS
 from tl_sweep.spec import Range, Space, Spec, values_of
 
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "new study created" line per cell buries the progress
+
 
 class DefineByRun:
     """The function OptunaSearch calls once per trial to sample ``space`` (a class: Tune pickles it).
