@@ -23,11 +23,16 @@ def registered(tmp_path_factory):
     db = f"sqlite:///{tmp / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "tl_sweep", "run", str(SPEC), "--set", "study=null", "--set", "model.weights=none",
            "--set", "search.num_trials=2", "--set", "search.space.epochs=1", "--set", "data.image_size=32",
-           "--set", "search.space.unfrozen_blocks=5", "--set", "scheduler.kind=fifo", "--set", f"tracking.uri={db}",
+           "--set", "search.space.unfrozen_blocks=5", "--set", "scheduler.kind=fifo",
            "--set", "tracking.register_as=ants-bees", "--report-dir", str(tmp / "report")]
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
+    # the store comes from the environment alone, as an MLflow user has it set
+    env = dict(os.environ, MLFLOW_TRACKING_URI=db, MLFLOW_EXPERIMENT_NAME="from-env")
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "models:/ants-bees@champion" in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(db).get_experiment_by_name("from-env") is not None  # it landed in that store
     return tmp, db
 
 

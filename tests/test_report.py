@@ -19,7 +19,7 @@ def tiny_study(tmp_path_factory, mlflow_server):
     sets = ["study.trials_per_cell=2", "study.depths=[4, 5]", "study.search_repeats=2",
             "search.space.epochs={low: 1, high: 2}", "search.space.batch_size=32", "search.space.optimizer=sgd",
             "scheduler.kind=fifo", "study.sources=[source:digits-0-4]", "study.repeats=2",
-            f"tracking.uri={mlflow_server}", "tracking.experiment=study"]
+            f"tracking.uri={mlflow_server}", "tracking.experiment=study", "tracking.register_as=digits-study"]
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--report-dir", str(tmp_path / "at_end")]
     for s in sets:
         cmd += ["--set", s]
@@ -82,8 +82,18 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     assert "| source:digits-0-4 |" in md and "(baseline)" in md and "Holm" in md and "majority-class" in md
 
 
+def mlflow_search_logged_models(uri: str, exp_id: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")
+    assert {m.name for m in found} == {"model", "pytorch"} and len(found) == 4  # two arms, two flavours each
+    return found
+
+
 def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow_server):
-    """A real browser (headless Chromium) on the MLflow UI: the parent run, its nested trials, the report."""
+    """A real browser (headless Chromium) on the MLflow UI: the parent run, its nested trials, the Datasets
+    column, the study's metrics on the parent, the report, the logged models and the registered champion."""
     import shutil
     import time
     from pathlib import Path
@@ -124,9 +134,20 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
             b.click()
         wait_for(lambda: "resnet18·k=4·sgd·bs32" in driver.page_source, "the nested trial runs")
         driver.save_screenshot(str(shots / "mlflow_ui_runs.png"))
+        wait_for(lambda: "builtin:digits (train)" in driver.page_source, "the Datasets column")
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts")
         wait_for(lambda: "report" in driver.page_source and "resolved.yaml" in driver.page_source,
                  "the parent run's report artifacts")
         driver.save_screenshot(str(shots / "mlflow_ui_parent_artifacts.png"))
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+        wait_for(lambda: "study/source_digits-0-4/ntg" in driver.page_source, "the study's metrics on the parent")
+        driver.save_screenshot(str(shots / "mlflow_ui_parent_study_metrics.png"))
+        models = [m for m in mlflow_search_logged_models(mlflow_server, exp.experiment_id)]
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/models")
+        wait_for(lambda: all(m.model_id in driver.page_source for m in models), "the logged models")
+        driver.save_screenshot(str(shots / "mlflow_ui_logged_models.png"))
+        driver.get(f"{mlflow_server}/#/models/digits-study")
+        wait_for(lambda: "champion" in driver.page_source, "the registered model with its champion alias")
+        driver.save_screenshot(str(shots / "mlflow_ui_registered_champion.png"))
     finally:
         driver.quit()

@@ -306,8 +306,15 @@ def _results(grid) -> list[TrialResult]:
                                best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
                                trial=m.get("trial_id") or (Path(r.path).name if r.path else ""),
                                run_id=m.get("mlflow_run_id", ""), checkpoint=r.checkpoint,
-                               error=m.get("trial_error") or (str(r.error).splitlines()[0][:200] if r.error else None)))
+                               error=m.get("trial_error") or (_plain(str(r.error)) if r.error else None)))
     return out
+
+
+def _plain(text: str) -> str:
+    """The first line of an error without terminal colour codes (Ray colours its worker output)."""
+    import re
+
+    return (re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines() or [""])[0][:200]
 
 
 def _fit(tuner: tune.Tuner) -> list[TrialResult]:
