@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -64,6 +65,7 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     assert len(names) == 6 and f"study/{parent.info.run_id}/scratch@k=5/search1" in names
     study = optuna.load_study(study_name=f"study/{parent.info.run_id}/source:digits-0-4@k=4/search0", storage=url)
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+    dashboard_lists(url, f"study/{parent.info.run_id}/scratch@k=5/search1")
     assert parent.data.metrics["study/source_digits-0-4/depth"] in (4, 5)  # the study's results on the parent
     system = [k for k in parent.data.metrics if k.startswith("system/")]  # MLflow system metrics, per node
     assert any(k.endswith("/cpu_utilization_percentage") for k in system), system
@@ -80,6 +82,33 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
         assert (tmp_path / "rebuilt" / name).read_text() == (tmp_path / "at_end" / name).read_text()
     md = (tmp_path / "at_end" / "report.md").read_text()
     assert "| source:digits-0-4 |" in md and "(baseline)" in md and "Holm" in md and "majority-class" in md
+
+
+def dashboard_lists(storage: str, name: str) -> None:
+    """optuna-dashboard, a real server on 127.0.0.1, lists the study ``name`` of ``storage``."""
+    import json
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    exe = str(Path(sys.executable).with_name("optuna-dashboard"))
+    proc = subprocess.Popen([exe, storage, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        assert name in [s["study_name"] for s in json.loads(body)["study_summaries"]]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def mlflow_search_logged_models(uri: str, exp_id: str) -> list:

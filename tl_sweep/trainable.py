@@ -39,7 +39,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     a restarted trial (``--resume``, a lost worker) continues from it in the same run without logging an epoch
     twice.
     """
-    import ray
     from ray import tune
 
     entered = time.perf_counter()
@@ -49,19 +48,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     device = device_for(ctx.use_gpu)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     limits.share_gpu(device, ctx.gpu_share)
-    weights = ctx.arms[trial.arm][0]
     resumed = _read(tune.get_checkpoint())
-    run = tracking.TrialRun.open(
-        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial.name(ctx.arch, len(ctx.arms) > 1),
-        params={**trial.to_params(), "arch": ctx.arch, "weights": weights},
-        tags={**ctx.run_tags, Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
-              Tag.NODE: ray.get_runtime_context().get_node_id(), Tag.ARM: trial.arm, Tag.SOURCE: weights,
-              Tag.DEPTH: str(trial.unfrozen_blocks)},
-        run_id=resumed["resume"]["run_id"] if resumed else None)
-    if run.previous is None:  # a new run: the splits it reads, as MLflow dataset inputs (the test split: finals)
-        d = ctx.data_for(trial.search)
-        tracking.log_datasets(ctx.tracking_uri, run.run_id, *ctx.dataset,
-                              {k: v for k, v in data.split_digests(d).items() if k != "test" or trial.final})
+    run = _open_run(ctx, trial, resumed["resume"]["run_id"] if resumed else None)
     logged = run.last_step(contract.METRIC)
     done = resumed is not None and resumed["resume"].get("done")  # its last epoch ran: only the driver had not
     if done or (run.previous == "FINISHED" and logged >= trial.epochs):  # recorded it before it was killed
@@ -135,21 +123,47 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         if failure is None:
             run.log_tags({Tag.ERROR: f"{type(e).__name__}: {e}"[:500]})
             raise
-        # a NaN loss, out of memory: a retry would fail the same way, so the trial ends here
-        kind, reason = failure
-        traceback.clear_frames(e.__traceback__)  # the failed step's tensors go now, not with the exception
-        epochs_done, fit = (fit.n_epochs if fit else 0), None
-        limit.give_back()
-        if isinstance(e, limits.TrialOutOfMemory):
-            cause = f" [held {limit.held / 2**30:.2f} GiB, past resources.memory_gb {limit.limit / 2**30:g}]"
-        else:
-            cause = "" if kind == "TrialError" else f" [{type(e).__name__}: {str(e).strip()[:200]}]"
-        run.log_tags({Tag.ERROR: f"{kind}: {reason}{cause}"[:700], Tag.FAILURE: kind})
-        # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
-        tune.report({"trial_error": reason, contract.METRIC: 0.0, "best_val_acc": max(best, 0.0),
-                     "epoch": epochs_done, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
+        epochs_done, fit = (fit.n_epochs if fit else 0), None  # what the failed fit held can go now
+        _end_failed(e, failure, run, limit, best, epochs_done, ctx)
     finally:
         limit.restore()
+
+
+def _open_run(ctx: TrialContext, trial: TrialConfig, run_id: str | None) -> tracking.TrialRun:
+    """The trial's MLflow run: reopened (a resumed or retried trial) or new, with its dataset inputs."""
+    import ray
+    from ray import tune
+
+    weights = ctx.arms[trial.arm][0]
+    run = tracking.TrialRun.open(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial.name(ctx.arch, len(ctx.arms) > 1),
+        params={**trial.to_params(), "arch": ctx.arch, "weights": weights},
+        tags={**ctx.run_tags, Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
+              Tag.NODE: ray.get_runtime_context().get_node_id(), Tag.ARM: trial.arm, Tag.SOURCE: weights,
+              Tag.DEPTH: str(trial.unfrozen_blocks)}, run_id=run_id)
+    if run.previous is None:  # a new run: the splits it reads, as MLflow dataset inputs (the test split: finals)
+        splits = data.split_digests(ctx.data_for(trial.search))
+        tracking.log_datasets(ctx.tracking_uri, run.run_id, *ctx.dataset,
+                              {k: v for k, v in splits.items() if k != "test" or trial.final})
+    return run
+
+
+def _end_failed(e: BaseException, failure: tuple[str, str], run: tracking.TrialRun, limit: limits.MemoryLimit,
+                best: float, epochs_done: int, ctx: TrialContext) -> None:
+    """A NaN loss or out of memory: a retry would fail the same way, so the trial ends here, FAILED with why."""
+    from ray import tune
+
+    kind, reason = failure
+    traceback.clear_frames(e.__traceback__)  # the failed step's tensors go now, not with the exception
+    limit.give_back()
+    if isinstance(e, limits.TrialOutOfMemory):
+        cause = f" [held {limit.held / 2**30:.2f} GiB, past resources.memory_gb {limit.limit / 2**30:g}]"
+    else:
+        cause = "" if kind == "TrialError" else f" [{type(e).__name__}: {str(e).strip()[:200]}]"
+    run.log_tags({Tag.ERROR: f"{kind}: {reason}{cause}"[:700], Tag.FAILURE: kind})
+    # the metric must be there for the searcher; 0 at the end of the schedule ranks it worst
+    tune.report({"trial_error": reason, contract.METRIC: 0.0, "best_val_acc": max(best, 0.0),
+                 "epoch": epochs_done, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
 
 
 def deterministic_failure(e: BaseException, trial: TrialConfig, ctx: TrialContext) -> tuple[str, str] | None:

@@ -79,12 +79,15 @@ def findings(a: Analysis) -> list[str]:
             depths = sorted({d for (x, _), d in a.chosen.items() if x == arm})
             out.append(f"`{arm}` against the tuned scratch baseline, at its chosen depth (k = "
                        f"{', '.join(map(str, depths))}): **{spread}** search repeats.")
-        untrained = sorted({c.depth for c in a.cells.values() if c.arm == arm and not c.trained})
+        untrained = sorted((c.depth, c.search) for c in a.cells.values() if c.arm == arm and not c.trained)
         if untrained:
-            out.append(f"`{arm}`: the finals at depths {untrained} did not beat the majority-class rate of the "
-                       f"test split in some search repeat: those cells did not train.")
-    if a.scratch and not all(c.trained for c in a.cells.values() if c.arm == a.scratch):
-        out.append("The scratch baseline did not beat the majority-class rate: no transfer verdict is possible.")
+            cells = ", ".join(f"k={d} (search repeat {s})" for d, s in untrained)
+            out.append(f"`{arm}`: the finals of {cells} did not beat the test split's majority-class rate: "
+                       f"those cells did not train.")
+    failed = sorted(c.search for c in a.cells.values() if c.arm == a.scratch and not c.trained)
+    if a.scratch and failed:
+        out.append(f"The scratch baseline did not beat the majority-class rate in search repeat"
+                   f"{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}: no transfer verdict there.")
     if not out:
         out.append("No final evaluation on the test split (not a study): the table shows validation accuracy only.")
     return out
