@@ -170,7 +170,7 @@ def test_real_imagefolder_sweep_on_ants_and_bees(tmp_path):
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(spec)] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 classes (ants, bees): train 245, val 153, no test split" in proc.stdout
+    assert "2 classes (ants, bees): train 245, val 153, no test split" in proc.stderr  # progress
     runs = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").search_runs(["1"])
     trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)

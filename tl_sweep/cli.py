@@ -45,7 +45,7 @@ def cmd_run(args) -> int:
         os.chdir(stable)
     cfg = spec.load(args.spec, args.set)
     summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
-    if summary.report is not None:
+    if summary.report is not None and "\n" in summary.report.key:  # a study's key table (it has rows)
         print(summary.report.key)
     print()
     finals = f" + {len(summary.finals)} final re-trainings" if summary.finals else ""

@@ -100,8 +100,8 @@ class Recorder(tune.Callback):
     """Closes each trial's MLflow run with its final status (the one close call), and measures start-up from
     scheduling: the Tune step that created the trial to its first training work, actor start included."""
 
-    def __init__(self, uri: str, study: bool):
-        self.uri, self.study = uri, study
+    def __init__(self, uri: str, study: bool, experiment_id: str, parent_run_id: str):
+        self.uri, self.study, self.where = uri, study, (experiment_id, parent_run_id)
         self.added: dict[str, float] = {}  # trial id -> when Tune created it (a slot was free: it is scheduled)
         self.n_seen, self.step_began = 0, time.time()
         self.startup: dict[str, float] = {}
@@ -128,13 +128,15 @@ class Recorder(tune.Callback):
         # weights, 45 MB for a ResNet18): study search trials, stopped and failed ones
         if failed or stopped or (self.study and trial.config.get("role") != "final"):
             drop_checkpoint(trial.checkpoint)
-        if not r.get("mlflow_run_id"):
+        # a trial that raised before its first report never told the driver its run: found by its trial id
+        run_id = r.get("mlflow_run_id") or tracking.trial_run_id(self.uri, *self.where, trial.trial_id)
+        if not run_id:
             return
         tags = {Tag.EPOCHS_RUN: str(epochs_run)}
         if stopped:
             tags[Tag.EARLY_STOPPED] = "true"
         s = self.startup.pop(trial.trial_id, None)
-        tracking.close_run(self.uri, r["mlflow_run_id"], "FAILED" if failed else "FINISHED", tags,
+        tracking.close_run(self.uri, run_id, "FAILED" if failed else "FINISHED", tags,
                            {} if s is None else {"scheduled_to_first_step_seconds": s})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -286,7 +288,8 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                     reuse_actors=s.resources.gpu == 0,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
-                                  callbacks=[Progress(total, log), Recorder(s.tracking.uri, s.study is not None)],
+                                  callbacks=[Progress(total, log), Recorder(s.tracking.uri, s.study is not None,
+                                                                            ctx.experiment_id, ctx.parent_run_id)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
 

@@ -252,9 +252,7 @@ class TrialRun:
 
         c = client(uri)
         if run_id is None:
-            found = _retry(c.search_runs, [exp_id], max_results=1, filter_string=(
-                f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_ID_TAG}` = '{tags[TRIAL_ID_TAG]}'"))
-            run_id = found[0].info.run_id if found else None
+            run_id = trial_run_id(uri, exp_id, parent_id, tags[TRIAL_ID_TAG])
         if run_id is not None:
             found = _retry(c.get_run, run_id)
             if found.info.status != "FINISHED":
@@ -276,6 +274,13 @@ class TrialRun:
 
     def log_artifact(self, path: Path) -> None:
         _retry(client(self.uri).log_artifact, self.run_id, str(path))
+
+
+def trial_run_id(uri: str, exp_id: str, parent_id: str, trial_id: str) -> str | None:
+    """The run a Tune trial opened under ``parent_id`` (by its trial id tag), if any."""
+    found = _retry(client(uri).search_runs, [exp_id], max_results=1, filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"))
+    return found[0].info.run_id if found else None
 
 
 def log_batch(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
