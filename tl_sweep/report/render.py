@@ -120,6 +120,19 @@ def trials_csv(results: list[TrialResult]) -> str:
 # ---------------------------------------------------------------------------------------------- plots
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: int = 8, ncol: int = 1) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_freeze_depth(a: Analysis, path: Path) -> None:
     """Test accuracy per depth (finals of every search repeat pooled), scratch as a band, chance as a line."""
     import matplotlib.pyplot as plt
@@ -137,7 +150,7 @@ def plot_freeze_depth(a: Analysis, path: Path) -> None:
             err = [[0 if math.isnan(t[1]) else 100 * (t[0] - t[1]) for _, t in pts],
                    [0 if math.isnan(t[2]) else 100 * (t[2] - t[0]) for _, t in pts]]
             ax.errorbar([d for d, _ in pts], [100 * t[0] for _, t in pts], yerr=err, marker="o", capsize=3, label=arm)
-    base = [t for c in a.cells.values() if c.arm == a.scratch for t in c.final_test.values()]
+    base = [t for d in a.depths(a.scratch) for t in a.pooled_tests(a.scratch, d)] if a.scratch else []
     if base:
         m, lo, hi = _mean_ci(base)
         ax.axhline(100 * m, color="grey", ls="--", label="scratch (tuned)")
@@ -145,14 +158,8 @@ def plot_freeze_depth(a: Analysis, path: Path) -> None:
             ax.axhspan(100 * lo, 100 * hi, color="grey", alpha=0.2)
     if a.chance:
         ax.axhline(100 * max(a.chance.values()), color="red", ls=":", label="chance (majority class)")
-    ax.set_xlabel("unfrozen blocks (0 = linear probe)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Freeze depth (finals of all search repeats, mean ± 95% CI)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "unfrozen blocks (0 = linear probe)", "test accuracy (%)",
+          "Freeze depth (finals of all search repeats, mean ± 95% CI)")
 
 
 def plot_budget(curves: dict[tuple[str, int], list[float]], path: Path) -> bool:
@@ -164,14 +171,8 @@ def plot_budget(curves: dict[tuple[str, int], list[float]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for (arm, depth), ys in sorted(curves.items()):
         ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker=".", label=f"{arm} k={depth}")
-    ax.set_xlabel("trials in one search of the cell")
-    ax.set_ylabel("expected best validation accuracy (%)")
-    ax.set_title("Budget curves: did the budget suffice? (flat = yes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "trials in one search of the cell", "expected best validation accuracy (%)",
+          "Budget curves: did the budget suffice? (flat = yes)", legend=6, ncol=2)
     return True
 
 
@@ -181,7 +182,7 @@ def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bo
 
     pts = []
     for (arm, depth), secs in cost.items():
-        tests = [t for c in a.cells.values() if (c.arm, c.depth) == (arm, depth) for t in c.final_test.values()]
+        tests = a.pooled_tests(arm, depth)
         if tests:
             pts.append((arm, depth, secs, statistics.fmean(tests)))
     if not pts:
@@ -192,14 +193,8 @@ def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bo
         ax.plot([p[2] for p in mine], [100 * p[3] for p in mine], marker="o", label=arm)
         for p in mine:
             ax.annotate(f"k={p[1]}", (p[2], 100 * p[3]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("compute seconds (search + finals, all repeats)")
-    ax.set_ylabel("mean test accuracy of the finals (%)")
-    ax.set_title("Cost of each freeze depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "compute seconds (search + finals, all repeats)", "mean test accuracy of the finals (%)",
+          "Cost of each freeze depth")
     return True
 
 
@@ -210,14 +205,8 @@ def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]],
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, style, points in curves:
         ax.plot([e for e, _ in points], [100 * v for _, v in points], style, marker=".", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Learning curves: shallowest vs deepest fine-tuning (best trial each)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "epoch", "validation accuracy (%)",
+          "Learning curves: shallowest vs deepest fine-tuning (best trial each)", legend=7)
     return bool(curves)
 
 

@@ -180,6 +180,10 @@ class Analysis:
     def depths(self, arm: str) -> list[int]:
         return sorted({d for (a, d, _) in self.cells if a == arm})
 
+    def pooled_tests(self, arm: str, depth: int) -> list[float]:
+        """Every final's test accuracy of (arm, depth), all search repeats (descriptive plots)."""
+        return [t for c in self.cells.values() if (c.arm, c.depth) == (arm, depth) for t in c.final_test.values()]
+
     def stability(self, arm: str) -> dict[str, int]:
         """How often each verdict came out across the search repeats."""
         out: dict[str, int] = {}
