@@ -58,3 +58,38 @@ def test_submit_without_an_address_and_an_unknown_run_are_one_line(cli, tmp_path
     db = f"sqlite:///{tmp_path / 'm.db'}"
     code, out, err = cli("report", "--run", "0123456789abcdef0123456789abcdef", "--tracking-uri", db)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no run 0123456789abcdef" in err
+
+
+def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path):
+    """``tl-sweep ui`` runs MLflow's server (and its workers) in its own process group: SIGTERM to tl-sweep
+    stops all of them and frees the port."""
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tl_sweep", "ui", "--tracking-uri",
+                             f"sqlite:///{tmp_path / 'm.db'}", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "the UI did not start"
+            time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert children  # the server's processes, found by their port
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert not left, left
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        raise AssertionError("the server still answers")
+    except OSError:
+        pass

@@ -196,10 +196,30 @@ def cmd_ui(args) -> int:
     root = tracking.artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", Path(root).as_uri()]
+    # the server and its workers in their own process group, stopped with us on Ctrl-C or SIGTERM
+    server = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum=None, frame=None) -> None:
+        import signal
+
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        if signum is not None:
+            raise SystemExit(0)
+
+    import signal
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(cmd)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop()
 
 
 def parser() -> argparse.ArgumentParser:
