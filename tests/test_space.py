@@ -26,7 +26,6 @@ def test_define_by_run_respects_ranges_and_constants():
         study.tell(t, 0.0)
     seen = {t.params["unfrozen_blocks"] for t in study.trials}
     assert seen == set(range(6))
-    assert space.searched(cfg.spec.search.space) == ["batch_size", "optimizer", "lr_mult", "unfrozen_blocks", "epochs"]
 
 
 def test_max_depends_on_the_architecture():
@@ -110,11 +109,11 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
             tune.report({"val_acc": acc, "best_val_acc": best, "epoch": epoch,
                          "progress": contract.progress(epoch, config["epochs"], 3)})
 
-    cfg = spec.load(SPEC, ["study=null", "search.space.epochs=3", "search.num_trials=8", "search.max_concurrent=1",
+    cfg = spec.load(SPEC, ["study=null", "search.space.epochs=3", "search.num_trials=8", "search.max_concurrent=2",
                            "search.space.unfrozen_blocks=0", "scheduler.reduction_factor=2"])
     searcher, scheduler = space.make_searcher(cfg.spec, "a"), space.make_scheduler(cfg.spec)
     assert contract.rungs(cfg.spec) == (1.0, 2.0)
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                                                  num_samples=8),

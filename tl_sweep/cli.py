@@ -205,7 +205,7 @@ def cmd_ui(args) -> int:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             try:
-                server.wait(timeout=20)
+                server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
         if signum is not None:

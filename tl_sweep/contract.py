@@ -121,13 +121,18 @@ def status(failed: bool, epochs_run: int, epochs: int) -> Status:
     return "EARLY_STOPPED" if stopped_early(epochs_run, epochs) else "FINISHED"
 
 
+def min_epochs(space) -> int:
+    """The shortest schedule of a search space: ``progress`` is in its epochs."""
+    from tl_sweep.spec import values_of
+
+    return int(min(values_of(space.epochs)))
+
+
 def rungs(s) -> tuple[float, ...]:
     """The ASHA milestones of a spec (``progress`` values), as Ray's ASHA computes them; () without ASHA."""
     import math
 
-    from tl_sweep.spec import values_of
-
-    sch, max_t = s.scheduler, int(min(values_of(s.search.space.epochs)))
+    sch, max_t = s.scheduler, min_epochs(s.search.space)
     if sch.kind != "asha" or sch.grace_period >= max_t:
         return ()
     n = int(math.log(max_t / sch.grace_period) / math.log(sch.reduction_factor) + 1)
@@ -211,14 +216,12 @@ class TrialContext:
                     experiment_id: str = "", parent_run_id: str = "", repeats: tuple = (),
                     run_tags: dict[str, str] | None = None) -> TrialContext:
         """The one place a context is built: from a resolved :class:`~tl_sweep.spec.Config`."""
-        from tl_sweep.spec import values_of
-
         s = cfg.spec
         return cls(
             arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
             head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
             augment=s.data.augment.model_dump(), data=data, seed=s.seed,
-            min_epochs=int(min(values_of(s.search.space.epochs))), use_gpu=s.resources.gpu > 0,
+            min_epochs=min_epochs(s.search.space), use_gpu=s.resources.gpu > 0,
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
             feature_cache=s.data.feature_cache, gpu_share=s.resources.gpu, precision=s.resources.precision,
             memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,

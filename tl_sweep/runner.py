@@ -477,7 +477,11 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
 
         summary.report = report.build(uri, exp_id, parent, out_dir=report_dir, log=log)
         if s.tracking.log_models:
-            summary.models = publish(cfg, summary, repeats, arms, log)
+            try:
+                summary.models = publish(cfg, summary, repeats, arms, log)
+            except Exception as e:  # noqa: BLE001 - every trial and the report are in MLflow already
+                log(f"mlflow: the winners could not be logged as models ({type(e).__name__}: "
+                    f"{_plain(str(e))}); the sweep's runs and report are complete")
         for r in summary.trials + summary.finals:  # published (or not wanted): Tune's copies go
             drop_checkpoint(r.checkpoint)
     return summary
@@ -524,13 +528,13 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
             log(f"mlflow: {arm}: model {uris[arm]} (run {r.run_id}, k={r.config.unfrozen_blocks}, "
                 f"seed {r.config.seed})")
     if s.tracking.register_as and uris:
-        best = stats.winners(a) if a is not None and s.study is not None else {}
-        champion = max(uris, key=lambda arm: best[arm].val) if best else next(iter(uris))
+        winners = stats.winners(a) if a is not None and s.study is not None else {}
+        champion = max(uris, key=lambda arm: winners[arm].val) if winners else next(iter(uris))
         weights, file = arms[champion]
         tags = {"source_weights": weights if file is None else f"sha256:{_sha256(file)}", "arm": champion,
                 "data_fingerprint": repeats[0].fingerprint, "spec_hash": spec_hash(cfg),
                 "parent_run_id": summary.parent_run_id}
-        if a is not None and champion != a.scratch:
+        if a is not None and a.stability(champion):
             tags["ntg_verdict"] = "; ".join(f"{k} in {v} of {len(a.searches)}"
                                             for k, v in a.stability(champion).items())
         version = tracking.register(uri, uris[champion], s.tracking.register_as, tags)

@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tl_sweep import contract
 from tl_sweep.contract import DIMENSIONS
-from tl_sweep.spec import Range, Space, Spec, values_of
+from tl_sweep.spec import Range, Space, Spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "new study created" line per cell buries the progress
 
@@ -56,19 +56,6 @@ class DefineByRun:
             else:
                 constants[name] = dim
         return constants
-
-
-def depths(space: Space) -> list[int]:
-    """Every ``unfrozen_blocks`` value the (resolved) space allows."""
-    dim = space.unfrozen_blocks
-    if isinstance(dim, Range):
-        return list(range(int(dim.low), int(dim.high) + 1))
-    return sorted(int(v) for v in (dim if isinstance(dim, list) else [dim]))
-
-
-def searched(space: Space) -> list[str]:
-    """The dimensions that are searched (not constants)."""
-    return [n for n in DIMENSIONS if isinstance(getattr(space, n), (Range, list))]
 
 
 # ------------------------------------------------------------------------------------ searcher, scheduler
@@ -214,10 +201,6 @@ def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: 
     return ConcurrencyLimiter(StudySearcher(s, cells, storage, prefix), max_concurrent=s.search.max_concurrent)
 
 
-def min_epochs(space: Space) -> int:
-    return int(min(values_of(space.epochs)))
-
-
 def make_scheduler(s: Spec):
     """ASHA on ``progress`` (the fraction of each trial's own schedule, in epochs of the shortest one), or FIFO;
     in a study, one ASHA per cell and search repeat (:class:`CellScheduler`). See docs/search.md."""
@@ -225,7 +208,7 @@ def make_scheduler(s: Spec):
         return FIFOScheduler()  # fifo, or no rung fits before the shortest schedule ends
     sch = s.scheduler
     asha = functools.partial(ASHAScheduler, time_attr="progress", metric=contract.METRIC, mode=contract.MODE,
-                             max_t=min_epochs(s.search.space), grace_period=sch.grace_period,
+                             max_t=contract.min_epochs(s.search.space), grace_period=sch.grace_period,
                              reduction_factor=sch.reduction_factor)
     return asha() if s.study is None else CellScheduler(asha)
 
