@@ -204,6 +204,7 @@ class TrialContext:
     repeats: tuple[Any, ...] = ()  # a study's data.Prepared per search repeat (splits drawn with its own seed)
     run_tags: dict[str, str] = field(default_factory=dict)  # MLflow's standard source/user/git tags, every run
     dataset: tuple[str, str] = ("", "")  # (name, source) of data.dataset, as MLflow dataset inputs show it
+    digests: tuple[dict, ...] = ()  # per search repeat: split -> (images, digest), computed once on the driver
     log_checkpoints: bool = False  # tracking.checkpoints: all (every trial's best.pt in MLflow)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
@@ -216,6 +217,8 @@ class TrialContext:
                     experiment_id: str = "", parent_run_id: str = "", repeats: tuple = (),
                     run_tags: dict[str, str] | None = None) -> TrialContext:
         """The one place a context is built: from a resolved :class:`~tl_sweep.spec.Config`."""
+        from tl_sweep.data import split_digests
+
         s = cfg.spec
         return cls(
             arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
@@ -228,4 +231,5 @@ class TrialContext:
             checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats),
             run_tags=dict(run_tags or {}),
             dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
+            digests=tuple(split_digests(p) for p in (repeats or (data,))),
             log_checkpoints=s.tracking.checkpoints == "all")

@@ -452,7 +452,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     ctx = check_cluster(cfg, ctx)
     monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
     if not resume:
-        tracking.log_datasets(uri, parent, *ctx.dataset, data.split_digests(repeats[0]))
+        tracking.log_datasets(uri, parent, *ctx.dataset, ctx.digests[0])
     try:
         summary.trials = search(cfg, ctx, parent, log, resume)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))

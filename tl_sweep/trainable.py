@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tl_sweep import checkpoint, contract, data, limits, tracking
+from tl_sweep import checkpoint, contract, limits, tracking
 from tl_sweep.contract import Tag, TrialConfig, TrialContext
 from tl_sweep.train import Fit, TrialError, device_for
 
@@ -141,8 +141,8 @@ def _open_run(ctx: TrialContext, trial: TrialConfig, run_id: str | None) -> trac
         tags={**ctx.run_tags, Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
               Tag.NODE: ray.get_runtime_context().get_node_id(), Tag.ARM: trial.arm, Tag.SOURCE: weights,
               Tag.DEPTH: str(trial.unfrozen_blocks)}, run_id=run_id)
-    if run.previous is None:  # a new run: the splits it reads, as MLflow dataset inputs (the test split: finals)
-        splits = data.split_digests(ctx.data_for(trial.search))
+    splits = ctx.digests[trial.search] if trial.search < len(ctx.digests) else {}
+    if run.previous is None and splits:  # a new run: the splits it reads, as dataset inputs (test: finals only)
         tracking.log_datasets(ctx.tracking_uri, run.run_id, *ctx.dataset,
                               {k: v for k, v in splits.items() if k != "test" or trial.final})
     return run
