@@ -206,6 +206,7 @@ class TrialContext:
     dataset: tuple[str, str] = ("", "")  # (name, source) of data.dataset, as MLflow dataset inputs show it
     digests: tuple[dict, ...] = ()  # per search repeat: split -> (images, digest), computed once on the driver
     log_checkpoints: bool = False  # tracking.checkpoints: all (every trial's best.pt in MLflow)
+    keep_search_weights: bool = True  # search trials keep their best weights (a study publishes finals only)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
 
     def data_for(self, search: int):
@@ -232,4 +233,5 @@ class TrialContext:
             run_tags=dict(run_tags or {}),
             dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
             digests=tuple(split_digests(p) for p in (repeats or (data,))),
-            log_checkpoints=s.tracking.checkpoints == "all")
+            log_checkpoints=s.tracking.checkpoints == "all",
+            keep_search_weights=s.study is None or s.tracking.checkpoints == "all")

@@ -154,13 +154,13 @@ class StudySearcher(TuneSearcher):
     def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = ""):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         st = s.study
-        self.searches = []  # [key, searcher, issued]
+        self.searches = []  # [searcher, trials issued], one per (search repeat, cell)
         for r in range(st.search_repeats):
             for arm, depth in cells:
                 extra = {"arm": arm, "seed": s.seed + r, "role": "trial", "search": r}
                 tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra,
                            storage, f"{prefix}{arm}@k={depth}/search{r}")
-                self.searches.append([(arm, depth, r), tpe, 0])
+                self.searches.append([tpe, 0])
         self.budget, self.owner, self.next = st.trials_per_cell, {}, 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -171,20 +171,20 @@ class StudySearcher(TuneSearcher):
         for i in range(n):
             j = (self.next + i) % n
             entry = self.searches[j]
-            if entry[2] < self.budget:
-                config = entry[1].suggest(trial_id)
-                entry[2] += 1
+            if entry[1] < self.budget:
+                config = entry[0].suggest(trial_id)
+                entry[1] += 1
                 self.owner[trial_id], self.next = j, j + 1
                 return config
         return TuneSearcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.owner:
-            self.searches[self.owner[trial_id]][1].on_trial_result(trial_id, result)
+            self.searches[self.owner[trial_id]][0].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.owner:
-            self.searches[self.owner.pop(trial_id)][1].on_trial_complete(trial_id, result, error)
+            self.searches[self.owner.pop(trial_id)][0].on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -78,6 +78,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                              "epoch": fit.n_epochs - 1, "progress": rungs[step], "steps": step,
                              "total_steps": fit.steps, "mlflow_run_id": run.run_id})
 
+        # the best epoch's weights matter where they can be published or tested: finals, and search trials
+        # outside a study (a study's search trials are re-trained by its finals)
+        keep = trial.final or ctx.keep_search_weights
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(first, trial.epochs + 1):
                 metrics = fit.epoch(after_step=at_rung if rungs else None)
@@ -86,7 +89,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 metrics["val_loss"], metrics[contract.METRIC] = fit.evaluate("val")
                 if metrics[contract.METRIC] > best:  # the best epoch's weights: the model this trial keeps
                     best, best_epoch = metrics[contract.METRIC], epoch
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
+                    if keep:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
                 metrics["best_val_acc"] = best
                 metrics["compute_seconds"] = time.perf_counter() - entered  # this attempt's, from its start
                 if trial.final and epoch == trial.epochs:  # the held-out test split, once, best-val weights
@@ -102,7 +106,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                         ctx, trial, state.pop("model"), epoch, best,
                         resume={"fit": state, "best_state": best_state, "best_epoch": best_epoch,
                                 "run_id": run.run_id}))
-                elif epoch == trial.epochs:  # the best weights stay in Tune's storage: the winner is published
+                elif epoch == trial.epochs and keep:  # the best weights stay in Tune's storage for publishing
                     best_ckpt = _checkpoint(ctx, trial, best_state, best_epoch, best,
                                             resume={"run_id": run.run_id, "done": True})
                     resume = _write(Path(tmp) / "best", best_ckpt)
