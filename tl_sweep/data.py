@@ -3,8 +3,8 @@
 Every dataset becomes one cache file per node: all images decoded once into uint8 ``N×3×S×S`` (``S`` is
 the resize size, a little above the crop size) in a ``.npy`` file that trials memory-map, so a trial never
 decodes an image and never copies the whole set. The cache is keyed by the dataset's fingerprint (file list,
-sizes and content hashes) and ``S``; a rerun reuses it, a half-written one is never reused (written to a
-temporary name, then renamed).
+sizes and content hashes) and ``S``; a rerun reuses it, a half-written or damaged one is never reused (written
+to a temporary name, then renamed, its size and CRC-32 recorded and checked before use: ``cachefile``).
 
 Sources (``data.dataset``):
 
@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tl_sweep import cachefile
 from tl_sweep.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -66,16 +66,19 @@ class Prepared:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The images (a memory-mapped view, not a copy), labels and cache rows of one split.
 
-        On a node that has no cache yet (another node of a cluster), the cache is built here first, once,
-        under a file lock: every trial on the node then shares it.
+        On a node that has no cache yet (another node of a cluster), or whose copy is damaged, the cache is
+        built here first, once, under a file lock: every trial on the node then shares it.
         """
-        if not os.path.exists(self.cache) and self.recipe:
+        why = cachefile.problem(Path(self.cache))
+        if why and self.recipe:
             from filelock import FileLock
 
             Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
             with FileLock(self.cache + ".lock"):
-                if not os.path.exists(self.cache):
+                if cachefile.problem(Path(self.cache)):
                     prepare(**dict(self.recipe), log=lambda m: None)
+        elif why:
+            raise UserError(f"data: the image cache {self.cache} is {why}; run the sweep again to rebuild it")
         x = np.load(self.cache, mmap_mode="r")
         rows = np.asarray(self.index[name], dtype=np.int64)
         return x, np.asarray(self.labels, dtype=np.int64)[rows], rows
@@ -209,21 +212,41 @@ def _stratified(labels: list[int], fractions: tuple[float, ...], seed: int) -> l
 
 
 def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -> None:
-    """Write N×3×S×S uint8 to ``path`` atomically (a temporary file renamed when complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write N×3×S×S uint8 to ``path`` whole or not at all, its size and checksum recorded (``cachefile``)."""
+    def fill(tmp: str) -> None:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, size, size))
         for i, img in enumerate(images):
             arr[i] = img
         arr.flush()
         del arr
-        os.replace(tmp, path)
+
+    try:
+        cachefile.write(path, fill)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write the image cache in {path.parent} ({e.strerror}); free space there or "
                         f"set TL_SWEEP_CACHE to a folder with room") from None
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    try:
+        cachefile.write_text(path, json.dumps(meta))
+    except OSError as e:
+        raise UserError(f"cannot write the image cache in {path.parent} ({e.strerror}); free space there or "
+                        f"set TL_SWEEP_CACHE to a folder with room") from None
+
+
+def _whole(log, *paths: Path) -> bool:
+    """Whether every cache file is present and intact; a damaged one is said, removed, and so rebuilt."""
+    for p in paths:
+        why = cachefile.problem(p)
+        if why == "missing":
+            return False
+        if why:
+            log(f"data: the cache file {p} is damaged ({why}); rebuilding it")
+            for q in paths:
+                cachefile.discard(q)
+            return False
+    return True
 
 
 def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, float],
@@ -243,7 +266,7 @@ def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, fl
 
 def _prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout, root, log) -> Prepared:
     if dataset.startswith("builtin:"):
-        return _prepare_builtin(dataset, size, seed, split, classes, train_per_class)
+        return _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log)
     if dataset.startswith("torchvision:"):
         return _prepare_torchvision(dataset.removeprefix("torchvision:"), Path(root or "."), size, seed, split,
                                     classes, train_per_class, log)
@@ -289,11 +312,11 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
                     tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused)
 
 
-def _prepare_builtin(dataset, size, seed, split, classes, train_per_class) -> Prepared:
+def _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log) -> Prepared:
     shuffled = dataset.endswith("-shuffled")
     x, labels, names, fp = (_mnist_5k if dataset.startswith("builtin:mnist-5k") else _digits)(size, shuffled)
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
-    reused = cache.exists()
+    reused = _whole(log, cache)
     if not reused:
         _write_cache(cache, x, size)
     train, val, test = _stratified(labels, split, seed)
@@ -328,7 +351,7 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
     fp = _fingerprint(listing)
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     meta_path = cache.with_suffix(".json")
-    if cache.exists() and meta_path.exists():
+    if _whole(log, cache, meta_path):
         meta = json.loads(meta_path.read_text())
         reused = True
         log(f"data: reusing the decoded cache {cache} ({len(meta['labels'])} images)")
@@ -346,7 +369,7 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
         _write_cache(cache, images, size)
         meta = {"labels": [files[i][1] for i in kept], "split": [files[i][0] for i in kept],
                 "skipped": skipped, "classes": names}
-        meta_path.write_text(json.dumps(meta))
+        _write_meta(meta_path, meta)
         reused = False
     if meta["skipped"]:
         if strict:
@@ -458,7 +481,7 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
     fp = f"{name}-{_fingerprint(files)}"
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     meta_path = cache.with_suffix(".json")
-    reused = cache.exists() and meta_path.exists()
+    reused = _whole(log, cache, meta_path)
     if reused:
         meta = json.loads(meta_path.read_text())
         log(f"data: reusing the decoded cache {cache} ({len(meta['labels'])} images)")
@@ -474,7 +497,7 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
         names = [str(c) for c in getattr(getattr(tvd, name), "classes", [])] or [str(c) for c in sorted(set(labels))]
         _write_cache(cache, np.concatenate(images), size)
         meta = {"labels": labels, "split": origin, "skipped": [], "classes": names}
-        meta_path.write_text(json.dumps(meta))
+        _write_meta(meta_path, meta)
     else:
         images, labels, origin, names = [], [], [], None
         for split_name, kwarg in splits.items():
@@ -488,7 +511,7 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
         names = names or [str(c) for c in sorted(set(labels))]
         _write_cache(cache, images, size)
         meta = {"labels": labels, "split": origin, "skipped": [], "classes": names}
-        meta_path.write_text(json.dumps(meta))
+        _write_meta(meta_path, meta)
     labels, origin, names = meta["labels"], meta["split"], meta["classes"]
     rows = {s: [i for i, o in enumerate(origin) if o == s] for s in SPLITS}
     if not rows["val"]:  # carve validation out of train, stratified, in the spec's train:val proportion

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from tl_sweep import models
+from tl_sweep import cachefile, models
 
 MAX_BYTES = 2 << 30  # per split: larger features (early cuts at high resolution) are recomputed instead
 
@@ -198,8 +197,9 @@ def load_or_compute(folder: Path, name: str, compute: Callable[[], torch.Tensor]
                     ) -> tuple[np.ndarray, bool]:
     """Features ``name`` from ``folder`` (memory-mapped), or ``compute()`` them once and store them.
 
-    One writer per key and node (file lock); the file appears atomically (temp + rename), so a crash or a
-    full disk never leaves half a cache behind. bfloat16 features (GPU autocast) are stored as their int16
+    One writer per key and node (file lock); the file appears atomically (temp + rename) with its size and
+    CRC-32 recorded, so a crash or a full disk never leaves half a cache behind, and a file damaged later is
+    detected and recomputed, never used (``cachefile``). bfloat16 features (GPU autocast) are stored as their int16
     bits (numpy has no bfloat16): see :func:`to_tensor`. Returns the features and whether they were reused.
     """
     from filelock import FileLock
@@ -207,19 +207,24 @@ def load_or_compute(folder: Path, name: str, compute: Callable[[], torch.Tensor]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.npy"
     with FileLock(str(path) + ".lock"):
-        if path.exists():
+        why = cachefile.problem(path)
+        if why is None:
             return np.load(path, mmap_mode="r"), True
+        if why != "missing":
+            log(f"feature cache {path.name} was damaged ({why}); recomputed")
+            cachefile.discard(path)
         t = compute().contiguous().cpu()
         arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, path)
+            cachefile.write(path, lambda tmp: _save(tmp, arr))
         except OSError as e:  # no room: train on the in-memory copy, store nothing
-            Path(tmp).unlink(missing_ok=True)
             log(f"feature cache not stored ({e.strerror or e}); this trial keeps its copy in memory")
         return arr, False
+
+
+def _save(tmp: str, arr: np.ndarray) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.save given a name would append ".npy" to it
+        np.save(f, arr)
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:

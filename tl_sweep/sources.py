@@ -13,12 +13,11 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl_sweep import data, models
+from tl_sweep import cachefile, data, models
 from tl_sweep.errors import UserError
 
 VERSION = 1  # bump when the pretraining recipe changes, so old caches are not reused
@@ -68,9 +67,13 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
                       "resize": inp["resize"], "seed": seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = data.cache_root() / "sources" / f"{name}-{arch}-{inp['crop']}px-{digest}.pt"
-    if path.exists():
+    why = cachefile.problem(path)
+    if why is None:
         log(f"source:{name}: reusing the pretrained {arch} at {path}")
         return path
+    if why != "missing":
+        log(f"source:{name}: the cached checkpoint {path} is damaged ({why}); pretraining it again")
+        cachefile.discard(path)
     log(f"source:{name}: pretraining {arch} on {t.description} ({t.epochs} epochs, once; cached)")
     t0 = time.perf_counter()
     prepared = data.prepare(t.dataset, size=inp["resize"], seed=seed, split=(0.9, 0.1, 0.0),
@@ -87,11 +90,8 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
                         weight_decay=5e-4, layer_decay=1.0, unfrozen_blocks=n, epochs=t.epochs, arm="scratch",
                         seed=seed)
     model, acc = train.fit_plain(ctx, trial, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    checkpoint.save(checkpoint.make(model.cpu().state_dict(), arch=arch, classes=list(prepared.classes),
-                                    head={"kind": "linear"}, input=inp, trial=trial.to_tune(), epoch=t.epochs,
-                                    val_acc=acc), tmp)
-    os.replace(tmp, path)
+    ckpt = checkpoint.make(model.cpu().state_dict(), arch=arch, classes=list(prepared.classes),
+                           head={"kind": "linear"}, input=inp, trial=trial.to_tune(), epoch=t.epochs, val_acc=acc)
+    cachefile.write(path, lambda tmp: checkpoint.save(ckpt, tmp))
     log(f"source:{name}: val_acc {acc:.3f} on held-out source images, {time.perf_counter() - t0:.0f}s; saved {path}")
     return path
