@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -176,3 +179,132 @@ def test_real_imagefolder_sweep_on_ants_and_bees(tmp_path):
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
     parent = next(r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep")
     assert parent.data.tags["tl_sweep.data.test_split"].startswith("none")
+
+
+# --------------------------------------------------------------------------------------- hostile images
+
+
+def png_bomb(path, width: int, height: int, rows: int | None = None) -> None:
+    """A valid greyscale PNG of ``width``×``height`` black pixels: a few hundred KB that decode to ``w·h`` bytes
+    (and three times that as RGB); with ``rows``, only that many rows of data follow the header."""
+    path.write_bytes(_png_bomb(width, height, rows or height))
+
+
+@functools.lru_cache(maxsize=None)
+def _png_bomb(width: int, height: int, rows: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + one byte per pixel
+    idat = b"".join(z.compress(row) for _ in range(rows)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def exif_rotated_jpeg(path) -> None:
+    """A 40×20 landscape JPEG (left red, right blue) tagged 'rotate 90° clockwise to display' (orientation 6),
+    as a phone stores a portrait photo: shown upright it is 20×40, red on top, blue below."""
+    a = np.zeros((20, 40, 3), dtype=np.uint8)
+    a[:, :20] = (255, 0, 0)
+    a[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(path, exif=exif, quality=95)
+
+
+def hostile_tree(root, outside):
+    """Two clean classes plus every hostile thing a shared dataset can hold."""
+    import os
+
+    for c, cls in enumerate(("cats", "dogs")):
+        (root / cls).mkdir(parents=True)
+        for i in range(12):
+            rgb(10 * c + i).save(root / cls / f"ok{i}.jpg")
+    outside.mkdir()
+    rgb(99).save(outside / "private.jpg")
+    d = root / "cats"
+    png_bomb(d / "bomb.png", 16_000, 11_000)  # 176 Mpx: under PIL's own error threshold, over its warning
+    png_bomb(d / "huge_header.png", 100_000, 100_000, rows=1)  # 10 Gpx in its header: PIL refuses it at open
+    png_bomb(d / "strip.png", 4_000, 2)  # 2000:1
+    exif_rotated_jpeg(d / "portrait.jpg")
+    os.symlink("../cats", d / "loop")  # a folder link back to itself
+    os.symlink("self.jpg", d / "self.jpg")  # a file link to itself
+    os.symlink(outside / "private.jpg", d / "escape.jpg")
+    os.symlink(outside, root / "horses")  # a class folder that lives elsewhere
+    os.mkfifo(d / "pipe.jpg")  # reading it would block forever
+
+
+HOSTILE_SKIPS = {
+    "cats/bomb.png": "over the 89 Mpx limit",
+    "cats/huge_header.png": "a decompression bomb",
+    "cats/strip.png": "longer than 20:1",
+    "cats/loop": "a link back to a folder already read",
+    "cats/self.jpg": "a broken link or a link loop",
+    "cats/escape.jpg": "outside the data root",
+    "horses": "outside the data root",
+    "cats/pipe.jpg": "not a regular file",
+}
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif_rotated_jpeg(tmp_path / "p.jpg")
+    x = data.decode(tmp_path / "p.jpg", 20).astype(int)  # the centre square of the upright 20×40 image
+    top, bottom = x[:, :8].mean(axis=(1, 2)), x[:, -8:].mean(axis=(1, 2))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red above blue
+
+
+def test_hostile_files_are_skipped_listed_and_memory_stays_bounded(tmp_path):
+    """Each hostile entry is left out with its reason, the clean images (and the rotated one) are kept, and
+    preparing the tree costs no more memory than preparing it without the bomb (measured in a child)."""
+    import subprocess
+    import sys
+
+    hostile_tree(tmp_path / "d", tmp_path / "elsewhere")
+    p = prep(tmp_path / "d")
+    assert p.classes == ("cats", "dogs") and len(p.labels) == 25  # 24 clean + the EXIF-rotated portrait
+    reasons = dict(s.split(": ", 1) for s in p.skipped)
+    assert set(reasons) == set(HOSTILE_SKIPS), p.skipped
+    for name, why in HOSTILE_SKIPS.items():
+        assert why in reasons[name], (name, reasons[name])
+
+    def peak_mb(folder) -> float:
+        code = ("import resource, sys; from tl_sweep import data; "
+                f"data.prepare('imagefolder:{folder}', size=24, seed=0, split=(0.5, 0.25, 0.25), log=print); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+        env = {**__import__("os").environ, "TL_SWEEP_CACHE": str(tmp_path / f"cache-{folder.name}")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    clean = tmp_path / "clean"
+    (clean / "cats").mkdir(parents=True)
+    (clean / "dogs").mkdir()
+    for c in ("cats", "dogs"):
+        for f in (tmp_path / "d" / c).glob("ok*.jpg"):
+            (clean / c / f.name).write_bytes(f.read_bytes())
+    with_bomb, without = peak_mb(tmp_path / "d"), peak_mb(clean)
+    assert with_bomb < without + 100, (with_bomb, without)  # decoding the bomb alone would need > 700 MB
+
+
+def test_a_sweep_on_a_hostile_tree_runs_and_lists_what_it_skipped(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    hostile_tree(tmp_path / "d", tmp_path / "elsewhere")
+    sets = ["study=null", "search.num_trials=1", "search.space.epochs=1", "search.space.unfrozen_blocks=[1]",
+            "search.space.batch_size=[8]", f"data.dataset=imagefolder:{tmp_path / 'd'}", "data.classes=null",
+            "data.image_size=16", "data.train_per_class=null", "model.weights=none", "scheduler.kind=fifo",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC)] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"skipped {len(HOSTILE_SKIPS)} unreadable files" in proc.stderr
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    parent = next(r for r in c.search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "sweep")
+    listed = Path(c.download_artifacts(parent.info.run_id, "skipped_files.txt", str(tmp_path))).read_text()
+    assert all(name in listed for name in HOSTILE_SKIPS), listed

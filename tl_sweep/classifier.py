@@ -66,9 +66,9 @@ class Classifier:
         for i, img in enumerate(images):
             if isinstance(img, (str, Path)):
                 try:
-                    with Image.open(img) as im:
-                        im.load()
-                        arr = data.square(im, size)
+                    arr = data.decode(Path(img), size)
+                except data.Unusable as e:
+                    raise UserError(f"{img}: {e}") from None
                 except (OSError, ValueError) as e:
                     raise UserError(f"{img}: not a readable image ({type(e).__name__}); give image files "
                                     f"(JPEG, PNG, ...)") from None

@@ -121,18 +121,60 @@ def _mnist_5k(size: int, shuffled: bool = False) -> tuple[np.ndarray, list[int],
     return x, [int(t) for t in target], [str(i) for i in range(10)], f"mnist5k{'-shuffled' if shuffled else ''}-{fp}"
 
 
-def _files(folder: Path) -> list[Path]:
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _files(folder: Path, root: Path, skipped: list[str]) -> list[Path]:
+    """The regular files under ``folder``, following links only where they stay inside ``root`` and do not
+    lead back to a folder already read (a loop): anything else is left out and listed in ``skipped``."""
+    top = os.path.realpath(root)
+    seen = {os.path.realpath(folder)}
     out = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, root)
+
+    for here, dirs, names in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(here, d))
+            if not _inside(real, top):
+                skipped.append(f"{rel(os.path.join(here, d))}: a link to {real}, outside the data root")
+            elif real in seen:
+                skipped.append(f"{rel(os.path.join(here, d))}: a link back to a folder already read (a loop)")
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        for n in sorted(n for n in names if not n.startswith(".")):
+            p = os.path.join(here, n)
+            real = os.path.realpath(p)
+            if not _inside(real, top):
+                skipped.append(f"{rel(p)}: a link to {real}, outside the data root")
+            elif not os.path.exists(p):
+                skipped.append(f"{rel(p)}: a broken link or a link loop")
+            elif not os.path.isfile(p):
+                skipped.append(f"{rel(p)}: not a regular file (a pipe or a device)")
+            else:
+                out.append(Path(p))
     return out
 
 
-def _scan_classes(folder: Path, where: str) -> dict[str, list[Path]]:
+def _scan_classes(folder: Path, where: str, root: Path, skipped: list[str]) -> dict[str, list[Path]]:
     if not folder.is_dir():
         raise UserError(f"{where}: {folder} is not a folder; it must hold one folder per class")
-    classes = {d.name: _files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    top = os.path.realpath(root)
+    classes = {}
+    for d in sorted(folder.iterdir()):
+        if d.name.startswith("."):
+            continue
+        real = os.path.realpath(d)
+        if d.is_symlink() and (not _inside(real, top) or not d.is_dir()):
+            why = f"a link to {real}, outside the data root" if d.is_dir() else "a broken link or a link loop"
+            skipped.append(f"{d.relative_to(root)}: {why}")
+        elif d.is_dir():
+            classes[d.name] = _files(d, root, skipped)
     if not classes:
         raise UserError(f"{where}: {folder} has no class folders; put each class's images in {folder}/<class>/")
     empty = [c for c, f in classes.items() if not f]
@@ -168,26 +210,55 @@ def to_rgb(img) -> "Image.Image":  # noqa: F821
     return img.convert("RGB")
 
 
-def decode(path: Path, size: int) -> np.ndarray:
-    """One image file → uint8 3×S×S: shorter side resized to S, centre-cropped (torchvision's Resize+CenterCrop)."""
-    from PIL import Image
+class Unusable(Exception):
+    """An image file that decodes, but must not be: too many pixels, or a shape no crop can use."""
 
-    with Image.open(path) as im:
+
+MAX_PIXELS = 89_478_485  # PIL's own bomb threshold (a warning there; here the image is skipped)
+MAX_ASPECT = 20.0  # a centre crop of a longer strip would keep under 5% of it
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """One image file → uint8 3×S×S, as torchvision's Resize(S) + CenterCrop(S) would see it, upright.
+
+    Its header is read first: an image over ``MAX_PIXELS`` (a decompression bomb: a small PNG that decodes
+    to gigapixels) or longer than ``MAX_ASPECT``:1 raises :class:`Unusable` before any pixel is decoded; a
+    large JPEG is decoded at a reduced scale (``draft``). EXIF orientation is applied (a phone's portrait
+    photo is stored sideways). Memory stays within a few bytes per allowed pixel.
+    """
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():  # over MAX_PIXELS PIL warns; the check below then skips the image
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise Unusable(f"a decompression bomb ({str(e).split('exceeds')[0].strip()})") from None
+    with im:
+        w, h = im.size
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise Unusable(f"{w}×{h} pixels, longer than {MAX_ASPECT:.0f}:1; crop it to the object")
+        if w * h > MAX_PIXELS and im.format == "JPEG":
+            im.draft("RGB", (size, size))  # DCT scaling: 1/2, 1/4 or 1/8 of the pixels, still ≥ S a side
+        if im.size[0] * im.size[1] > MAX_PIXELS:
+            raise Unusable(f"{w}×{h} pixels, over the {MAX_PIXELS / 1e6:.0f} Mpx limit (a decompression bomb?); "
+                           f"downscale it")
         im.load()  # truncated files fail here, not later
-        return square(im, size)
+        return square(ImageOps.exif_transpose(im), size)
 
 
 def square(img, size: int) -> np.ndarray:
-    """A PIL image of any mode → uint8 3×S×S (RGB, shorter side S, centre crop)."""
+    """A PIL image of any mode → uint8 3×S×S (RGB, the centre square resized to S: only those pixels are
+    resampled, so a long image costs no more than its square)."""
     from PIL import Image
 
     rgb = to_rgb(img)
     w, h = rgb.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    rgb = rgb.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    rgb = rgb.crop((left, top, left + size, top + size))
+    m = min(w, h)
+    left, top = (w - m) // 2, (h - m) // 2
+    rgb = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + m, top + m), reducing_gap=None)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -330,12 +401,13 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
     if not root.is_dir():
         raise UserError(f"{where}: no such folder; give the path to your images (relative to the spec file)")
     subs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    scan_skipped: list[str] = []
     if subs:
         if "train" not in subs or "val" not in subs:
             missing = "train" if "train" not in subs else "val"
             raise UserError(f"{where}: has {', '.join(subs)}/ but no {missing}/ folder; add {root / missing}/<class>/ "
                             f"or use one tree of class folders split by data.split")
-        trees = {s: _scan_classes(p, where) for s, p in subs.items()}
+        trees = {s: _scan_classes(p, where, root, scan_skipped) for s, p in subs.items()}
         names = sorted(trees["train"])
         for s, tree in trees.items():
             if sorted(tree) != names:
@@ -344,7 +416,7 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
                                 f"every split needs the same class folders")
         files = [(s, names.index(c), p) for s, tree in trees.items() for c in names for p in tree[c]]
     else:
-        tree = _scan_classes(root, where)
+        tree = _scan_classes(root, where, root, scan_skipped)
         names = sorted(tree)
         files = [("", names.index(c), p) for c in names for p in tree[c]]
     listing = [(str(p.relative_to(root)), p) for _, _, p in files]
@@ -361,6 +433,8 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
             try:
                 images.append(decode(p, size))
                 kept.append(i)
+            except Unusable as e:
+                skipped.append(f"{p.relative_to(root)}: {e}")
             except Exception as e:  # noqa: BLE001 - PIL raises many types for broken or non-image files
                 skipped.append(f"{p.relative_to(root)}: {type(e).__name__}")
         if not images:
@@ -371,12 +445,13 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
                 "skipped": skipped, "classes": names}
         _write_meta(meta_path, meta)
         reused = False
-    if meta["skipped"]:
+    skipped = scan_skipped + meta["skipped"]
+    if skipped:
         if strict:
-            raise UserError(f"{where}: {len(meta['skipped'])} unreadable files (first: {meta['skipped'][0]}); "
+            raise UserError(f"{where}: {len(skipped)} unreadable files (first: {skipped[0]}); "
                             f"remove them or set data.strict: false to skip them")
-        log(f"data: skipped {len(meta['skipped'])} unreadable files (listed in the parent run's "
-            f"skipped_files.txt); first: {meta['skipped'][0]}")
+        log(f"data: skipped {len(skipped)} unreadable files (listed in the parent run's "
+            f"skipped_files.txt); first: {skipped[0]}")
     labels, where_from = meta["labels"], meta["split"]
     present = {labels[i] for i in range(len(labels))}
     if len(present) < len(names):
@@ -391,7 +466,7 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
     else:
         rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
     keep = _select(names, classes, where)
-    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, meta["skipped"], reused)
+    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused)
 
 
 # torchvision datasets: how each names its official splits (constructor kwarg → value per split). Datasets
@@ -477,7 +552,7 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
     splits = TORCHVISION_SPLITS.get(name, TRAIN_FLAG)
     idx = _idx_files(name, root) if name in IDX_DATASETS else None
     files = [(str(p.relative_to(root)), p) for p in (
-        [q for pair in idx.values() for q in pair] if idx else _files(root))]
+        [q for pair in idx.values() for q in pair] if idx else _files(root, root, []))]
     fp = f"{name}-{_fingerprint(files)}"
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     meta_path = cache.with_suffix(".json")
