@@ -41,6 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_ROOTS: dict[str, Path] = {}  # the mlflow_server fixture's URI -> its folder (database, artifacts, log)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts served over HTTP)."""
@@ -67,6 +70,7 @@ def mlflow_server(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
             time.sleep(0.5)
+    SERVER_ROOTS[uri] = root
     yield uri
     proc.terminate()
     try:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tl_sweep import redact
 from tl_sweep.errors import UserError
 
 
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is for results
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # the same when mlflow was imported already
     args = parser().parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = redact.Stream(out), redact.Stream(err)  # no password or token is ever printed
     try:
         return args.fn(args)
     except UserError as e:
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         _err(str(e) or "interrupted; finished trials are in MLflow; continue with tl-sweep run SPEC --resume")
         return 130
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 if __name__ == "__main__":

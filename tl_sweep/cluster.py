@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tl_sweep import redact
 from tl_sweep.errors import UserError
 
 
@@ -165,6 +166,13 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
     """
     from tl_sweep import spec as spec_mod
 
+    spec_file = Path(spec_path)
+    given = [*overrides, os.environ.get("MLFLOW_TRACKING_URI", ""),
+             spec_file.read_text(errors="replace") if spec_file.is_file() else ""]
+    if any(redact.has_password(g) for g in given):  # before load() moves it out of the URI
+        raise UserError("tracking.uri carries a password, and a Ray Job's command line and files are readable by "
+                        "anyone who can list the cluster's jobs; give the URI without it and set "
+                        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD on the cluster's nodes")
     cfg = spec_mod.load(spec_path, overrides)  # refuse a bad spec before touching the cluster
     s = cfg.spec
     client = _client(address)

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from tl_sweep import redact
 from tl_sweep.contract import Tag
 from tl_sweep.errors import UserError
 
@@ -51,12 +52,21 @@ def client(uri: str):
 
 def normalise_uri(uri: str) -> str:
     """A relative ``sqlite:///x.db`` becomes absolute against the working directory, as MLflow reads it, so
-    trials running in other directories write to the same store."""
+    trials running in other directories write to the same store. A server URI's ``user:password@`` moves to
+    MLflow's own ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (inherited by local Ray workers),
+    so no config, trial context, Tune file or MLflow param ever holds the password."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     if "://" not in uri:
         raise UserError(f"tracking.uri: {uri!r} is not a tracking URI; use sqlite:///mlflow.db or "
                         f"http://host:port (MLflow 3 refuses a plain ./mlruns folder)")
+    if uri.startswith(("http://", "https://")) and redact.has_password(uri):
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(uri)
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+        return redact.strip_userinfo(uri)
     return uri
 
 
@@ -74,14 +84,14 @@ def check(uri: str) -> None:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+            with urllib.request.urlopen(redact.strip_userinfo(uri).rstrip("/") + "/health", timeout=10) as r:
                 r.read()
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise UserError(f"tracking.uri: MLflow server {uri} is not reachable ({reason}); start it "
+            raise UserError(f"tracking.uri: MLflow server {redact.uri(uri)} is not reachable ({reason}); start it "
                             f"(mlflow server --host 127.0.0.1 --port 5000) or fix the address") from None
     elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
-        raise UserError(f"tracking.uri: unsupported URI {uri!r}; use sqlite:///mlflow.db or http://host:port")
+        raise UserError(f"tracking.uri: unsupported URI {redact.uri(uri)!r}; use sqlite:///mlflow.db or http://host:port")
     try:
         from filelock import FileLock
 
@@ -91,7 +101,7 @@ def check(uri: str) -> None:
             _retry(client(uri).search_experiments, max_results=1)
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"tracking.uri: cannot use {uri}: {first}") from None
+        raise UserError(f"tracking.uri: cannot use {redact.uri(uri)}: {redact.text(first)}") from None
 
 
 def artifact_root(uri: str) -> str | None:
@@ -115,6 +125,11 @@ def experiment_id(uri: str, name: str) -> str:
         return _retry(c.create_experiment, name, artifact_location=location)
     except Exception:  # noqa: BLE001 - another driver created it first
         return _retry(c.get_experiment_by_name, name).experiment_id
+
+
+def _clean(tags: dict[str, Any]) -> dict[str, str]:
+    """Tags as strings with no secret in them (``redact``): error messages and sources can carry URIs."""
+    return {k: redact.text(str(v)) for k, v in tags.items()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -154,9 +169,9 @@ def start_parent(uri: str, exp_id: str, run_name: str, config: dict, files: dict
     from mlflow.entities import Param
 
     c = client(uri)
-    run = _retry(c.create_run, exp_id, run_name=run_name, tags={ROLE_TAG: "sweep", **tags})
+    run = _retry(c.create_run, exp_id, run_name=run_name, tags=_clean({ROLE_TAG: "sweep", **tags}))
     rid = run.info.run_id
-    params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+    params = [Param(k, redact.text(str(v))[:6000]) for k, v in _flatten(config).items()]
     for i in range(0, len(params), 100):
         _retry(c.log_batch, rid, params=params[i:i + 100])
     log_texts(uri, rid, files)
@@ -167,7 +182,7 @@ def log_texts(uri: str, run_id: str, files: dict[str, str], artifact_path: str |
     """Log text files (name → content) as artifacts of a run."""
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
-            (Path(tmp) / name).write_text(text)
+            (Path(tmp) / name).write_text(redact.text(text))
             _retry(client(uri).log_artifact, run_id, str(Path(tmp) / name), artifact_path)
 
 
@@ -258,8 +273,8 @@ class TrialRun:
             if found.info.status != "FINISHED":
                 _retry(c.update_run, run_id, status="RUNNING")
             return cls(uri, run_id, found.info.status, found.data.metrics)
-        run = _retry(c.create_run, exp_id, run_name=name, tags={PARENT_TAG: parent_id, **tags})
-        _retry(c.log_batch, run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        run = _retry(c.create_run, exp_id, run_name=name, tags=_clean({PARENT_TAG: parent_id, **tags}))
+        _retry(c.log_batch, run.info.run_id, params=[Param(k, redact.text(str(v))) for k, v in params.items()])
         return cls(uri, run.info.run_id)
 
     def last_step(self, metric: str) -> int:
@@ -290,7 +305,7 @@ def log_batch(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, 
 
     now = int(time.time() * 1000)
     _retry(client(uri).log_batch, run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-           tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+           tags=[RunTag(k, v) for k, v in _clean(tags or {}).items()])
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None,
