@@ -37,6 +37,7 @@ class Tag:
     ERROR = "tl_sweep.error"
     FAILURE = "tl_sweep.failure"  # TrialError | OutOfMemory: failures a retry would repeat
     EPOCHS_RUN = "tl_sweep.epochs_run"
+    RETRIES = "tl_sweep.retries"  # times Tune restarted the trial from its checkpoint (a lost worker or node)
     EARLY_STOPPED = "tl_sweep.early_stopped"
     FEATURE_CACHE = "tl_sweep.feature_cache"
     SPEC_HASH = "tl_sweep.spec_hash"
@@ -168,12 +169,13 @@ class TrialResult:
     error: str | None = None
     seconds: float | None = None  # compute seconds (on its device), start to last epoch
     checkpoint: Any = None  # Tune's Checkpoint with the best epoch's weights (trials that ran their schedule)
+    retries: int = 0  # restarts from its last checkpoint after a lost worker or node
 
     def row(self) -> dict[str, Any]:
         """A flat dict (tables, CSV)."""
         return {"trial": self.trial, "run_id": self.run_id, "name": self.name, **self.config.to_tune(),
                 "best_val_acc": self.best_val_acc, "test_acc": self.test_acc, "epochs_run": self.epochs_run,
-                "status": self.status, "seconds": self.seconds, "error": self.error}
+                "status": self.status, "seconds": self.seconds, "retries": self.retries, "error": self.error}
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class Recorder(tune.Callback):
         self.added: dict[str, float] = {}  # trial id -> when Tune created it (a slot was free: it is scheduled)
         self.n_seen, self.step_began = 0, time.time()
         self.startup: dict[str, float] = {}
+        self.retries: dict[str, int] = {}
 
     def on_step_begin(self, iteration, trials, **info):
         self.step_began = time.time()
@@ -138,6 +139,14 @@ class Recorder(tune.Callback):
         s = self.startup.pop(trial.trial_id, None)
         tracking.close_run(self.uri, run_id, "FAILED" if failed else "FINISHED", tags,
                            {} if s is None else {"scheduled_to_first_step_seconds": s})
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial's worker or node was lost and Tune restarts it from its last checkpoint: counted on its run."""
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        run_id = (trial.last_result or {}).get("mlflow_run_id") or tracking.trial_run_id(
+            self.uri, *self.where, trial.trial_id)
+        if run_id:
+            tracking.log_batch(self.uri, run_id, {}, {Tag.RETRIES: str(self.retries[trial.trial_id])})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, failed=bool((trial.last_result or {}).get("trial_error")))

@@ -31,7 +31,8 @@ def result(run) -> TrialResult:
     return TrialResult(TrialConfig.from_params(params), status, int(epochs) if epochs is not None else 0,
                        best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
                        trial=t.get(Tag.TRIAL_ID, ""), run_id=run.info.run_id, name=run.info.run_name,
-                       error=t.get(Tag.ERROR), seconds=m.get("compute_seconds"))
+                       error=t.get(Tag.ERROR), seconds=m.get("compute_seconds"),
+                       retries=int(t.get(Tag.RETRIES, 0)))
 
 
 def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:

@@ -238,6 +238,11 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
           f"seed {h['seed']}", "",
           f"Search: {len(search)} trials ({status['FINISHED']} finished, {status['EARLY_STOPPED']} early-stopped, "
           f"{status['FAILED']} failed); final evaluation: {len(finals)} re-trainings scored once on the test split."]
+    retried = [r for r in results if r.retries]
+    if retried:
+        md[-1] += (f" {len(retried)} trial{'s' if len(retried) > 1 else ''} lost a worker or node and continued "
+                   f"from its last checkpoint ({sum(r.retries for r in retried)} retries; each kept its one MLflow "
+                   f"run).")
     if a.scratch or len(a.cells) > len(a.arms):
         trials = sorted({c.trials for c in a.cells.values()})
         md += ["", f"Design: {len({(c.arm, c.depth) for c in a.cells.values()})} cells (arm × depth) × "
