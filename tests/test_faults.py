@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
 from conftest import SPEC, free_port
+from tl_sweep import tracking
 
 TINY = ["--set", "study=null", "--set", "search.space.epochs=1", "--set", "scheduler.kind=fifo",
         "--set", "search.space.batch_size=64"]
@@ -94,39 +96,104 @@ def wait_health(port, timeout=90):
 
 
 def stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
-def test_tracking_server_restart_mid_sweep_loses_no_metric(tmp_path):
+
+
+def outage_sweep(uri, tmp_path, experiment):
+    """Two trials of 8 epochs; a write waits 5 s for the server, then goes to the outbox."""
+    return subprocess.Popen([sys.executable, "-m", "tl_sweep.cli", "run", SPEC, "--set", "study=null",
+                             "--set", "search.num_trials=2", "--set", "search.max_concurrent=2",
+                             "--set", "search.space.epochs=8", "--set", "search.space.unfrozen_blocks=[4]",
+                             "--set", "scheduler.kind=fifo", "--set", f"tracking.uri={uri}",
+                             "--set", f"tracking.experiment={experiment}", "--set", "tracking.system_metrics=false",
+                             "--set", f"storage={tmp_path / 'results'}"],
+                            cwd=tmp_path, env=dict(os.environ, TL_SWEEP_OUTBOX_AFTER="5"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def until_trials_log(client, experiment, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial" and r.data.metrics]
+        if len(trials) == 2:
+            return exp
+        time.sleep(0.3)
+    raise AssertionError("the trials did not start logging")
+
+
+def every_epoch_once(client, exp):
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(trials) == 2
+    for r in trials:  # counted through the REST API: every epoch of every trial arrived, once
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(1, 9)), steps
+        assert r.info.status == "FINISHED" and r.data.tags["tl_sweep.epochs_run"] == "8"
+    return trials
+
+
+def test_a_tracking_outage_longer_than_the_retry_window_loses_no_metric(tmp_path):
+    """The server is down 20 s mid-sweep (4× the writes' retry window): trials keep training, their writes
+    wait in the node's outbox and arrive when it is back, each once; the runs and the report say so."""
     db, port = tmp_path / "server.db", free_port()
     server = start_server(db, port, tmp_path)
     wait_health(port)
     uri = f"http://127.0.0.1:{port}"
-    sweep = subprocess.Popen([sys.executable, "-m", "tl_sweep.cli", "run", SPEC, "--set", "study=null",
-                              "--set", "search.num_trials=4", "--set", "search.space.epochs=3",
-                              "--set", "scheduler.kind=fifo", "--set", f"tracking.uri={uri}"],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = outage_sweep(uri, tmp_path, "outage")
     try:
         client = MlflowClient(uri)
-        deadline = time.time() + 300
-        while time.time() < deadline:  # restart once the first trial is under way
-            exp = client.get_experiment_by_name("freeze-depth")
-            if exp and any(r.data.metrics for r in client.search_runs([exp.experiment_id])):
-                break
-            time.sleep(0.5)
+        exp = until_trials_log(client, "outage")
         stop(server)
-        time.sleep(5)  # trials keep training; their writes retry
+        time.sleep(20)
         server = start_server(db, port, tmp_path)
         wait_health(port)
         out, _ = sweep.communicate(timeout=600)
         assert sweep.returncode == 0, out[-3000:]
-        trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "trial"]
-        assert len(trials) == 4
-        for r in trials:  # counted through the REST API: every epoch of every trial arrived once
-            steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
-            assert sorted(steps) == list(range(1, int(r.data.tags["tl_sweep.epochs_run"]) + 1))
-            assert r.info.status == "FINISHED"
+        trials = every_epoch_once(client, exp)
+        assert any(int(r.data.tags.get("tl_sweep.delayed_writes", 0)) > 0 for r in trials)
+        assert "waits" not in out and tracking.waiting(uri) == 0
+        parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "sweep")
+        assert parent.info.status == "FINISHED"
+        report = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
+        assert "A tracking outage held back" in report
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        stop(server)
+
+
+def test_a_server_down_at_the_end_keeps_every_write_for_sync(tmp_path):
+    """The server goes down mid-sweep and stays down: the sweep still finishes (exit 0) and says what waits;
+    ``tl-sweep sync`` delivers it once the server is back, and the report can then be built."""
+    db, port = tmp_path / "server.db", free_port()
+    server = start_server(db, port, tmp_path)
+    wait_health(port)
+    uri = f"http://127.0.0.1:{port}"
+    sweep = outage_sweep(uri, tmp_path, "down-at-end")
+    try:
+        client = MlflowClient(uri)
+        exp = until_trials_log(client, "down-at-end")
+        stop(server)
+        out, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, out[-3000:]
+        assert "writes wait on this node (nothing is lost): tl-sweep sync" in out
+        waiting = tracking.waiting(uri)
+        assert waiting > 0
+        server = start_server(db, port, tmp_path)
+        wait_health(port)
+        synced = tl(["sync", "--tracking-uri", uri], tmp_path)
+        assert synced.returncode == 0 and f"delivered {waiting} of {waiting} writes" in synced.stdout, synced.stdout
+        assert tracking.waiting(uri) == 0
+        every_epoch_once(client, exp)
+        parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "sweep")
+        assert parent.info.status == "FINISHED"
+        rep = tl(["report", "--tracking-uri", uri, "--run", parent.info.run_id, "--out", tmp_path / "rep"], tmp_path)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert "A tracking outage held back" in (tmp_path / "rep" / "report.md").read_text()
     finally:
         if sweep.poll() is None:
             sweep.kill()

@@ -23,6 +23,11 @@ from typing import Callable
 _CHECKED: set[tuple] = set()
 
 
+def root() -> Path:
+    """This node's cache folder: ``TL_SWEEP_CACHE``, else ``~/.cache/tl-sweep``."""
+    return Path(os.environ.get("TL_SWEEP_CACHE", Path.home() / ".cache" / "tl-sweep")).expanduser()
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sum")
 

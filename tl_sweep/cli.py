@@ -59,12 +59,33 @@ def cmd_run(args) -> int:
               f"{r.error}")
     uri = cfg.spec.tracking.uri
     print()
+    if summary.delayed:
+        print(f"mlflow: a tracking outage held back {summary.delayed} writes on this node; delivered at the end")
+    if summary.waiting:
+        print(f"mlflow: the server is unreachable; {summary.waiting} writes wait on this node (nothing is lost): "
+              f"tl-sweep sync --tracking-uri {uri}, then tl-sweep report --run {summary.parent_run_id}")
+        return 0 if summary.status == "FINISHED" else 1
     if uri.startswith("sqlite:///"):
         print(f"browse: tl-sweep ui --tracking-uri {uri}   (then open "
               f"{tracking.ui_link('http://127.0.0.1:5000', summary.experiment_id)})")
     else:
         print(f"browse: {tracking.ui_link(uri, summary.experiment_id)}")
     return 0 if summary.status == "FINISHED" else 1
+
+
+def cmd_sync(args) -> int:
+    from tl_sweep import tracking
+
+    uri = tracking.normalise_uri(args.tracking_uri)
+    box = tracking.Outbox(uri)
+    before = box.count()
+    if not before:
+        print(f"nothing waits for {uri} on this node ({box.dir})")
+        return 0
+    sent, left = tracking.sync(uri)
+    print(f"delivered {sent} of {before} writes held back by an outage to {uri}"
+          + (f"; {left} still wait: the server is unreachable, run tl-sweep sync again" if left else ""))
+    return 0 if not left else 1
 
 
 def cmd_submit(args) -> int:
@@ -254,6 +275,10 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
     rep.add_argument("--no-log", action="store_true", help="do not log the report on the parent run again")
     rep.set_defaults(fn=cmd_report)
+    sy = sub.add_parser("sync", help="deliver MLflow writes a tracking outage held back on this node")
+    sy.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                    help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    sy.set_defaults(fn=cmd_sync)
     sm = with_spec("submit", "submit the sweep to a Ray cluster as a Ray Job and follow its logs")
     sm.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                     help="the cluster's dashboard, e.g. http://head:8265 (default: $RAY_ADDRESS)")

@@ -37,6 +37,7 @@ class Tag:
     ERROR = "tl_sweep.error"
     FAILURE = "tl_sweep.failure"  # TrialError | OutOfMemory: failures a retry would repeat
     EPOCHS_RUN = "tl_sweep.epochs_run"
+    DELAYED = "tl_sweep.delayed_writes"  # writes kept in the outbox during a tracking outage, delivered late
     RETRIES = "tl_sweep.retries"  # times Tune restarted the trial from its checkpoint (a lost worker or node)
     EARLY_STOPPED = "tl_sweep.early_stopped"
     FEATURE_CACHE = "tl_sweep.feature_cache"
@@ -170,6 +171,7 @@ class TrialResult:
     seconds: float | None = None  # compute seconds (on its device), start to last epoch
     checkpoint: Any = None  # Tune's Checkpoint with the best epoch's weights (trials that ran their schedule)
     retries: int = 0  # restarts from its last checkpoint after a lost worker or node
+    delayed: int = 0  # writes a tracking outage held in the outbox, delivered late
 
     def row(self) -> dict[str, Any]:
         """A flat dict (tables, CSV)."""

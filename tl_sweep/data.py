@@ -47,7 +47,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TL_SWEEP_CACHE", Path.home() / ".cache" / "tl-sweep")).expanduser()
+    return cachefile.root()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ import logging
 import os
 import signal
 import threading
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +37,7 @@ import ray
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_sweep import cluster, contract, data, models, sources, space, tracking, trainable
+from tl_sweep import cluster, contract, data, models, redact, sources, space, tracking, trainable
 from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialResult
 from tl_sweep.errors import UserError
 from tl_sweep.spec import Config, to_yaml
@@ -53,6 +55,8 @@ class Summary:
     report: Any = None
     seconds: float = 0.0
     models: dict[str, str] = field(default_factory=dict)  # arm -> MLflow model URI of its winner
+    delayed: int = 0  # writes a tracking outage delayed, delivered late by this driver
+    waiting: int = 0  # writes still in this node's outbox (the server is unreachable): tl-sweep sync
 
     @property
     def best(self) -> TrialResult | None:
@@ -143,16 +147,29 @@ class Recorder(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial's worker or node was lost and Tune restarts it from its last checkpoint: counted on its run."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
-        run_id = (trial.last_result or {}).get("mlflow_run_id") or tracking.trial_run_id(
-            self.uri, *self.where, trial.trial_id)
-        if run_id:
-            tracking.log_batch(self.uri, run_id, {}, {Tag.RETRIES: str(self.retries[trial.trial_id])})
+        with _offline_ok(f"the retry count of trial {trial.trial_id}"):
+            run_id = (trial.last_result or {}).get("mlflow_run_id") or tracking.trial_run_id(
+                self.uri, *self.where, trial.trial_id)
+            if run_id:
+                tracking.log_batch(self.uri, run_id, {}, {Tag.RETRIES: str(self.retries[trial.trial_id])})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, failed=bool((trial.last_result or {}).get("trial_error")))
+        with _offline_ok(f"the end of trial {trial.trial_id}"):
+            self._close(trial, failed=bool((trial.last_result or {}).get("trial_error")))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, failed=True)
+        with _offline_ok(f"the end of trial {trial.trial_id}"):
+            self._close(trial, failed=True)
+
+
+@contextmanager
+def _offline_ok(what: str):
+    """A callback's MLflow read that an outage made impossible costs that record, never the sweep (writes wait
+    in the outbox by themselves)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - an exception in a Tune callback would end the whole sweep
+        print(f"mlflow: could not record {what} ({type(e).__name__}: {_plain(str(e))})", file=sys.stderr)
 
 
 def drop_checkpoint(ckpt) -> None:
@@ -419,9 +436,14 @@ def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, trials: list[
 
 
 def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
-    """Close runs a killed process left open and the parent run, with the best trial's figures."""
+    """Deliver what a tracking outage held back, close runs a killed process left open and the parent run,
+    with the best trial's figures."""
     exp_id, parent = summary.experiment_id, summary.parent_run_id
-    if summary.status != "KILLED":  # a resumed sweep reopens its unfinished runs itself
+    summary.delayed, _ = tracking.sync(uri)  # this node's outbox: trials' and the Recorder's queued writes
+    if summary.delayed:
+        log(f"mlflow: {summary.delayed} writes held back by a tracking outage were delivered now")
+    online = tracking.reachable(uri)
+    if summary.status != "KILLED" and online:  # a resumed sweep reopens its unfinished runs itself
         if resume:  # trials a killed driver started after its last saved state: the search never saw them
             known = {r.trial for r in summary.trials + summary.finals}
             n_gone = tracking.retire_unknown(uri, exp_id, parent, known)
@@ -436,6 +458,11 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
     if best:
         tags.update({f"tl_sweep.best.{k}": str(v) for k, v in best.config.dims().items()})
     tracking.finish_parent(uri, parent, metrics, tags, summary.status)
+    summary.waiting = tracking.waiting(uri)
+    if summary.waiting:
+        log(f"mlflow: {redact.uri(uri)} is unreachable: {summary.waiting} writes wait in this node's outbox "
+            f"({tracking.Outbox(uri).dir}); nothing is lost. When the server is back: tl-sweep sync "
+            f"--tracking-uri {redact.uri(uri)}, then tl-sweep report --run {parent}")
 
 
 def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_dir: str | None = None,
@@ -481,7 +508,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         summary.seconds = time.perf_counter() - t0
         cluster.stop_system_metrics(monitors)
         close_sweep(summary, uri, resume, log)
-    if summary.status != "KILLED":
+    if summary.status != "KILLED" and not summary.waiting:
         from tl_sweep import report
 
         summary.report = report.build(uri, exp_id, parent, out_dir=report_dir, log=log)

@@ -25,19 +25,26 @@ from tl_sweep.errors import UserError
 T = TypeVar("T")
 PARENT_TAG, ROLE_TAG, TRIAL_ID_TAG = Tag.PARENT, Tag.ROLE, Tag.TRIAL_ID
 ERROR_TAG, SUPERSEDED_TAG = Tag.ERROR, Tag.SUPERSEDED
-RETRY_SECONDS = 60.0
+RETRY_SECONDS = 60.0  # how long a call is retried before it fails (or, for a write, is kept in the outbox)
+# a write to a run is retried this long, then kept on local disk until the server is back
+OUTBOX_AFTER = float(os.environ.get("TL_SWEEP_OUTBOX_AFTER", "20"))
+OPEN_WAIT = 1800.0  # a trial cannot train without its run: opening one waits this long for the server
 
 
-def _retry(fn: Callable[..., T], *args, **kwargs) -> T:
+def _transient(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("locked", "connection", "timed out", "temporarily", "503", "502", "504",
+                                   "max retries"))
+
+
+def _retry(fn: Callable[..., T], *args, window: float = RETRY_SECONDS, **kwargs) -> T:
     """Call an MLflow client method, retrying transient failures (locked sqlite, unreachable server)."""
-    delay, deadline = 0.1, time.monotonic() + RETRY_SECONDS
+    delay, deadline = 0.1, time.monotonic() + window
     while True:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - MLflow wraps sqlalchemy/requests errors in several types
-            text = str(e).lower()
-            transient = any(s in text for s in ("locked", "connection", "timed out", "temporarily", "503", "502"))
-            if not transient or time.monotonic() > deadline:
+            if not _transient(e) or time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -47,6 +54,9 @@ def _retry(fn: Callable[..., T], *args, **kwargs) -> T:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    # MLflow's own HTTP retries would hold one call for ~4 minutes on a dead server; _retry decides instead
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -200,12 +210,12 @@ def log_datasets(uri: str, run_id: str, name: str, source: str, splits: dict[str
                                    source=json.dumps({"uri": source}), profile=json.dumps({"num_rows": n})),
                            tags=[InputTag("mlflow.data.context", split)])
               for split, (n, digest) in splits.items()]
-    _retry(client(uri).log_inputs, run_id, datasets=inputs)
+    _retry(client(uri).log_inputs, run_id, datasets=inputs, window=OPEN_WAIT)
 
 
 def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
     log_batch(uri, run_id, metrics, tags)
-    _retry(client(uri).set_terminated, run_id, status)
+    Outbox(uri).write(run_id, {"op": "end", "status": status, "time": int(time.time() * 1000)})
 
 
 def children(uri: str, exp_id: str, parent_id: str) -> list:
@@ -265,16 +275,18 @@ class TrialRun:
         the same Tune trial created (found by its trial id), else a new nested run."""
         from mlflow.entities import Param
 
-        c = client(uri)
+        c, wait = client(uri), OPEN_WAIT  # the server may be down for a while: the trial waits for it
         if run_id is None:
-            run_id = trial_run_id(uri, exp_id, parent_id, tags[TRIAL_ID_TAG])
+            run_id = trial_run_id(uri, exp_id, parent_id, tags[TRIAL_ID_TAG], window=wait)
         if run_id is not None:
-            found = _retry(c.get_run, run_id)
+            Outbox(uri).write(run_id, {"op": "batch"})  # what an earlier attempt left queued here goes first
+            found = _retry(c.get_run, run_id, window=wait)
             if found.info.status != "FINISHED":
-                _retry(c.update_run, run_id, status="RUNNING")
+                _retry(c.update_run, run_id, status="RUNNING", window=wait)
             return cls(uri, run_id, found.info.status, found.data.metrics)
-        run = _retry(c.create_run, exp_id, run_name=name, tags=_clean({PARENT_TAG: parent_id, **tags}))
-        _retry(c.log_batch, run.info.run_id, params=[Param(k, redact.text(str(v))) for k, v in params.items()])
+        run = _retry(c.create_run, exp_id, run_name=name, tags=_clean({PARENT_TAG: parent_id, **tags}), window=wait)
+        _retry(c.log_batch, run.info.run_id, params=[Param(k, redact.text(str(v))) for k, v in params.items()],
+               window=wait)
         return cls(uri, run.info.run_id)
 
     def last_step(self, metric: str) -> int:
@@ -288,34 +300,184 @@ class TrialRun:
         log_batch(self.uri, self.run_id, {}, tags)
 
     def log_artifact(self, path: Path) -> None:
-        _retry(client(self.uri).log_artifact, self.run_id, str(path))
+        Outbox(self.uri).write(self.run_id, {"op": "artifact", "path": str(path)})
 
 
-def trial_run_id(uri: str, exp_id: str, parent_id: str, trial_id: str) -> str | None:
+def trial_run_id(uri: str, exp_id: str, parent_id: str, trial_id: str, window: float = RETRY_SECONDS
+                 ) -> str | None:
     """The run a Tune trial opened under ``parent_id`` (by its trial id tag), if any."""
     found = _retry(client(uri).search_runs, [exp_id], max_results=1, filter_string=(
-        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"))
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"), window=window)
     return found[0].info.run_id if found else None
 
 
 def log_batch(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
               step: int = 0) -> None:
-    """Metrics (at ``step``) and tags in one call."""
-    from mlflow.entities import Metric, RunTag
-
+    """Metrics (at ``step``) and tags in one call; kept in the outbox while the server is unreachable."""
     now = int(time.time() * 1000)
-    _retry(client(uri).log_batch, run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-           tags=[RunTag(k, v) for k, v in _clean(tags or {}).items()])
+    Outbox(uri).write(run_id, {"op": "batch", "metrics": [(k, float(v), now, step) for k, v in metrics.items()],
+                               "tags": _clean(tags or {})})
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None,
               metrics: dict[str, float] | None = None) -> None:
     """The one way a run ends: its last tags and metrics, then its status (unless it ended already)."""
-    c = client(uri)
     if tags or metrics:
         log_batch(uri, run_id, metrics or {}, tags)
-    if _retry(c.get_run, run_id).info.status == "RUNNING":
-        _retry(c.set_terminated, run_id, status)
+    Outbox(uri).write(run_id, {"op": "end", "status": status, "time": int(time.time() * 1000), "only_running": True})
+
+
+# ------------------------------------------------------------------------------ outage: the outbox
+
+
+class Outbox:
+    """Writes an unreachable tracking server could not take, kept on this node's disk, in order, per run.
+
+    A write to a run (metrics, params, tags, an artifact, its end) that still fails after ``OUTBOX_AFTER``
+    seconds of retries is appended to ``<cache>/outbox/<store>/<run id>.jsonl`` instead of failing the trial;
+    from then on that run's writes queue behind it, so nothing arrives out of order. The next write to the run
+    tries to deliver the queue first; the driver delivers every queue of its node before the report, and
+    ``tl-sweep sync`` delivers what is left (another node's, or all of it when the server was down at the end).
+    Delivery is idempotent (same metric key, value, time and step; same tags, params and artifact paths), and
+    each delivered line leaves the file at once, so a crash mid-delivery re-sends at most one write.
+    """
+
+    def __init__(self, uri: str):
+        import hashlib
+
+        from tl_sweep import cachefile
+
+        self.uri = uri
+        self.dir = cachefile.root() / "outbox" / hashlib.sha1(uri.encode()).hexdigest()[:12]
+
+    def _file(self, run_id: str) -> Path:
+        return self.dir / f"{run_id}.jsonl"
+
+    def _lock(self, run_id: str):
+        from filelock import FileLock
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self._file(run_id)) + ".lock")
+
+    def runs(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
+
+    def count(self) -> int:
+        return sum(len(self._file(r).read_text().splitlines()) for r in self.runs())
+
+    def keep(self, run_id: str, entry: dict[str, Any]) -> None:
+        if entry.get("op") == "artifact":  # the file may be a temporary: keep a copy
+            import shutil
+            import uuid
+
+            copy = self.dir / "files" / uuid.uuid4().hex / Path(entry["path"]).name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry["path"], copy)
+            entry = {**entry, "path": str(copy)}
+        (self.dir / "uri").write_text(redact.uri(self.uri))
+        with open(self._file(run_id), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, run_id: str, entry: dict[str, Any]) -> None:
+        """Send ``entry`` now, or queue it (behind anything already queued for the run)."""
+        empty = entry == {"op": "batch"}  # only: deliver what is queued
+        with self._lock(run_id):
+            if self._file(run_id).exists() and not self._deliver(run_id, window=2.0):
+                if not empty:
+                    self.keep(run_id, entry)
+                return
+            if empty:
+                return
+            try:
+                _send(self.uri, run_id, entry, window=OUTBOX_AFTER)
+            except Exception as e:  # noqa: BLE001
+                if not _transient(e):
+                    raise
+                self.keep(run_id, entry)
+
+    def deliver(self, window: float = 5.0) -> tuple[int, int]:
+        """Deliver every queued write of this node: (delivered, still waiting)."""
+        sent = 0
+        for run_id in self.runs():
+            with self._lock(run_id):
+                before = len(self._file(run_id).read_text().splitlines()) if self._file(run_id).exists() else 0
+                self._deliver(run_id, window)
+                after = len(self._file(run_id).read_text().splitlines()) if self._file(run_id).exists() else 0
+                sent += before - after
+        return sent, self.count()
+
+    def _deliver(self, run_id: str, window: float) -> bool:
+        path = self._file(run_id)
+        lines = path.read_text().splitlines() if path.exists() else []
+        done = 0
+        try:
+            for line in lines:
+                _send(self.uri, run_id, json.loads(line), window=window)
+                done += 1
+                rest = lines[done:]
+                if rest:
+                    path.write_text("\n".join(rest) + "\n")
+        except Exception as e:  # noqa: BLE001
+            if not _transient(e):
+                raise
+            return False
+        finally:
+            if done == len(lines):
+                path.unlink(missing_ok=True)
+        if done:
+            _DELAYED[run_id] = _DELAYED.get(run_id, 0) + done
+            _send(self.uri, run_id, {"op": "batch", "tags": {Tag.DELAYED: str(_DELAYED[run_id])}}, window=window)
+        return True
+
+
+_DELAYED: dict[str, int] = {}  # run id -> writes this process delivered late
+
+
+def _send(uri: str, run_id: str, entry: dict[str, Any], window: float) -> None:
+    """One outbox entry to the server (the same call whether it is sent at once or late)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c, op = client(uri), entry["op"]
+    if op == "batch":
+        _retry(c.log_batch, run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in entry.get("metrics", [])],
+               params=[Param(k, v) for k, v in entry.get("params", {}).items()],
+               tags=[RunTag(k, v) for k, v in entry.get("tags", {}).items()], window=window)
+    elif op == "artifact":
+        _retry(c.log_artifact, run_id, entry["path"], entry.get("artifact_path"), window=window)
+        if "/outbox/" in entry["path"]:
+            import shutil
+
+            shutil.rmtree(Path(entry["path"]).parent, ignore_errors=True)
+    elif op == "end":  # a run's status, unless it ended already (a trial's end is recorded once)
+        if not entry.get("only_running") or _retry(c.get_run, run_id, window=window).info.status == "RUNNING":
+            _retry(c.set_terminated, run_id, entry["status"], end_time=entry["time"], window=window)
+    else:
+        raise ValueError(f"unknown outbox entry {op!r}")
+
+
+def reachable(uri: str, timeout: float = 5.0) -> bool:
+    """Whether a tracking server answers now (a sqlite store always does)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def sync(uri: str) -> tuple[int, int]:
+    """Deliver what this node's outbox holds for ``uri``: (delivered, still waiting)."""
+    return Outbox(uri).deliver()
+
+
+def waiting(uri: str) -> int:
+    """How many writes for ``uri`` wait in this node's outbox."""
+    return Outbox(uri).count()
 
 
 # ----------------------------------------------------------------------------------------- reading

@@ -32,7 +32,7 @@ def result(run) -> TrialResult:
                        best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
                        trial=t.get(Tag.TRIAL_ID, ""), run_id=run.info.run_id, name=run.info.run_name,
                        error=t.get(Tag.ERROR), seconds=m.get("compute_seconds"),
-                       retries=int(t.get(Tag.RETRIES, 0)))
+                       retries=int(t.get(Tag.RETRIES, 0)), delayed=int(t.get(Tag.DELAYED, 0)))
 
 
 def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:

@@ -243,6 +243,10 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
         md[-1] += (f" {len(retried)} trial{'s' if len(retried) > 1 else ''} lost a worker or node and continued "
                    f"from its last checkpoint ({sum(r.retries for r in retried)} retries; each kept its one MLflow "
                    f"run).")
+    delayed = [r for r in results if r.delayed]
+    if delayed:
+        md[-1] += (f" A tracking outage held back {sum(r.delayed for r in delayed)} writes of {len(delayed)} "
+                   f"run{'s' if len(delayed) > 1 else ''} on local disk; all were delivered later.")
     if a.scratch or len(a.cells) > len(a.arms):
         trials = sorted({c.trials for c in a.cells.values()})
         md += ["", f"Design: {len({(c.arm, c.depth) for c in a.cells.values()})} cells (arm × depth) × "
