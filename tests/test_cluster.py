@@ -119,3 +119,27 @@ def test_node_probe_names_what_a_node_cannot_see(tmp_path, mlflow_server):
     assert problems[1].startswith(f"data: {tmp_path / 'not-here'} does not exist on this node")
     dead = f"http://127.0.0.1:{free_port()}"
     assert "is not reachable from this node" in cluster._probe(None, None, dead, [])[0]
+
+
+def test_ray_job_submit_of_tl_sweep_run_survives_its_working_dir(two_nodes, mlflow_server, tmp_path, cache_dir):
+    """As a Ray user (or a KubeRay RayJob) launches it: `ray job submit --working-dir wd -- tl-sweep run`.
+    Ray may remove the unpacked working_dir under the driver; the driver works from a stable copy, so the
+    sweep ends FINISHED with its report."""
+    import shutil
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    shutil.copy(SPEC, wd / "spec.yaml")
+    sets = [a for s in ["study=null", "search.num_trials=2", "search.space.epochs=1", "scheduler.kind=fifo",
+                        f"tracking.uri={mlflow_server}", "tracking.experiment=ray-job-submit",
+                        f"storage={tmp_path / 'results'}"] for a in ("--set", s)]
+    proc = subprocess.run([RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(wd),
+                           "--", sys.executable, "-m", "tl_sweep.cli", "run", "spec.yaml", *sets],
+                          env=two_nodes["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("ray-job-submit")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "sweep")
+    assert parent.info.status == "FINISHED"
+    assert "report/report.md" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert any(p.name.startswith("_ray_pkg_") for p in (cache_dir / "jobs").iterdir())  # ran from the copy

@@ -34,11 +34,27 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _ray_job_working_dir() -> str | None:
+    """The name of the unpacked ``working_dir`` this process runs in, when it is a Ray Job's driver."""
+    import json
+
+    try:
+        runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    cwd = Path.cwd()
+    if runtime_env.get("working_dir") and "runtime_resources" in cwd.parts:
+        return cwd.name  # Ray's _ray_pkg_<content hash>
+    return None
+
+
 def cmd_run(args) -> int:
     from tl_sweep import runner, spec, tracking
 
-    job = os.environ.get("TL_SWEEP_JOB")
-    if job:  # a submitted Ray Job: Ray may unpack and remove its working_dir under us; work from a stable copy
+    # a Ray Job's driver (tl-sweep submit, or `ray job submit --working-dir wd -- tl-sweep run ...`, a KubeRay
+    # RayJob): Ray may remove the unpacked working_dir under the running driver; work from a stable copy
+    job = os.environ.get("TL_SWEEP_JOB") or _ray_job_working_dir()
+    if job:
         from tl_sweep.data import cache_root
 
         stable = cache_root() / "jobs" / job
@@ -71,6 +87,22 @@ def cmd_run(args) -> int:
     else:
         print(f"browse: {tracking.ui_link(uri, summary.experiment_id)}")
     return 0 if summary.status == "FINISHED" else 1
+
+
+def cmd_estimate(args) -> int:
+    from tl_sweep import runner, spec, tracking, transferability
+
+    cfg = spec.load(args.spec, args.set)
+    repeats, arms = runner.preflight(cfg, _log)
+    est = transferability.estimate(cfg, repeats[0], arms, log=_log)
+    table = transferability.table(est)
+    print(table)
+    if not args.no_log:
+        uri = cfg.spec.tracking.uri
+        run_id = tracking.log_estimates(uri, tracking.experiment_id(uri, cfg.experiment), None,
+                                        transferability.metrics_of(est), table, tracking.source_tags(cfg.spec_file))
+        _log(f"mlflow: estimates logged as run {run_id} of experiment {cfg.experiment!r}")
+    return 0
 
 
 def cmd_sync(args) -> int:
@@ -275,6 +307,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
     rep.add_argument("--no-log", action="store_true", help="do not log the report on the parent run again")
     rep.set_defaults(fn=cmd_report)
+    es = with_spec("estimate", "transferability estimates (LogME, H-score, LEEP, NCE) per cell, without training")
+    es.add_argument("--no-log", action="store_true", help="print only; do not log a run in MLflow")
+    es.set_defaults(fn=cmd_estimate)
     sy = sub.add_parser("sync", help="deliver MLflow writes a tracking outage held back on this node")
     sy.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                     help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
