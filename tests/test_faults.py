@@ -111,7 +111,8 @@ def outage_sweep(uri, tmp_path, experiment):
                              "--set", "scheduler.kind=fifo", "--set", f"tracking.uri={uri}",
                              "--set", f"tracking.experiment={experiment}", "--set", "tracking.system_metrics=false",
                              "--set", f"storage={tmp_path / 'results'}"],
-                            cwd=tmp_path, env=dict(os.environ, TL_SWEEP_OUTBOX_AFTER="5"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, env=dict(os.environ, TL_SWEEP_OUTBOX_AFTER="5"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def until_trials_log(client, experiment, timeout=300):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     dashboard_lists(url, f"study/{parent.info.run_id}/scratch@k=5/search1")
     assert parent.data.metrics["study/source_digits-0-4/depth"] in (4, 5)  # the study's results on the parent
+    # transferability estimates, logged before training (k=5 trains every block: nothing to score)
+    assert math.isfinite(parent.data.metrics["estimate/source_digits-0-4/k4/logme"])
+    assert not any(k.startswith("estimate/source_digits-0-4/k5/") for k in parent.data.metrics)
     system = [k for k in parent.data.metrics if k.startswith("system/")]  # MLflow system metrics, per node
     assert any(k.endswith("/cpu_utilization_percentage") for k in system), system
     inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs  # the UI's Datasets column
@@ -82,6 +86,8 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
         assert (tmp_path / "rebuilt" / name).read_text() == (tmp_path / "at_end" / name).read_text()
     md = (tmp_path / "at_end" / "report.md").read_text()
     assert "| source:digits-0-4 |" in md and "(baseline)" in md and "Holm" in md and "majority-class" in md
+    assert "## Transferability estimates (before training) against the finals" in md
+    assert "| source:digits-0-4@k=4 |" in md and "Fewer than 3 cells" in md
 
 
 def dashboard_lists(storage: str, name: str) -> None:

@@ -37,7 +37,8 @@ import ray
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_sweep import cluster, contract, data, models, redact, sources, space, tracking, trainable
+from tl_sweep import cluster, contract, data, models, redact, sources, space, tracking, trainable, \
+    transferability
 from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialResult
 from tl_sweep.errors import UserError
 from tl_sweep.spec import Config, to_yaml
@@ -489,6 +490,10 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
     if not resume:
         tracking.log_datasets(uri, parent, *ctx.dataset, ctx.digests[0])
+        if s.study is not None and s.study.estimates:  # before any training: a prediction, checked by the report
+            est = transferability.estimate(cfg, repeats[0], arms, log)
+            tracking.log_estimates(uri, exp_id, parent, transferability.metrics_of(est),
+                                   transferability.table(est), {})
     try:
         summary.trials = search(cfg, ctx, parent, log, resume)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))

@@ -216,6 +216,14 @@ class Regime(_Strict):
     ft_lr_mult: float = Field(1.0, gt=0)
 
 
+def space_depths(space, n: int) -> list[int]:
+    """Every ``unfrozen_blocks`` value a (resolved) search space can draw, ``max`` as ``n``."""
+    ub = space.unfrozen_blocks
+    if isinstance(ub, Range):
+        return list(range(int(ub.low), int(n if ub.high == "max" else ub.high) + 1))
+    return sorted({n if v == "max" else int(v) for v in values_of(ub)})
+
+
 class Study(_Strict):
     """A transfer study: a grid of cells, one per (source, depth), plus the tuned from-scratch cell.
 
@@ -232,6 +240,7 @@ class Study(_Strict):
     trials_per_cell: int = Field(6, ge=1)
     search_repeats: int = Field(3, ge=1)
     repeats: int = Field(5, ge=2)  # final seeds per chosen configuration (paired across arms)
+    estimates: bool = True  # transferability estimates per cell before training, checked against the finals
 
 
 class Failures(_Strict):
@@ -519,10 +528,8 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())
     cells = []
     if spec.study is not None:
-        space_depths = sorted({n if v == "max" else int(v) for v in values_of(space.unfrozen_blocks)}) if not \
-            isinstance(space.unfrozen_blocks, Range) else list(range(int(space.unfrozen_blocks.low),
-                                                                      int(space.unfrozen_blocks.high) + 1))
-        depths = sorted({n if d == "max" else int(d) for d in spec.study.depths}) if spec.study.depths else space_depths
+        depths = sorted({n if d == "max" else int(d) for d in spec.study.depths}) if spec.study.depths \
+            else space_depths(space, n)
         spec.study.depths = depths
         cells = [(arm, n if w == "none" else d) for arm, w in arms.items() for d in ([n] if w == "none" else depths)]
     return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir), experiment=spec.tracking.experiment or spec.name,

@@ -188,6 +188,21 @@ def start_parent(uri: str, exp_id: str, run_name: str, config: dict, files: dict
     return rid
 
 
+def log_estimates(uri: str, exp_id: str, run_id: str | None, metrics: dict[str, float], table: str,
+                  tags: dict[str, str]) -> str:
+    """Transferability estimates on ``run_id`` (a study's parent run), or on a new run of their own."""
+    if run_id is None:
+        run_id = _retry(client(uri).create_run, exp_id, run_name="transferability estimates",
+                        tags=_clean({ROLE_TAG: "estimate", **tags})).info.run_id
+        log_batch(uri, run_id, metrics)
+        log_texts(uri, run_id, {"estimates.md": table + "\n"})
+        _retry(client(uri).set_terminated, run_id, "FINISHED")
+    else:
+        log_batch(uri, run_id, metrics)
+        log_texts(uri, run_id, {"estimates.md": table + "\n"})
+    return run_id
+
+
 def log_texts(uri: str, run_id: str, files: dict[str, str], artifact_path: str | None = None) -> None:
     """Log text files (name → content) as artifacts of a run."""
     with tempfile.TemporaryDirectory() as tmp:

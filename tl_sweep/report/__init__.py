@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl_sweep import contract, tracking
+from tl_sweep import contract, tracking, transferability
 from tl_sweep.errors import UserError
 from tl_sweep.report import collect, render, stats
 
@@ -56,7 +56,10 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     study = stats.search_study(results)
     if imp and study is not None:
         render.plot_parallel(study, out / "parallel_coordinates.png")
-    markdown = render.markdown(header, parent_id, results, a, imp, plots)
+    est = transferability.read_metrics(sweep.metrics, a.arms)
+    est_md = render.estimates_section(est, truth := stats.truth_per_cell(a), stats.agreement(est, truth)) \
+        if est else None
+    markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md)
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(render.trials_csv(results))
     # the resolved spec beside the report, so the folder reproduces the study on its own

@@ -19,6 +19,7 @@ class Sweep:
     params: dict[str, str]
     tags: dict[str, str]
     results: list[TrialResult] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # the parent run's (transferability estimates among them)
 
 
 def result(run) -> TrialResult:
@@ -41,7 +42,8 @@ def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:
     results = [result(r) for r in tracking.children(uri, exp_id, parent_id)]
     results.sort(key=lambda r: (r.config.role, r.config.arm, r.config.unfrozen_blocks, -(r.best_val_acc or -1),
                                 r.config.seed, r.run_id))
-    return Sweep(tracking.experiment(uri, exp_id).name, parent_id, parent.data.params, parent.data.tags, results)
+    return Sweep(tracking.experiment(uri, exp_id).name, parent_id, parent.data.params, parent.data.tags, results,
+                 dict(parent.data.metrics))
 
 
 def histories(uri: str, run_ids: list[str], metric: str) -> dict[str, list[tuple[int, float]]]:

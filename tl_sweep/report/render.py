@@ -225,8 +225,37 @@ def plot_parallel(study, path: Path) -> None:
     plt.close(fig)
 
 
+def estimates_section(estimates: dict[tuple[str, int], dict[str, float]], truth: dict[tuple[str, int], float],
+                      agree: list) -> list[str]:
+    """The transferability estimates beside the finals, and how well each one ranked the cells."""
+    from tl_sweep.transferability import ESTIMATES
+
+    names = [n for n in ESTIMATES if any(n in v for v in estimates.values())]
+    md = ["## Transferability estimates (before training) against the finals", "",
+          "Computed before any trial from the frozen prefix's pooled features on the train split (LogME, H-score) "
+          "and the source's own classifier (LEEP, NCE); higher predicts better transfer. Finals' test accuracy: "
+          "mean over every search repeat's finals.", "",
+          "| cell | " + " | ".join(ESTIMATES[n] for n in names) + " | finals' test % |",
+          "|---|" + "---|" * len(names) + "---|"]
+    for cell in sorted(estimates):
+        vals = [f"{estimates[cell][n]:.4f}" if n in estimates[cell] else "–" for n in names]
+        t = f"{100 * truth[cell]:.1f}" if cell in truth else "–"
+        md.append(f"| {cell[0]}@k={cell[1]} | " + " | ".join(vals) + f" | {t} |")
+    md.append("")
+    if not agree:
+        md += ["Fewer than 3 cells have both an estimate and finals: no rank correlation.", ""]
+    for g in agree:
+        top = f"{g.top_estimated[0]}@k={g.top_estimated[1]}"
+        true_top = f"{g.top_true[0]}@k={g.top_true[1]}"
+        verdict = (f"ranked the finals' best cell ({true_top}) first" if g.right_top else
+                   f"**got the ranking wrong at the top**: it put {top} first, the finals put {true_top} first")
+        md.append(f"- {ESTIMATES[g.estimate]}: Kendall τ = {g.tau:+.2f} (p = {g.p:.2g}), weighted τ = "
+                  f"{g.weighted_tau:+.2f} over {g.cells} cells; {verdict}.")
+    return md + [""]
+
+
 def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult], a: Analysis,
-             imp: dict[str, dict[str, float]], plots: set[str]) -> str:
+             imp: dict[str, dict[str, float]], plots: set[str], estimates: list[str] | None = None) -> str:
     search = [r for r in results if not r.config.final]
     finals = [r for r in results if r.config.final]
     status = {s: sum(1 for r in search if r.status == s) for s in ("FINISHED", "EARLY_STOPPED", "FAILED")}
@@ -260,6 +289,7 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
     md += ["", "## Key results", "", _md(key_table(a)), "", "## What the numbers show", "",
            *[f"- {f}" for f in findings(a)], "", "## Freeze depth", "", _md(depth_table(a)), "",
            "![freeze depth](freeze_depth.png)", ""]
+    md += estimates or []
     if "budget" in plots:
         md += ["## Budget", "", "Expected best validation accuracy after n trials of one search of each cell "
                "(Dodge et al. 2019, from all of the cell's search trials): a curve still rising at the budget "

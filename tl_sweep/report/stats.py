@@ -371,3 +371,53 @@ def winners(a: Analysis) -> dict[str, Cell]:
         if arm not in out or (c.val, -c.depth, -c.search) > (out[arm].val, -out[arm].depth, -out[arm].search):
             out[arm] = c
     return out
+
+
+# ------------------------------------------------------------------- transferability estimates vs truth
+
+
+@dataclass
+class Agreement:
+    """How one transferability estimate's ranking of the cells agrees with the finals' test accuracies."""
+
+    estimate: str
+    cells: int
+    tau: float  # Kendall's tau-b
+    p: float  # its exact two-sided p-value (no ties) or the asymptotic one
+    weighted_tau: float  # scipy's weighted tau (hyperbolic weights on the top ranks), as the LogME paper reports
+    top_estimated: tuple[str, int]
+    top_true: tuple[str, int]
+
+    @property
+    def right_top(self) -> bool:
+        return self.top_estimated == self.top_true
+
+
+def truth_per_cell(a: Analysis) -> dict[tuple[str, int], float]:
+    """Each trained cell's mean final test accuracy, every search repeat's finals pooled."""
+    out = {}
+    for arm, depth in {(c.arm, c.depth) for c in a.cells.values()}:
+        tests = a.pooled_tests(arm, depth)
+        if tests:
+            out[(arm, depth)] = statistics.fmean(tests)
+    return out
+
+
+def agreement(estimates: dict[tuple[str, int], dict[str, float]], truth: dict[tuple[str, int], float]
+              ) -> list[Agreement]:
+    """Per estimate, over the cells that have both an estimate and finals (at least 3)."""
+    from scipy import stats
+
+    out = []
+    names = sorted({n for v in estimates.values() for n in v})
+    for name in names:
+        cells = sorted(c for c in estimates if name in estimates[c] and c in truth)
+        if len(cells) < 3:
+            continue
+        x = [estimates[c][name] for c in cells]
+        y = [truth[c] for c in cells]
+        tau = stats.kendalltau(x, y)
+        weighted = stats.weightedtau(x, y)
+        out.append(Agreement(name, len(cells), float(tau.statistic), float(tau.pvalue), float(weighted.statistic),
+                             max(cells, key=lambda c: estimates[c][name]), max(cells, key=lambda c: truth[c])))
+    return out

@@ -1,0 +1,289 @@
+"""Transferability estimates: how well a frozen representation should transfer, computed before training.
+
+Pure functions of a feature matrix (n images × D dimensions, from the frozen prefix, pooled) and the target
+labels, or of the source model's predicted distribution over its own labels:
+
+* :func:`logme` - LogME (You et al., ICML 2021): the log marginal evidence of a Bayesian linear model from the
+  features to each one-hot target, maximised over its two precisions by the fixed-point iteration of the
+  paper, in float64 on the SVD of the features (so D > n works: directions outside the features' span only
+  add their prior term), averaged over classes, per image. Invariant to scaling the features.
+* :func:`hscore` - H-score (Bao et al., ICIP 2019): ``tr(cov(f)^-1 cov(E[f|y]))``, the share of feature variance
+  the classes explain; with the covariance shrunk (Ledoit-Wolf) as Ibrahim et al. (ICLR 2023) do, since the
+  original saturates at ``classes - 1`` whenever the features have as many dimensions as there are images.
+* :func:`leep` - LEEP (Nguyen et al., ICML 2020): the log-likelihood of the target labels under the source
+  classifier's soft labels composed with the empirical P(y|z).
+* :func:`nce` - NCE (Tran et al., ICCV 2019): -H(Y|Z), with Z the source classifier's hard labels.
+
+Higher is better for all four. Each is a ranking device: compare cells of one study, never values across
+datasets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def logme(features: np.ndarray, labels: np.ndarray, *, tol: float = 1e-7, max_iter: int = 500) -> float:
+    """LogME of ``features`` (n×D) for integer ``labels`` (n,): mean over classes of the maximised evidence / n."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    n, d = f.shape
+    u, sigma, _ = np.linalg.svd(f, full_matrices=False)  # f = u diag(sigma) vt; k = min(n, d) directions
+    keep = sigma > sigma.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
+    u, s = u[:, keep], sigma[keep] ** 2
+    lo, hi = s.max() * 1e-12, s.max() * 1e12  # the ratio alpha/beta stays in the spectrum's own units
+    out = []
+    for c in np.unique(y):
+        t_ = (y == c).astype(np.float64)
+        z2 = (u.T @ t_) ** 2  # the target's energy along each feature direction
+        outside = max(float(t_ @ t_ - z2.sum()), 0.0)  # what no linear map of the features can reach
+
+        def at(ratio: float) -> tuple[float, float, float, float]:
+            """(alpha, beta, |m|², |residual|²) of the evidence's fixed point equations at alpha/beta = ratio."""
+            gamma = float((s / (s + ratio)).sum())  # effective number of parameters
+            m2 = float((s * z2 / (s + ratio) ** 2).sum())
+            res2 = outside + float((z2 * (ratio / (s + ratio)) ** 2).sum())
+            alpha = gamma / max(m2, np.finfo(np.float64).tiny)
+            beta = max(n - gamma, n * 1e-12) / max(res2, np.finfo(np.float64).tiny)
+            return alpha, beta, m2, res2
+
+        ratio = 1.0
+        for _ in range(max_iter):  # MacKay's fixed point, as the paper: alpha = gamma/|m|², beta = (n-gamma)/|r|²
+            alpha, beta, _, _ = at(ratio)
+            new = min(max(alpha / beta, lo), hi)
+            if abs(new - ratio) <= tol * ratio:
+                ratio = new
+                break
+            ratio = new
+        alpha, beta, m2, res2 = at(ratio)
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                    - 0.5 * (np.log(alpha + beta * s).sum() + (d - len(s)) * np.log(alpha))
+                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+        out.append(evidence / n)
+    return float(np.mean(out))
+
+
+def hscore(features: np.ndarray, labels: np.ndarray, *, shrinkage: float | None = None) -> float:
+    """H-score ``tr(cov(f)^-1 cov(g))``, ``g`` each image's class-mean feature, with the feature covariance
+    shrunk towards a scaled identity (Ledoit-Wolf; Ibrahim et al., ICLR 2023's regularised H-score).
+
+    Without shrinkage the score saturates: when the features have at least ``n - 1`` dimensions the sample
+    covariance is singular and ``tr(pinv(cov f) cov g)`` is exactly ``classes - 1`` for every representation.
+    ``shrinkage=0`` gives the original definition (pseudo-inverse); ``None`` estimates it (Ledoit-Wolf).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    f = f - f.mean(axis=0)
+    y = np.asarray(labels)
+    g = np.zeros_like(f)
+    for c in np.unique(y):
+        g[y == c] = f[y == c].mean(axis=0)
+    n = len(f)
+    cov_f = f.T @ f / n
+    cov_g = g.T @ g / n
+    if shrinkage is None:
+        from sklearn.covariance import ledoit_wolf_shrinkage
+
+        shrinkage = float(ledoit_wolf_shrinkage(f, assume_centered=True))
+    mu = np.trace(cov_f) / cov_f.shape[0]
+    if shrinkage > 0:
+        inv = np.linalg.inv((1 - shrinkage) * cov_f + shrinkage * mu * np.eye(cov_f.shape[0]))
+        return float(np.trace(inv @ ((1 - shrinkage) * cov_g)))
+    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
+
+
+def _joint(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    onehot = (y[:, None] == classes[None, :]).astype(np.float64)  # n × C
+    joint = onehot.T @ np.asarray(probs, dtype=np.float64) / len(y)  # P(y, z): C × Z
+    return joint, onehot
+
+
+def leep(source_probs: np.ndarray, labels: np.ndarray) -> float:
+    """LEEP from the source classifier's probabilities over its own labels (n×Z) and the target labels."""
+    theta = np.asarray(source_probs, dtype=np.float64)
+    joint, onehot = _joint(theta, labels)
+    p_y_given_z = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-300)  # C × Z
+    eep = theta @ p_y_given_z.T  # n × C: the expected empirical prediction
+    return float(np.mean(np.log(np.maximum((eep * onehot).sum(axis=1), 1e-300))))
+
+
+def nce(source_labels: np.ndarray, labels: np.ndarray) -> float:
+    """NCE = -H(Y|Z) from the source classifier's hard labels ``z`` and the target labels."""
+    z = np.asarray(source_labels)
+    zs = np.unique(z)
+    joint, _ = _joint((z[:, None] == zs[None, :]).astype(np.float64), labels)
+    p_z = joint.sum(axis=0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(joint > 0, joint * np.log(joint / p_z), 0.0)
+    return float(terms.sum())
+
+
+ESTIMATES = {"logme": "LogME", "hscore": "H-score", "leep": "LEEP", "nce": "NCE"}
+
+
+# ------------------------------------------------------------------------------------- per study cell
+
+
+@dataclass
+class CellEstimate:
+    """The estimates of one (arm, depth) cell, from the frozen prefix's features on the train split."""
+
+    arm: str
+    depth: int  # unfrozen blocks: the prefix is every block before the last ``depth``
+    weights: str
+    values: dict[str, float] = field(default_factory=dict)  # estimate name -> value (missing: not applicable)
+    seconds: dict[str, float] = field(default_factory=dict)  # "features" and each estimate's compute time
+    shape: tuple[int, int] = (0, 0)  # images × feature dimensions
+    note: str = ""  # why a cell has no estimate, where the features came from
+
+    @property
+    def cell(self) -> str:
+        return f"{self.arm}@k={self.depth}"
+
+
+def cells_of(cfg) -> list[tuple[str, int]]:
+    """A study's cells; for a plain sweep, every arm at every depth its space can draw."""
+    if cfg.cells:
+        return list(cfg.cells)
+    from tl_sweep.spec import space_depths
+
+    return [(arm, d) for arm in cfg.arms for d in space_depths(cfg.spec.search.space, cfg.max_blocks)]
+
+
+def _pooled(arr: np.ndarray) -> np.ndarray:
+    from tl_sweep import features
+
+    x = features.to_tensor(arr).float()
+    return (x.flatten(2).mean(-1) if x.dim() > 2 else x).numpy().astype(np.float64)
+
+
+def _source_probabilities(arch: str, weights: str, file: str | None, images, aug, device) -> np.ndarray | None:
+    """The source model's own classifier on the target images (its probabilities over its own labels): a
+    tl-sweep checkpoint (``source:`` models) or a torchvision weights enum; ``None`` without source labels."""
+    import torch
+
+    from tl_sweep import checkpoint, models
+
+    if file is not None:
+        try:
+            model = checkpoint.build_model(checkpoint.load(file))
+        except Exception:  # noqa: BLE001 - a bare state dict has no classifier over its own labels
+            return None
+    elif weights != "none" and (enum := models.torchvision_weights(arch, weights)) is not None:
+        import torchvision
+
+        model = torchvision.models.get_model(arch, weights=enum)
+    else:
+        return None
+    model.eval().to(device)
+    with torch.no_grad():
+        return torch.cat([model(aug.eval(x.to(device))).float().softmax(1).cpu()
+                          for x, _ in images(256, shuffle=False)]).numpy().astype(np.float64)
+
+
+def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) -> list[CellEstimate]:
+    """Every cell's estimates. The prefix features come from (and go to) the feature store the trials read,
+    so what is computed here is not computed again by training."""
+    import torch
+
+    from tl_sweep import data
+    from tl_sweep.contract import TrialConfig, TrialContext
+    from tl_sweep.train import Batches, Fit, device_for
+
+    ctx = TrialContext.from_config(cfg, prepared, arms)
+    ctx = dataclasses.replace(ctx, feature_cache=True)
+    device = device_for(ctx.use_gpu)
+    out, probs = [], {}
+    for arm, depth in cells_of(cfg):
+        weights, file = arms[arm]
+        est = CellEstimate(arm, depth, weights)
+        out.append(est)
+        if depth >= cfg.max_blocks:
+            est.note = "every block trains: no frozen prefix to score"
+            continue
+        trial = TrialConfig(batch_size=32, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
+                            layer_decay=1.0, unfrozen_blocks=depth, epochs=1, arm=arm, seed=cfg.spec.seed)
+        t0 = time.perf_counter()
+        fit = Fit(ctx, trial, device)
+        fit.set_depth(depth)
+        if fit.split is None:
+            est.note = "the model cannot be cut at this depth"
+            continue
+        batches, _, _ = fit.view("train")
+        if fit.cached.get("train") is None:
+            est.note = "; ".join(fit.notes) or "the prefix features could not be stored"
+            continue
+        f = _pooled(np.asarray(batches.x)[batches.rows] if not torch.is_tensor(batches.x)
+                    else batches.x.cpu().numpy())
+        y = batches.y.cpu().numpy()
+        est.seconds["features"] = time.perf_counter() - t0
+        est.shape = f.shape
+        est.note = "; ".join(fit.notes)
+        for name, fn in (("logme", logme), ("hscore", hscore)):
+            t = time.perf_counter()
+            est.values[name] = fn(f, y)
+            est.seconds[name] = time.perf_counter() - t
+        if arm not in probs:
+            t = time.perf_counter()
+            images = Batches.of(prepared, "train", device)
+            aug = data.Augmenter(crop=cfg.input["crop"], mean=cfg.input["mean"], std=cfg.input["std"], device=device)
+            probs[arm] = (_source_probabilities(cfg.spec.model.arch, weights, file, images, aug, device),
+                          images.y.cpu().numpy(), time.perf_counter() - t)
+        p, py, secs = probs[arm]
+        if p is not None:
+            t = time.perf_counter()
+            est.values["leep"] = leep(p, py)
+            est.values["nce"] = nce(p.argmax(1), py)
+            est.seconds["source_labels"] = secs + time.perf_counter() - t
+        log(f"estimate: {est.cell}: " + ", ".join(f"{ESTIMATES[k]} {v:.4f}" for k, v in est.values.items())
+            + f" ({f.shape[0]}×{f.shape[1]} features, {sum(est.seconds.values()):.1f}s)")
+    return out
+
+
+def _key(arm: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in arm)
+
+
+def metrics_of(estimates: list[CellEstimate]) -> dict[str, float]:
+    """MLflow metrics: ``estimate/<arm>/k<depth>/<name>`` (and ``.../seconds``)."""
+    out = {}
+    for e in estimates:
+        for name, v in e.values.items():
+            out[f"estimate/{_key(e.arm)}/k{e.depth}/{name}"] = v
+        if e.seconds:
+            out[f"estimate/{_key(e.arm)}/k{e.depth}/seconds"] = sum(e.seconds.values())
+    return out
+
+
+def read_metrics(metrics: dict[str, float], arms: list[str]) -> dict[tuple[str, int], dict[str, float]]:
+    """Back from :func:`metrics_of`: (arm, depth) -> {estimate: value}, for the given arm names."""
+    by_key = {_key(a): a for a in arms}
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if len(parts) == 4 and parts[0] == "estimate" and parts[1] in by_key and parts[3] in ESTIMATES:
+            out.setdefault((by_key[parts[1]], int(parts[2].removeprefix("k"))), {})[parts[3]] = v
+    return out
+
+
+def ranks(values: dict[str, float]) -> dict[str, int]:
+    """1 = the highest value; equal values share a rank (1, 1, 3)."""
+    return {c: 1 + sum(v > values[c] for v in values.values()) for c in values}
+
+
+def table(estimates: list[CellEstimate]) -> str:
+    """A markdown table: each cell's estimates with their rank among the cells (1 = predicted best)."""
+    names = [n for n in ESTIMATES if any(n in e.values for e in estimates)]
+    rk = {n: ranks({e.cell: e.values[n] for e in estimates if n in e.values}) for n in names}
+    lines = ["| cell | " + " | ".join(f"{ESTIMATES[n]} (rank)" for n in names) + " | features | seconds |",
+             "|---|" + "---|" * len(names) + "---|---|"]
+    for e in estimates:
+        vals = [f"{e.values[n]:.4f} ({rk[n][e.cell]})" if n in e.values else "–" for n in names]
+        feats = f"{e.shape[0]}×{e.shape[1]}" if e.values else e.note
+        lines.append(f"| {e.cell} | " + " | ".join(vals) + f" | {feats} | {sum(e.seconds.values()):.2f} |")
+    return "\n".join(lines)
