@@ -126,3 +126,57 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
     assert stopped >= 1, epochs_run  # lr_mult spreads the scores: ASHA stops the worse half at its rungs
     assert states.count(TrialState.PRUNED) == stopped
     assert states.count(TrialState.COMPLETE) == 8 - stopped
+
+
+def test_halving_budgets():
+    assert space.halving_budgets(8, 6, 2) == [2, 4, 8]
+    assert space.halving_budgets(8, 6, 3) == [2, 8]
+    assert space.halving_budgets(8, 1, 2) == [8]  # one cell: nothing to halve
+    assert space.halving_budgets(16, 6, 2) == [2, 4, 8, 16]
+
+
+def test_halving_cuts_cells_by_validation_keeps_every_source_and_the_full_scratch_budget():
+    """The real StudySearcher (real TPE per cell), driven by hand: 2 sources × 3 depths + scratch, 8 trials per
+    cell, eta 2: rungs at 2, 4, 8 trials. Source a's cells score high, b's low: a's best cells go on, b keeps
+    its best cell; nothing waits for a rung it does not need."""
+    cfg = spec.load(SPEC, ["study.sources=[source:digits-0-4, source:digits-0-4-shuffled]", "study.depths=[0, 2, 4]",
+                           "study.search_repeats=1", "study.trials_per_cell=8", "study.allocate=halving"])
+    cells = cfg.cells
+    quality = {(arm, d): (0.9 if "shuffled" not in arm else 0.5) + d / 100 for arm, d in cells}
+    prior = {c: -v for c, v in quality.items()}  # a prior that disagrees: it only breaks ties
+    searcher = space.StudySearcher(cfg.spec, cells, prior=prior)
+    issued: dict[tuple, int] = {}
+    n = 0
+    while True:
+        tid = f"t{n}"
+        config = searcher.suggest(tid)
+        if config is space.TuneSearcher.FINISHED:
+            break
+        assert config is not None, "the searcher waited with no trial running"
+        cell = (config["arm"], config["unfrozen_blocks"])
+        issued[cell] = issued.get(cell, 0) + 1
+        searcher.on_trial_complete(tid, {"best_val_acc": quality.get(cell, 0.7), contract.METRIC: 0.0})
+        n += 1
+    a, b = "source:digits-0-4", "source:digits-0-4-shuffled"
+    assert issued[("scratch", cfg.max_blocks)] == 8  # the baseline always gets the full budget
+    assert issued[(a, 4)] == 8 and issued[(b, 4)] == 8  # the best cell of each source reaches the end
+    assert issued[(a, 2)] == 4 and issued[(a, 0)] == 2 and issued[(b, 0)] == 2 and issued[(b, 2)] == 2
+    cut = {(c["cell"], c["after_trials"]) for c in searcher.cuts}
+    assert cut == {(f"{a}@k=2", 4), (f"{a}@k=0", 2), (f"{b}@k=0", 2), (f"{b}@k=2", 2)}
+    assert sum(issued.values()) == 8 + 2 * 8 + 4 + 3 * 2  # vs 7 × 8 = 56 on the grid
+
+
+def test_a_halving_rung_waits_for_its_running_trials():
+    cfg = spec.load(SPEC, ["study.sources=[source:digits-0-4]", "study.depths=[0, 2, 4]", "study.search_repeats=1",
+                           "study.trials_per_cell=4", "study.allocate=halving"])
+    searcher = space.StudySearcher(cfg.spec, cfg.cells)
+    running = []
+    while (config := searcher.suggest(f"t{len(running)}")) not in (None, space.TuneSearcher.FINISHED):
+        running.append((f"t{len(running)}", config))
+    assert len(running) == 3 * 2 + 4  # the first rung of 3 cells, and scratch's whole budget
+    assert searcher.suggest("x") is None  # the rung is not decided while its trials run
+    for tid, config in running:
+        searcher.on_trial_complete(tid, {"best_val_acc": config["unfrozen_blocks"] / 10})
+    more = [searcher.suggest(f"u{i}") for i in range(2)]
+    assert all(c is not None and c is not space.TuneSearcher.FINISHED for c in more)
+    assert {c["unfrozen_blocks"] for c in more} <= {2, 4}  # the better half went on

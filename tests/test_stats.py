@@ -102,3 +102,21 @@ def test_parent_metrics_carry_the_study_per_search_repeat():
     assert m["study/source_x/test_acc"] == pytest.approx(0.91) and m["study/source_x/ntg"] == pytest.approx(-0.11)
     assert m["study/source_x/ntg_lo"] < m["study/source_x/ntg"] < m["study/source_x/ntg_hi"] < 0
     assert "study/scratch/ntg" not in m
+
+
+def test_halving_cut_cells_get_no_finals_and_the_report_says_which_and_when():
+    from tl_sweep import runner
+    from tl_sweep.report import render
+
+    search = ([_r("src", 0, 0, i, 0.6 + i / 100) for i in range(2)] + [_r("src", 3, 0, i, 0.8) for i in range(4)]
+              + [_r("scratch", 5, 0, i, 0.7) for i in range(4)])
+    configs = runner.finalists(search, seed=0, repeats=2, full_budget=4)
+    assert {(c.arm, c.unfrozen_blocks) for c in configs} == {("src", 3), ("scratch", 5)}  # src@k=0 was cut
+    finals = [_r(c.arm, c.unfrozen_blocks, 0, c.seed, 0.8, 0.8 if c.arm == "src" else 0.7, "final")
+              for c in configs]
+    a = stats.analyze(search + finals, {0: 0.2})
+    assert [(c.arm, c.depth, c.trials) for c in stats.cut_cells(a)] == [("src", 0, 2)]
+    header = {"experiment": "x", "arch": "resnet18", "dataset": "d", "classes": 5, "n_train": 1, "n_val": 1,
+              "n_test": 1, "crop": 32, "seed": 0}
+    md = render.markdown(header, "p" * 32, search + finals, a, {}, set())
+    assert "cut 1 cells before their full budget" in md and "src@k=0 after 2 trials (best search val 61.0%)" in md

@@ -375,7 +375,8 @@ def optuna_url(cfg: Config) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: bool = False) -> list[TrialResult]:
+def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: bool = False,
+           prior: dict[tuple[str, int], float] | None = None) -> list[TrialResult]:
     """A plain sweep: each arm's search in turn. A study: every cell's searches in one Tuner (equal budgets,
     one TPE and one ASHA per cell and search repeat). The Optuna studies persist in :func:`optuna_url`, named
     ``<experiment>/<parent run>/...``. Returns every search trial."""
@@ -385,11 +386,18 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
            f"scheduler {s.scheduler.kind}")
     if s.study is not None:
         n = cfg.trainings()[0]
-        log(f"ray: study search: {len(cfg.cells)} cells × {s.study.search_repeats} search repeats × "
-            f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
+        if s.study.allocate == "halving":
+            pretrained = sum(arm != "scratch" for arm, _ in cfg.cells)
+            budgets = space.halving_budgets(s.study.trials_per_cell, pretrained, s.study.eta)
+            log(f"ray: study search, successive halving over {pretrained} pretrained cells (trials per cell at "
+                f"each rung: {budgets}, 1/{s.study.eta} of the cells go on; scratch gets all "
+                f"{s.study.trials_per_cell}) × {s.study.search_repeats} search repeats, at most {n} trials, {how}")
+        else:
+            log(f"ray: study search: {len(cfg.cells)} cells × {s.study.search_repeats} search repeats × "
+                f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
-                           space.study_searcher(s, cfg.cells, storage, prefix), scheduler=space.make_scheduler(s),
-                           resume=resume))
+                           space.study_searcher(s, cfg.cells, storage, prefix, prior),
+                           scheduler=space.make_scheduler(s), resume=resume))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
@@ -405,11 +413,20 @@ def final_seeds(seed: int, search: int, repeats: int) -> list[int]:
     return [seed + 1000 + 100 * search + i for i in range(repeats)]
 
 
-def finalists(results: list[TrialResult], seed: int, repeats: int) -> list[TrialConfig]:
+def finalists(results: list[TrialResult], seed: int, repeats: int, full_budget: int | None = None
+              ) -> list[TrialConfig]:
     """The declared selection rule: per cell (arm, depth) and search repeat, the trial with the best validation
     accuracy among those that ran their whole schedule (an early-stopped trial's score is mid-schedule; a cell
     where none did falls back to its stopped trials), ties to the earlier trial; one config per final seed.
+    With ``full_budget`` (``study.allocate: halving``), only cells that got it: the others were cut.
     """
+    count: dict[tuple, int] = {}
+    for r in results:
+        key = (r.config.search, r.config.arm, r.config.unfrozen_blocks)
+        count[key] = count.get(key, 0) + 1
+    if full_budget is not None:
+        results = [r for r in results if count[(r.config.search, r.config.arm, r.config.unfrozen_blocks)]
+                   >= full_budget]
     best: dict[tuple, TrialResult] = {}
     rank = lambda r: (r.status == "FINISHED", r.best_val_acc)  # noqa: E731
     for r in results:
@@ -426,7 +443,8 @@ def finalists(results: list[TrialResult], seed: int, repeats: int) -> list[Trial
 def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
                       resume: bool = False) -> list[TrialResult]:
     s = cfg.spec
-    configs = finalists(trials, s.seed, s.study.repeats)
+    configs = finalists(trials, s.seed, s.study.repeats,
+                        s.study.trials_per_cell if s.study.allocate == "halving" else None)
     log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
         f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
     points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
@@ -488,14 +506,16 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     start_ray(address)
     ctx = check_cluster(cfg, ctx)
     monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
+    prior: dict[tuple[str, int], float] = {}  # LogME per cell: the halving's tie-break at its first rung
     if not resume:
         tracking.log_datasets(uri, parent, *ctx.dataset, ctx.digests[0])
         if s.study is not None and s.study.estimates:  # before any training: a prediction, checked by the report
             est = transferability.estimate(cfg, repeats[0], arms, log)
             tracking.log_estimates(uri, exp_id, parent, transferability.metrics_of(est),
                                    transferability.table(est), {})
+            prior = {(e.arm, e.depth): e.values["logme"] for e in est if "logme" in e.values}
     try:
-        summary.trials = search(cfg, ctx, parent, log, resume)
+        summary.trials = search(cfg, ctx, parent, log, resume, prior)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
         if s.study is not None:
             summary.finals = retrain_finalists(cfg, ctx, parent, summary.trials, log, resume)

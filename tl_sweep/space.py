@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import functools
+import math
 import pickle
 
 import optuna
@@ -145,38 +146,103 @@ def cell_seed(seed: int, arm: str, depth: int, search: int) -> int:
     return int(hashlib.sha256(f"{seed}/{arm}/{depth}/{search}".encode()).hexdigest()[:8], 16)
 
 
+def halving_budgets(trials_per_cell: int, cells: int, eta: int) -> list[int]:
+    """Successive halving's cumulative trials per cell at each rung: the last rung is the full budget, each
+    earlier one ``eta`` times smaller but never under 2 trials (one TPE trial says little about a cell)."""
+    rungs = 0
+    while eta ** (rungs + 1) < cells * eta and trials_per_cell // eta ** (rungs + 1) >= 2:
+        rungs += 1
+    return [max(2, trials_per_cell // eta ** (rungs - r)) for r in range(rungs)] + [trials_per_cell]
+
+
 class StudySearcher(TuneSearcher):
-    """A study's searches behind one Tune searcher: one seeded TPE per (cell, search repeat), each with the same
-    budget (``study.trials_per_cell``). Suggestions go round-robin over the searches that have budget left, so
-    concurrent trials belong to different cells and each cell's TPE has seen its own earlier results.
+    """A study's searches behind one Tune searcher: one seeded TPE per (cell, search repeat).
+
+    ``study.allocate: grid``: each gets the same budget (``study.trials_per_cell``). Suggestions go round-robin
+    over the searches that have budget left, so concurrent trials belong to different cells and each cell's TPE
+    has seen its own earlier results.
+
+    ``halving``: within each search repeat, successive halving across the pretrained cells (the scratch cell,
+    the baseline every verdict needs, always gets the full budget). Every cell starts with the first rung's
+    trials; when all of a rung's trials have ended, the cells are ranked by their best validation accuracy
+    (ties: the higher transferability estimate, ``prior``) and the best ``1/eta`` go on, at least one cell per
+    source so every source keeps a verdict; the others are cut (recorded in :attr:`cuts`, and visible in the
+    trials: a cut cell has fewer trials and no finals).
     """
 
-    def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = ""):
+    def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
+                 prior: dict[tuple[str, int], float] | None = None):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         st = s.study
         self.searches = []  # [searcher, trials issued], one per (search repeat, cell)
+        self.keys: list[tuple[int, str, int]] = []  # (search repeat, arm, depth) of each search
         for r in range(st.search_repeats):
             for arm, depth in cells:
                 extra = {"arm": arm, "seed": s.seed + r, "role": "trial", "search": r}
                 tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra,
                            storage, f"{prefix}{arm}@k={depth}/search{r}")
                 self.searches.append([tpe, 0])
+                self.keys.append((r, arm, depth))
         self.budget, self.owner, self.next = st.trials_per_cell, {}, 0
+        self.halving = st.allocate == "halving"
+        pretrained = [j for j, (_, arm, _) in enumerate(self.keys) if arm != "scratch"]
+        n_cells = len({(a, d) for _, a, d in (self.keys[j] for j in pretrained)})
+        self.rungs = halving_budgets(self.budget, n_cells, st.eta) if self.halving else [self.budget]
+        self.eta, self.prior = st.eta, dict(prior or {})
+        self.rung = dict.fromkeys(range(st.search_repeats), 0)
+        self.alive = {r: {j for j in pretrained if self.keys[j][0] == r} for r in range(st.search_repeats)}
+        self.scores: dict[int, list[float]] = {j: [] for j in range(len(self.keys))}  # ended trials' best val
+        self.cuts: list[dict] = []
+
+    def _quota(self, j: int) -> int:
+        r, arm, _ = self.keys[j]
+        if not self.halving or arm == "scratch":
+            return self.budget
+        return self.rungs[self.rung[r]] if j in self.alive[r] else 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # each cell's searcher has its own space, metric and mode
 
     def suggest(self, trial_id: str):
-        n = len(self.searches)
-        for i in range(n):
-            j = (self.next + i) % n
-            entry = self.searches[j]
-            if entry[1] < self.budget:
-                config = entry[0].suggest(trial_id)
-                entry[1] += 1
-                self.owner[trial_id], self.next = j, j + 1
-                return config
-        return TuneSearcher.FINISHED
+        for _ in range(2):  # a second pass after a rung's promotion
+            n = len(self.searches)
+            for i in range(n):
+                j = (self.next + i) % n
+                entry = self.searches[j]
+                if entry[1] < self._quota(j):
+                    config = entry[0].suggest(trial_id)
+                    entry[1] += 1
+                    self.owner[trial_id], self.next = j, j + 1
+                    return config
+            if not (self.halving and self._promote()):
+                break
+        running = bool(self.owner)
+        waiting = self.halving and any(self.rung[r] < len(self.rungs) - 1 and self.alive[r] for r in self.rung)
+        return None if running or waiting else TuneSearcher.FINISHED
+
+    def _promote(self) -> bool:
+        """Close every rung whose trials have all ended: the best cells go on, the rest are cut."""
+        moved = False
+        for r, rung in self.rung.items():
+            alive = self.alive[r]
+            if rung >= len(self.rungs) - 1 or not alive:
+                continue
+            if any(len(self.scores[j]) < self.rungs[rung] for j in alive):
+                continue  # trials of this rung still running
+            best = {j: max(self.scores[j], default=-1.0) for j in alive}
+            order = sorted(alive, key=lambda j: (best[j], self.prior.get(self.keys[j][1:], -math.inf)),
+                           reverse=True)
+            keep = {next(j for j in order if self.keys[j][1] == arm) for arm in {self.keys[j][1] for j in alive}}
+            for j in order:  # every source's best cell, then the best of the rest up to 1/eta of the cells
+                if len(keep) >= math.ceil(len(order) / self.eta):
+                    break
+                keep.add(j)
+            for j in sorted(alive - keep):
+                _, arm, depth = self.keys[j]
+                self.cuts.append({"search": r, "cell": f"{arm}@k={depth}", "after_trials": self.rungs[rung],
+                                  "best_val_acc": best[j], "rung": rung})
+            self.alive[r], self.rung[r], moved = keep, rung + 1, True
+        return moved
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.owner:
@@ -184,7 +250,10 @@ class StudySearcher(TuneSearcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.owner:
-            self.searches[self.owner.pop(trial_id)][0].on_trial_complete(trial_id, result, error)
+            j = self.owner.pop(trial_id)
+            self.searches[j][0].on_trial_complete(trial_id, result, error)
+            score = (result or {}).get("best_val_acc")
+            self.scores[j].append(-1.0 if error or score is None else float(score))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -195,10 +264,12 @@ class StudySearcher(TuneSearcher):
             self.__dict__.update(pickle.load(f))
 
 
-def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "") -> ConcurrencyLimiter:
+def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
+                   prior: dict[tuple[str, int], float] | None = None) -> ConcurrencyLimiter:
     """A study's searcher: one Optuna study per cell and search repeat, named ``<prefix><arm>@k=<depth>/search<r>``
     in ``storage`` (optuna-dashboard opens them)."""
-    return ConcurrencyLimiter(StudySearcher(s, cells, storage, prefix), max_concurrent=s.search.max_concurrent)
+    return ConcurrencyLimiter(StudySearcher(s, cells, storage, prefix, prior),
+                              max_concurrent=s.search.max_concurrent)
 
 
 def make_scheduler(s: Spec):

@@ -241,6 +241,8 @@ class Study(_Strict):
     search_repeats: int = Field(3, ge=1)
     repeats: int = Field(5, ge=2)  # final seeds per chosen configuration (paired across arms)
     estimates: bool = True  # transferability estimates per cell before training, checked against the finals
+    allocate: Literal["grid", "halving"] = "grid"  # grid: equal budgets; halving: successive halving of cells
+    eta: int = Field(2, ge=2)  # halving: the share of cells each rung keeps is 1/eta
 
 
 class Failures(_Strict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_sweep.contract import DIMENSIONS, TrialResult
+from tl_sweep.report import stats
 from tl_sweep.report.stats import Analysis, Gap
 from tl_sweep.report.stats import mean_ci as _mean_ci
 
@@ -286,6 +287,13 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
                f"the same seeds in every arm, so NTG (test error of the source − test error of scratch, points) "
                f"has a paired 95% interval; its p-value is Holm-corrected across sources. A cell whose finals do "
                f"not beat the majority-class rate did not train. Test figures never choose anything."]
+    cut = stats.cut_cells(a)
+    if cut:
+        per = "; ".join(f"search repeat {c.search}: {c.arm}@k={c.depth} after {c.trials} trials (best search val "
+                        f"{_pct(c.best_val)}%)" for c in cut)
+        md += ["", f"Successive halving (`study.allocate: halving`) cut {len(cut)} cells before their full budget, "
+               f"on validation accuracy alone (ties: the higher LogME): {per}. Cut cells have no finals; each "
+               f"source kept at least one cell, the scratch cell always ran its full budget."]
     md += ["", "## Key results", "", _md(key_table(a)), "", "## What the numbers show", "",
            *[f"- {f}" for f in findings(a)], "", "## Freeze depth", "", _md(depth_table(a)), "",
            "![freeze depth](freeze_depth.png)", ""]

@@ -249,6 +249,13 @@ def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) 
     return a
 
 
+def cut_cells(a: Analysis) -> list[Cell]:
+    """Cells a successive halving cut: fewer search trials than the fullest cell of their repeat, no finals."""
+    full = {s: max((c.trials for c in a.cells.values() if c.search == s), default=0) for s in a.searches}
+    return sorted((c for c in a.cells.values() if c.arm != a.scratch and not c.final_test
+                   and c.trials < full[c.search]), key=lambda c: (c.search, c.arm, c.depth))
+
+
 def budget_curves(results: list[TrialResult]) -> dict[tuple[str, int], list[float]]:
     """Per (arm, depth): expected best validation accuracy after n = 1.. trials of one search (Dodge et al.
     2019), from every search trial of that cell over the repeats that reported a score."""
