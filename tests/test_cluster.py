@@ -131,6 +131,7 @@ def test_ray_job_submit_of_tl_sweep_run_survives_its_working_dir(two_nodes, mlfl
     wd.mkdir()
     shutil.copy(SPEC, wd / "spec.yaml")
     sets = [a for s in ["study=null", "search.num_trials=2", "search.space.epochs=1", "scheduler.kind=fifo",
+                        "model.weights=none",
                         f"tracking.uri={mlflow_server}", "tracking.experiment=ray-job-submit",
                         f"storage={tmp_path / 'results'}"] for a in ("--set", s)]
     proc = subprocess.run([RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(wd),

@@ -458,10 +458,11 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
     """Deliver what a tracking outage held back, close runs a killed process left open and the parent run,
     with the best trial's figures."""
     exp_id, parent = summary.experiment_id, summary.parent_run_id
-    summary.delayed, _ = tracking.sync(uri)  # this node's outbox: trials' and the Recorder's queued writes
-    if summary.delayed:
-        log(f"mlflow: {summary.delayed} writes held back by a tracking outage were delivered now")
     online = tracking.reachable(uri)
+    if online:  # this node's outbox: trials' and the Recorder's queued writes
+        summary.delayed, _ = tracking.sync(uri)
+        if summary.delayed:
+            log(f"mlflow: {summary.delayed} writes held back by a tracking outage were delivered now")
     if summary.status != "KILLED" and online:  # a resumed sweep reopens its unfinished runs itself
         if resume:  # trials a killed driver started after its last saved state: the search never saw them
             known = {r.trial for r in summary.trials + summary.finals}

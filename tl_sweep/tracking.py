@@ -354,7 +354,8 @@ class Outbox:
     tries to deliver the queue first; the driver delivers every queue of its node before the report, and
     ``tl-sweep sync`` delivers what is left (another node's, or all of it when the server was down at the end).
     Delivery is idempotent (same metric key, value, time and step; same tags, params and artifact paths), and
-    each delivered line leaves the file at once, so a crash mid-delivery re-sends at most one write.
+    each delivered line leaves the file at once, so a crash mid-delivery re-sends at most one write. A write
+    the server refuses for good (a run deleted meanwhile) goes to ``rejected.log`` with the reason.
     """
 
     def __init__(self, uri: str):
@@ -399,7 +400,7 @@ class Outbox:
         """Send ``entry`` now, or queue it (behind anything already queued for the run)."""
         empty = entry == {"op": "batch"}  # only: deliver what is queued
         with self._lock(run_id):
-            if self._file(run_id).exists() and not self._deliver(run_id, window=2.0):
+            if self._file(run_id).exists() and not self._deliver(run_id, window=0.0):  # one try: still down?
                 if not empty:
                     self.keep(run_id, entry)
                 return
@@ -429,7 +430,15 @@ class Outbox:
         done = 0
         try:
             for line in lines:
-                _send(self.uri, run_id, json.loads(line), window=window)
+                try:
+                    _send(self.uri, run_id, json.loads(line), window=window)
+                except Exception as e:  # noqa: BLE001
+                    if _transient(e):
+                        raise
+                    # the server refuses it for good (a deleted run, an invalid value): set aside, never retried
+                    with open(self.dir / "rejected.log", "a") as f:
+                        f.write(json.dumps({"run_id": run_id, "entry": json.loads(line),
+                                            "error": redact.text(str(e))[:500]}) + "\n")
                 done += 1
                 rest = lines[done:]
                 if rest:
@@ -443,7 +452,10 @@ class Outbox:
                 path.unlink(missing_ok=True)
         if done:
             _DELAYED[run_id] = _DELAYED.get(run_id, 0) + done
-            _send(self.uri, run_id, {"op": "batch", "tags": {Tag.DELAYED: str(_DELAYED[run_id])}}, window=window)
+            try:  # how many of the run's writes arrived late: informational, never worth failing for
+                _send(self.uri, run_id, {"op": "batch", "tags": {Tag.DELAYED: str(_DELAYED[run_id])}}, window=window)
+            except Exception:  # noqa: BLE001
+                pass
         return True
 
 
