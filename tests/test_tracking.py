@@ -55,3 +55,31 @@ def test_runs_left_running_are_closed_as_killed(tmp_path):
     assert tracking.close_orphans(uri, exp, parent) == 1
     got = tracking.get_run(uri, run.run_id)
     assert got.info.status == "KILLED" and "without closing" in got.data.tags[Tag.ERROR]
+
+
+def test_the_outbox_delivers_in_order_once_and_sets_aside_what_the_server_refuses(tmp_path, monkeypatch):
+    """Queued writes (as an outage leaves them) reach a real sqlite store in order; re-sending a delivered
+    line (a crash between sending and forgetting it) logs nothing twice; a write to a run deleted meanwhile is
+    set aside in rejected.log and never blocks the queue."""
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.check(uri)
+    exp = tracking.experiment_id(uri, "o")
+    parent = tracking.start_parent(uri, exp, "sweep", {}, {}, tags={})
+    run = tracking.TrialRun.open(uri, exp, parent, name="t", params={}, tags={Tag.TRIAL_ID: "a", Tag.ROLE: "trial"})
+    gone = tracking.TrialRun.open(uri, exp, parent, name="g", params={}, tags={Tag.TRIAL_ID: "b", Tag.ROLE: "trial"})
+    box = tracking.Outbox(uri)
+    for epoch in (1, 2, 3):
+        box.keep(run.run_id, {"op": "batch", "metrics": [("val_acc", epoch / 10, 1000 + epoch, epoch)], "tags": {}})
+    box.keep(run.run_id, {"op": "batch", "metrics": [("val_acc", 0.1, 1001, 1)], "tags": {}})  # a re-sent line
+    box.keep(run.run_id, {"op": "end", "status": "FINISHED", "time": 2000, "only_running": True})
+    box.keep(gone.run_id, {"op": "batch", "metrics": [("val_acc", 0.5, 1001, 1)], "tags": {}})
+    tracking.client(uri).delete_run(gone.run_id)
+    assert tracking.waiting(uri) == 6
+    assert tracking.sync(uri) == (6, 0)
+    history = tracking.metric_history(uri, run.run_id, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]  # in order, none twice
+    got = tracking.get_run(uri, run.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags[Tag.DELAYED] == "5"
+    rejected = (box.dir / "rejected.log").read_text()
+    assert gone.run_id in rejected and "val_acc" in rejected

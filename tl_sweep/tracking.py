@@ -390,6 +390,7 @@ class Outbox:
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(entry["path"], copy)
             entry = {**entry, "path": str(copy)}
+        self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "uri").write_text(redact.uri(self.uri))
         with open(self._file(run_id), "a") as f:
             f.write(json.dumps(entry) + "\n")
