@@ -113,6 +113,11 @@ def test_agreement_on_rankings_that_are_known():
     assert "LogME: Kendall τ = +1.00" in md and "ranked the finals' best cell (a@k=0) first" in md
     assert "LEEP: Kendall τ = -1.00" in md and "got the ranking wrong at the top" in md and "put b@k=2 first" in md
     assert stats.agreement({("a", 0): {"logme": 1.0}}, truth) == []  # under 3 cells: no correlation claimed
+    # LEEP and NCE do not depend on depth: a tie at the top is said as a tie, right when it holds the best cell
+    tied = {c: {"nce": {"a": 1.0, "b": 0.0}[c[0]]} for c in truth}
+    (g,) = stats.agreement(tied, truth)
+    assert g.top_estimated == [("a", 0), ("a", 2)] and g.right_top
+    assert "ties a@k=0 and a@k=2 at the top" in "\n".join(render.estimates_section(tied, truth, [g]))
 
 
 def test_estimate_on_a_real_spec_prints_ranks_and_logs_a_run(cli, tmp_path):

@@ -246,10 +246,15 @@ def estimates_section(estimates: dict[tuple[str, int], dict[str, float]], truth:
     if not agree:
         md += ["Fewer than 3 cells have both an estimate and finals: no rank correlation.", ""]
     for g in agree:
-        top = f"{g.top_estimated[0]}@k={g.top_estimated[1]}"
+        top = " and ".join(f"{a}@k={d}" for a, d in g.top_estimated)
         true_top = f"{g.top_true[0]}@k={g.top_true[1]}"
-        verdict = (f"ranked the finals' best cell ({true_top}) first" if g.right_top else
-                   f"**got the ranking wrong at the top**: it put {top} first, the finals put {true_top} first")
+        tied = len(g.top_estimated) > 1
+        if g.right_top:
+            verdict = (f"it ties {top} at the top (it cannot tell them apart), the finals' best among them" if tied
+                       else f"ranked the finals' best cell ({true_top}) first")
+        else:
+            verdict = (f"**got the ranking wrong at the top**: it put {top} first"
+                       f"{' (tied)' if tied else ''}, the finals put {true_top} first")
         md.append(f"- {ESTIMATES[g.estimate]}: Kendall τ = {g.tau:+.2f} (p = {g.p:.2g}), weighted τ = "
                   f"{g.weighted_tau:+.2f} over {g.cells} cells; {verdict}.")
     return md + [""]

@@ -392,12 +392,12 @@ class Agreement:
     tau: float  # Kendall's tau-b
     p: float  # its exact two-sided p-value (no ties) or the asymptotic one
     weighted_tau: float  # scipy's weighted tau (hyperbolic weights on the top ranks), as the LogME paper reports
-    top_estimated: tuple[str, int]
+    top_estimated: list[tuple[str, int]]  # the cells the estimate ranks first (several where it ties them)
     top_true: tuple[str, int]
 
     @property
     def right_top(self) -> bool:
-        return self.top_estimated == self.top_true
+        return self.top_true in self.top_estimated
 
 
 def truth_per_cell(a: Analysis) -> dict[tuple[str, int], float]:
@@ -415,8 +415,10 @@ def agreement(estimates: dict[tuple[str, int], dict[str, float]], truth: dict[tu
     """Per estimate, over the cells that have both an estimate and finals (at least 3)."""
     from scipy import stats
 
+    from tl_sweep.transferability import ESTIMATES
+
     out = []
-    names = sorted({n for v in estimates.values() for n in v})
+    names = [n for n in ESTIMATES if any(n in v for v in estimates.values())]
     for name in names:
         cells = sorted(c for c in estimates if name in estimates[c] and c in truth)
         if len(cells) < 3:
@@ -425,6 +427,7 @@ def agreement(estimates: dict[tuple[str, int], dict[str, float]], truth: dict[tu
         y = [truth[c] for c in cells]
         tau = stats.kendalltau(x, y)
         weighted = stats.weightedtau(x, y)
+        top = max(x)
         out.append(Agreement(name, len(cells), float(tau.statistic), float(tau.pvalue), float(weighted.statistic),
-                             max(cells, key=lambda c: estimates[c][name]), max(cells, key=lambda c: truth[c])))
+                             [c for c in cells if estimates[c][name] == top], max(cells, key=lambda c: truth[c])))
     return out
