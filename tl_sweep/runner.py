@@ -496,7 +496,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     s, uri = cfg.spec, cfg.spec.tracking.uri
     repeats, arms = preflight(cfg, log)
     search_n, final_n = cfg.trainings()
-    log(f"plan: {search_n} search trials + {final_n} final re-trainings = {search_n + final_n} trainings")
+    most = "at most " if s.study is not None and s.study.allocate == "halving" else ""
+    log(f"plan: {most}{search_n} search trials + {most}{final_n} final re-trainings = {most}{search_n + final_n} "
+        f"trainings")
     run_tags = tracking.source_tags(cfg.spec_file)
     exp_id, parent = open_sweep(cfg, repeats, resume, run_tags)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
