@@ -400,6 +400,18 @@ class Outbox:
     def write(self, run_id: str, entry: dict[str, Any]) -> None:
         """Send ``entry`` now, or queue it (behind anything already queued for the run)."""
         empty = entry == {"op": "batch"}  # only: deliver what is queued
+        if not self._file(run_id).exists():  # the usual case (no outage): no lock, nothing written to disk
+            if empty:
+                return
+            try:
+                _send(self.uri, run_id, entry, window=OUTBOX_AFTER)
+                return
+            except Exception as e:  # noqa: BLE001
+                if not _transient(e):
+                    raise
+                with self._lock(run_id):
+                    self.keep(run_id, entry)
+                return
         with self._lock(run_id):
             if self._file(run_id).exists() and not self._deliver(run_id, window=0.0):  # one try: still down?
                 if not empty:
