@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,34 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextmanager
+def two_node_cluster(cache: Path):
+    """A real two-node Ray cluster on 127.0.0.1 (1 CPU each, token auth, dashboard on 127.0.0.1): yields
+    ``{"dashboard", "gcs", "env", "raylets": (head raylet pid, worker raylet pid)}``; ``ray stop`` after."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    def raylets() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
+
+    ray = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache))
+    port, dash = free_port(), free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        before = raylets()
+        subprocess.run([ray, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(dash), "--include-dashboard", "true", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        head = raylets() - before
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        worker = raylets() - before - head
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "env": env,
+               "raylets": (min(head, default=None), min(worker, default=None))}
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=180)

@@ -11,25 +11,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, free_port
+from conftest import SPEC, free_port, two_node_cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory, cache_dir):
-    env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache_dir))
-    port, dash = free_port(), free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    try:
-        subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                        "--dashboard-port", str(dash), "--include-dashboard", "true", *common],
-                       env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common],
-                       env=env, check=True, capture_output=True, timeout=180)
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "env": env}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+def two_nodes(cache_dir):
+    with two_node_cluster(cache_dir) as cluster:
+        yield cluster
 
 
 def tl(args, env, cwd, timeout=600):

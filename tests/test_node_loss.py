@@ -18,13 +18,9 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, free_port
+from conftest import SPEC, two_node_cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def raylets() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
 
 
 def node_id_of(pid: int) -> str:
@@ -36,21 +32,9 @@ def node_id_of(pid: int) -> str:
 def cluster(cache_dir):
     """Two 1-CPU nodes on 127.0.0.1 for this module (the first test kills the worker node; the second runs on
     what is left, as a cluster that lost a node would)."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache_dir))
-    port, dash = free_port(), free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    try:
-        subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                        "--dashboard-port", str(dash), "--include-dashboard", "true", *common],
-                       env=env, check=True, capture_output=True, timeout=180)
-        head = raylets()
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common],
-                       env=env, check=True, capture_output=True, timeout=180)
-        worker = raylets() - head
-        assert len(head) == 1 and len(worker) == 1
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env, "worker": worker.pop()}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+    with two_node_cluster(cache_dir) as c:
+        assert c["raylets"][0] and c["raylets"][1]
+        yield {**c, "worker": c["raylets"][1]}
 
 
 def tl(args, env, cwd, timeout=600):
