@@ -78,7 +78,8 @@ class Prepared:
                 if cachefile.problem(Path(self.cache)):
                     prepare(**dict(self.recipe), log=lambda m: None)
         elif why:
-            raise UserError(f"data: the image cache {self.cache} is {why}; run the sweep again to rebuild it")
+            raise UserError(f"data: the image cache {self.cache} cannot be used ({why}); run the sweep again to "
+                            f"rebuild it")
         x = np.load(self.cache, mmap_mode="r")
         rows = np.asarray(self.index[name], dtype=np.int64)
         return x, np.asarray(self.labels, dtype=np.int64)[rows], rows

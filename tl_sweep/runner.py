@@ -24,8 +24,8 @@ import json
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
