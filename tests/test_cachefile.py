@@ -101,7 +101,8 @@ def test_a_damaged_label_file_of_an_image_folder_is_rebuilt(tmp_path):
     assert again.labels == first.labels and again.index == first.index
 
 
-def test_a_damaged_feature_file_is_recomputed_not_used():
+def test_a_damaged_feature_file_is_recomputed_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path))  # its own store: only its own feature files get damaged
     base = dataclasses.replace(ctx({"kind": "fixed"}), augment={"enabled": False})
     params = dataclasses.replace(PARAMS, unfrozen_blocks=0, epochs=1, seed=5)
     fit = train.Fit(base, params, torch.device("cpu"))

@@ -61,10 +61,6 @@ def write(path: Path, fill: Callable[[str], None]) -> None:
         Path(tmp_sum).unlink(missing_ok=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def problem(path: Path) -> str | None:
     """``None`` when ``path`` is the file that was recorded; otherwise what is wrong with it, in words."""
     path = Path(path)

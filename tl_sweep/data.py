@@ -283,15 +283,8 @@ def _stratified(labels: list[int], fractions: tuple[float, ...], seed: int) -> l
 # -------------------------------------------------------------------------------------------- cache
 
 
-def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -> None:
-    """Write N×3×S×S uint8 to ``path`` whole or not at all, its size and checksum recorded (``cachefile``)."""
-    def fill(tmp: str) -> None:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, size, size))
-        for i, img in enumerate(images):
-            arr[i] = img
-        arr.flush()
-        del arr
-
+def _store(path: Path, fill) -> None:
+    """A cache file written whole or not at all, its size and checksum recorded (``cachefile``)."""
     try:
         cachefile.write(path, fill)
     except OSError as e:
@@ -299,12 +292,20 @@ def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -
                         f"set TL_SWEEP_CACHE to a folder with room") from None
 
 
+def _write_cache(path: Path, images: list[np.ndarray] | np.ndarray, size: int) -> None:
+    """N×3×S×S uint8 images, one by one into a memory-mapped file (never a second copy in memory)."""
+    def fill(tmp: str) -> None:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, size, size))
+        for i, img in enumerate(images):
+            arr[i] = img
+        arr.flush()
+        del arr
+
+    _store(path, fill)
+
+
 def _write_meta(path: Path, meta: dict) -> None:
-    try:
-        cachefile.write_text(path, json.dumps(meta))
-    except OSError as e:
-        raise UserError(f"cannot write the image cache in {path.parent} ({e.strerror}); free space there or "
-                        f"set TL_SWEEP_CACHE to a folder with room") from None
+    _store(path, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 
 def _whole(log, *paths: Path) -> bool:

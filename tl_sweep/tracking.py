@@ -413,7 +413,8 @@ class Outbox:
                     self.keep(run_id, entry)
                 return
         with self._lock(run_id):
-            if self._file(run_id).exists() and not self._deliver(run_id, window=0.0):  # one try: still down?
+            self._deliver(run_id, window=0.0)  # one try: is the server back?
+            if self._file(run_id).exists():  # not all of the queue went: this write queues behind it
                 if not empty:
                     self.keep(run_id, entry)
                 return
@@ -431,13 +432,11 @@ class Outbox:
         sent = 0
         for run_id in self.runs():
             with self._lock(run_id):
-                before = len(self._file(run_id).read_text().splitlines()) if self._file(run_id).exists() else 0
-                self._deliver(run_id, window)
-                after = len(self._file(run_id).read_text().splitlines()) if self._file(run_id).exists() else 0
-                sent += before - after
+                sent += self._deliver(run_id, window)
         return sent, self.count()
 
-    def _deliver(self, run_id: str, window: float) -> bool:
+    def _deliver(self, run_id: str, window: float) -> int:
+        """Send the run's queue in order until the server fails (transiently): how many went."""
         path = self._file(run_id)
         lines = path.read_text().splitlines() if path.exists() else []
         done = 0
@@ -459,7 +458,6 @@ class Outbox:
         except Exception as e:  # noqa: BLE001
             if not _transient(e):
                 raise
-            return False
         finally:
             if done == len(lines):
                 path.unlink(missing_ok=True)
@@ -469,7 +467,7 @@ class Outbox:
                 _send(self.uri, run_id, {"op": "batch", "tags": {Tag.DELAYED: str(_DELAYED[run_id])}}, window=window)
             except Exception:  # noqa: BLE001
                 pass
-        return True
+        return done
 
 
 _DELAYED: dict[str, int] = {}  # run id -> writes this process delivered late

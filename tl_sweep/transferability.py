@@ -155,10 +155,14 @@ def cells_of(cfg) -> list[tuple[str, int]]:
     return [(arm, d) for arm in cfg.arms for d in space_depths(cfg.spec.search.space, cfg.max_blocks)]
 
 
-def _pooled(arr: np.ndarray) -> np.ndarray:
+def _pooled(batches) -> np.ndarray:
+    """A split's stored prefix features (a ``train.Batches``), globally average-pooled where spatial, float64."""
+    import torch
+
     from tl_sweep import features
 
-    x = features.to_tensor(arr).float()
+    x = batches.x if torch.is_tensor(batches.x) else features.to_tensor(batches.x[batches.rows])
+    x = x.float().cpu()
     return (x.flatten(2).mean(-1) if x.dim() > 2 else x).numpy().astype(np.float64)
 
 
@@ -189,8 +193,6 @@ def _source_probabilities(arch: str, weights: str, file: str | None, images, aug
 def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) -> list[CellEstimate]:
     """Every cell's estimates. The prefix features come from (and go to) the feature store the trials read,
     so what is computed here is not computed again by training."""
-    import torch
-
     from tl_sweep import data
     from tl_sweep.contract import TrialConfig, TrialContext
     from tl_sweep.train import Batches, Fit, device_for
@@ -218,8 +220,7 @@ def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) 
         if fit.cached.get("train") is None:
             est.note = "; ".join(fit.notes) or "the prefix features could not be stored"
             continue
-        f = _pooled(np.asarray(batches.x)[batches.rows] if not torch.is_tensor(batches.x)
-                    else batches.x.cpu().numpy())
+        f = _pooled(batches)
         y = batches.y.cpu().numpy()
         est.seconds["features"] = time.perf_counter() - t0
         est.shape = f.shape

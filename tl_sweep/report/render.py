@@ -300,8 +300,8 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
                f"on validation accuracy alone (ties: the higher LogME): {per}. Cut cells have no finals; each "
                f"source kept at least one cell, the scratch cell always ran its full budget. A cell cut after "
                f"{min(c.trials for c in cut)} trials was judged on that few configurations: one that needs "
-               f"tuning can be cut by chance, so a depth chosen here is not the grid design's choice (on the "
-               f"default study they differed in 4 of 6 search repeat × source pairs: BENCHMARKS.md)."]
+               f"tuning can be cut by chance, so a depth chosen here need not be the grid design's choice "
+               f"(BENCHMARKS.md compares the two on the default study)."]
     md += ["", "## Key results", "", _md(key_table(a)), "", "## What the numbers show", "",
            *[f"- {f}" for f in findings(a)], "", "## Freeze depth", "", _md(depth_table(a)), "",
            "![freeze depth](freeze_depth.png)", ""]
