@@ -148,9 +148,11 @@ def _client(address: str):
 
 
 def _explain(e: Exception, address: str) -> str:
+    import re
+
     text = " ".join(str(e).split())
-    low = text.lower()
-    if any(w in low for w in ("unauthorized", "forbidden", "401", "403", "auth")):
+    low = text.lower().replace(address.lower(), "")  # a port such as 40381 is not an HTTP 403
+    if re.search(r"unauthori[sz]ed|forbidden|\b40[13]\b|auth", low):
         return (f"--address: the Ray cluster at {address} refused the request ({text[:140]}); export "
                 f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (on the head: ray get-auth-token)")
     return (f"--address: no Ray dashboard answers at {address} ({text[:140]}); start the head with "
