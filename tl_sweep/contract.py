@@ -34,6 +34,9 @@ class Tag:
     SOURCE = "tl_sweep.source"
     DEPTH = "tl_sweep.depth"
     NODE = "tl_sweep.node"
+    DEVICE = "tl_sweep.device"  # what the trial trained on: cuda:0 (its own GPU, see GPU_IDS) or cpu
+    GPU_IDS = "tl_sweep.gpu_ids"  # the GPUs Ray gave the trial (CUDA_VISIBLE_DEVICES in its worker)
+    WARNING = "tl_sweep.warning"  # something the trial worked around (a GPU it could not use)
     ERROR = "tl_sweep.error"
     FAILURE = "tl_sweep.failure"  # TrialError | OutOfMemory: failures a retry would repeat
     EPOCHS_RUN = "tl_sweep.epochs_run"
@@ -212,6 +215,7 @@ class TrialContext:
     log_checkpoints: bool = False  # tracking.checkpoints: all (every trial's best.pt in MLflow)
     keep_search_weights: bool = True  # search trials keep their best weights (a study publishes finals only)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
+    leader: Any = None  # a plain sweep's trainable.Leader actor: only a trial that beats it writes its weights
 
     def data_for(self, search: int):
         """The splits a trial of search repeat ``search`` trains, validates and tests on."""

@@ -54,14 +54,31 @@ def _random_in_training(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth" and getattr(m, "p", 0) > 0
 
 
+_TRACED: dict[tuple, fx.Graph | str] = {}  # per process: a model's structure -> its graph (read, never changed)
+
+
+def _trace(model: nn.Module) -> fx.Graph | str:
+    """``model``'s fx graph, traced once per structure in a process (a reused worker's trials build the same
+    model: tracing a ResNet18 again cost each trial ~20 ms); a reason when fx cannot trace it."""
+    key = (type(model), tuple((n, type(m)) for n, m in model.named_modules()),
+           tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
+    if key not in _TRACED:
+        try:  # torchvision's tracer settings (its ops as leaf modules), as create_feature_extractor uses them
+            from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+
+            _TRACED[key] = NodePathTracer(**_set_default_tracer_kwargs(None)).trace(model)
+        except Exception as e:  # noqa: BLE001 - a model fx cannot trace simply runs without the cache
+            _TRACED[key] = f"torch.fx cannot trace it ({type(e).__name__})"
+        while len(_TRACED) > 8:
+            _TRACED.pop(next(iter(_TRACED)))
+    return _TRACED[key]
+
+
 def split(model: nn.Module, frozen: models.Frozen) -> Split | str:
     """Cut ``model`` after its frozen prefix (as :func:`models.freeze` left it); a reason when it can't be."""
-    try:  # torchvision's tracer settings (its ops as leaf modules), as create_feature_extractor uses them
-        from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
-
-        graph = NodePathTracer(**_set_default_tracer_kwargs(None)).trace(model)
-    except Exception as e:  # noqa: BLE001 - a model fx cannot trace simply runs without the cache
-        return f"torch.fx cannot trace it ({type(e).__name__})"
+    graph = _trace(model)
+    if isinstance(graph, str):
+        return graph
     kept_eval = {id(m) for m in frozen.eval_modules}
     params = dict(model.named_parameters())
 

@@ -36,6 +36,7 @@ import numpy as np
 import ray
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.logger import JsonLoggerCallback
 
 from tl_sweep import cluster, contract, data, models, redact, sources, space, tracking, trainable, \
     transferability
@@ -273,6 +274,8 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool, run_tags
 def start_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # MLflow is the record; TensorBoard files flushed at every result cost the driver ~10 ms a trial
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
     try:
@@ -315,8 +318,10 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                     reuse_actors=s.resources.gpu == 0,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
+                                  # Tune's own record: result.json per trial (no TensorBoard or CSV copies)
                                   callbacks=[Progress(total, log), Recorder(s.tracking.uri, s.study is not None,
-                                                                            ctx.experiment_id, ctx.parent_run_id)],
+                                                                            ctx.experiment_id, ctx.parent_run_id),
+                                             JsonLoggerCallback()],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
 
@@ -508,6 +513,8 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
                                    parent_run_id=parent, repeats=tuple(repeats), run_tags=run_tags)
     start_ray(address)
     ctx = check_cluster(cfg, ctx)
+    if s.study is None and s.tracking.log_models and not ctx.log_checkpoints:  # only the best trial's weights
+        ctx = dataclasses.replace(ctx, leader=ray.remote(num_cpus=0)(trainable.Leader).remote())
     monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
     prior: dict[tuple[str, int], float] = {}  # LogME per cell: the halving's tie-break at its first rung
     if not resume:
@@ -570,8 +577,10 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
                     == (arm, cell.depth, cell.search) and r.best_val_acc is not None and r.run_id]
             if mine:
                 picks[arm] = max(mine, key=lambda r: (r.best_val_acc, -r.config.seed))
-    else:  # a plain sweep: the best trial that ran its whole schedule
-        done = [r for r in summary.trials if r.status == "FINISHED" and r.best_val_acc is not None and r.run_id]
+    else:  # a plain sweep: the best trial that ran its whole schedule (of equals, the first to finish kept its
+        # weights: trainable.Leader)
+        done = [r for r in summary.trials if r.status == "FINISHED" and r.best_val_acc is not None and r.run_id
+                and r.checkpoint is not None]
         if done:
             best = max(done, key=lambda r: r.best_val_acc)
             picks[best.config.arm] = best

@@ -99,17 +99,33 @@ class Searcher(OptunaSearch):
         return out
 
     def _copy(self, trial_id: str, ot_trial) -> None:
-        storage, name = self.mirror
         frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
         if not frozen.state.is_finished():
             return
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
-        if any(t.user_attrs.get("tune_trial_id") == trial_id for t in study.get_trials(deepcopy=False)):
+        study, copied = self._mirrored()
+        if trial_id in copied:
             return  # copied before a --resume
         study.add_trial(optuna.trial.create_trial(
             state=frozen.state, value=frozen.value if frozen.state == TrialState.COMPLETE else None,
             params=frozen.params, distributions=frozen.distributions, intermediate_values=frozen.intermediate_values,
             user_attrs={**frozen.user_attrs, "tune_trial_id": trial_id}))
+        copied.add(trial_id)
+
+    def _mirrored(self) -> tuple[optuna.Study, set[str]]:
+        """The persistent study and the Tune trial ids already in it, read once (not at every trial's end:
+        reading every trial back each time made a sweep's cost grow with its square)."""
+        if getattr(self, "_mirror_study", None) is None:
+            storage, name = self.mirror
+            study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+            self._mirror_study = (study, {t.user_attrs.get("tune_trial_id") for t in study.get_trials(deepcopy=False)})
+        return self._mirror_study
+
+    def __getstate__(self) -> dict:  # the experiment state keeps the sampler, not the open persistent study
+        return {k: v for k, v in self.__dict__.items() if k != "_mirror_study"}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
 
 
 def optuna_storage(url: str | None):

@@ -176,14 +176,13 @@ class Fit:
     """
 
     def __init__(self, ctx: TrialContext, trial: TrialConfig, device: torch.device, weights_file=None):
-        torch.manual_seed(trial.seed)
         self.ctx, self.trial, self.device = ctx, trial, device
         self.data = ctx.data_for(trial.search)
         weights, file = ctx.arms[trial.arm]
         weights_file = weights_file if weights_file is not None else file
-        self.model = models.build(ctx.arch, len(self.data.classes), weights=weights,
-                                  weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
-                                  hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
+        self.model = models.build_seeded(ctx.arch, len(self.data.classes), trial.seed, weights=weights,
+                                         weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
+                                         hidden=ctx.head_hidden, dropout=ctx.head_dropout).to(device)
         if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels (torchvision's recipe)
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
