@@ -1,22 +1,24 @@
 """Sweep throughput: tl-sweep vs the tutorial-style trainable a user would otherwise write, on the same trials.
 
-    python benchmarks/sweep.py [--data ../shared/data/hymenoptera_data] [--size 64] [--trials 8] [--augment]
+    python benchmarks/sweep.py [--data ../shared/data/hymenoptera_data] [--size 64] [--trials 8]
+                               [--augment both|on|off] [--precision auto|bf16|fp32] [--cohort 1]
 
 1. **tl-sweep**: ``runner.run`` on a small spec (ResNet18 from a checkpoint file, ants/bees ImageFolder,
    depths 0/1/all, two learning rates), end to end: Ray start, decode-once cache, Optuna, MLflow on sqlite,
-   per-epoch checkpoints of the best model.
+   the leading trial's best weights kept for publishing.
 2. **Tutorial-style trainable**: the PyTorch transfer-learning tutorial as a Ray Tune function: an
    ``ImageFolder`` + ``DataLoader`` that decodes every JPEG with PIL every epoch, torchvision transforms,
    fp32, ``model.train()`` on the whole model (frozen BatchNorm keeps updating its statistics), the frozen
    prefix recomputed every step; no tracking. It runs exactly the configurations tl-sweep's search chose
    (``tune.grid_search`` over them), with the same concurrency and CPUs per trial.
 
-``--precision bf16``: tl-sweep trains under bf16 autocast (on a CPU with AVX512-BF16 or AMX).
+``--precision``: tl-sweep's ``resources.precision`` (``auto``: bf16 where the CPU has it natively);
+``--cohort N``: its ``resources.cohort`` (trials sharing a frozen prefix train together).
 
 Both are timed from the start to the end of the sweep (Ray start-up included in both). Prints wall time,
-trials/hour and the ratio. ``--augment``: random resized crop + flip for training (no feature cache
-possible); default: no augmentation, the tutorials' "fixed feature extractor" setting, where tl-sweep trains
-frozen-prefix trials on cached features.
+trials/hour and the ratio, first without augmentation (the tutorials' "fixed feature extractor" setting, where
+tl-sweep trains frozen-prefix trials on cached features), then with random resized crop + flip (no feature
+cache possible), unless ``--augment`` picks one.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ search:
   max_concurrent: 2
   space: {{unfrozen_blocks: [0, 1, 5], optimizer: sgd, lr_mult: [0.5, 2.0], batch_size: 32, epochs: {epochs}}}
 scheduler: {{kind: fifo}}
-resources: {{precision: {precision}}}
+resources: {{precision: {precision}, cohort: {cohort}}}
 tracking: {{uri: "sqlite:///{tmp}/bench.db"}}
 storage: {tmp}/ray_results
 """
@@ -97,11 +99,26 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--augment", action="store_true")
+    ap.add_argument("--augment", choices=["both", "on", "off"], default="both",
+                    help="train with random resized crop + flip (on), without (off), or each in turn (both)")
+    ap.add_argument("--cohort", type=int, default=1, help="tl-sweep's resources.cohort")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="tl-sweep's resources.precision (the tutorial trainable is fp32 either way)")
     args = ap.parse_args()
 
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"
+    print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}")
+    for augment in ([False, True] if args.augment == "both" else [args.augment == "on"]):
+        compare(args, augment)
+
+
+def compare(args, augment: bool) -> None:
+    """tl-sweep's sweep, then the tutorial-style trainable on the configurations it ran; prints both."""
     import ray
     import torch
     import torchvision
@@ -117,7 +134,7 @@ def main() -> None:
         torch.save(torchvision.models.resnet18().state_dict(), ckpt)
         Path("spec.yaml").write_text(SPEC.format(
             ckpt=ckpt, root=Path(args.data).resolve(), size=args.size, trials=args.trials, epochs=args.epochs,
-            tmp=tmp, augment="" if args.augment else ", augment: none", precision=args.precision))
+            tmp=tmp, augment="" if augment else ", augment: none", precision=args.precision, cohort=args.cohort))
         cfg = spec.load(Path("spec.yaml"))
 
         t0 = time.perf_counter()
@@ -130,10 +147,11 @@ def main() -> None:
         ours_acc = sorted(kid.data.metrics["best_val_acc"] for kid in kids)
         order = sorted(kids, key=lambda k: k.info.start_time)
         startup = [k.data.metrics.get("scheduled_to_first_step_seconds", float("nan")) for k in order]
+        members = sorted(int(k.data.metrics.get("cohort_members", 1)) for k in kids)
 
         t0 = time.perf_counter()
         ray.init(logging_level="WARNING", include_dashboard=False)
-        fixed = {"size": args.size, "root": str(Path(args.data).resolve()), "ckpt": str(ckpt), "augment": args.augment}
+        fixed = {"size": args.size, "root": str(Path(args.data).resolve()), "ckpt": str(ckpt), "augment": augment}
         tuner = tune.Tuner(
             tune.with_resources(tutorial_trainable, {"cpu": 1}),
             param_space={"cfg": tune.grid_search([{**c, **fixed} for c in configs])},
@@ -145,16 +163,10 @@ def main() -> None:
         peer_acc = sorted(max(r.metrics_dataframe["val_acc"]) for r in results)
 
     n = len(configs)
-    mode = "random resized crop + flip" if args.augment else "no augmentation (fixed feature extractor)"
+    mode = "random resized crop + flip" if augment else "no augmentation (fixed feature extractor)"
     trials = ", ".join(f"k={c['unfrozen_blocks']} lr×{c['lr_mult']:g}" for c in configs)
-    import platform
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"
-    print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}")
-    print(f"{n} trials ({trials}), "
-          f"{args.epochs} epochs each, {args.size}px, {mode}, 2 concurrent, 1 CPU per trial; "
-          f"tl-sweep precision {args.precision}")
+    print(f"\n{n} trials ({trials}), {args.epochs} epochs each, {args.size}px, {mode}, 2 concurrent, 1 CPU per "
+          f"trial; tl-sweep precision {args.precision}, cohort {args.cohort} (members per batch: {members})")
     print(f"{'':32s} {'wall s':>8s} {'trials/hour':>12s}")
     print(f"{'tl-sweep (Ray Tune+Optuna+MLflow)':32s} {ours:8.1f} {n / ours * 3600:12.0f}")
     print(f"{'tutorial-style trainable':32s} {peer:8.1f} {n / peer * 3600:12.0f}")

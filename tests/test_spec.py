@@ -66,6 +66,9 @@ def one_error_line(code, out, err) -> str:
     (BASE + "data: {augment: flips}\n", ["data.augment", "use none, or a mapping"]),
     (BASE + "resources: {precision: fp16}\n", ["resources.precision", "bf16"]),
     (BASE + "resources: {memory_gb: 0}\n", ["resources.memory_gb", "greater than 0"]),
+    (BASE + "resources: {memory_gb: 4, cohort: 4}\n", ["resources.memory_gb limits one trial's worker",
+                                                       "set resources.cohort: 1 or drop memory_gb"]),
+    (BASE + "resources: {cohort: 0}\n", ["resources.cohort", "greater than or equal to 1"]),
 ])
 def test_spec_errors_are_one_line(cli, tmp_path, text, expected):
     line = one_error_line(*cli("validate", write(tmp_path, text)))

@@ -90,8 +90,17 @@ def test_bf16_precision_on_cpu_trains_under_autocast():
     assert math.isfinite(m["train_loss"]) and fit.model.fc.weight.dtype == torch.float32  # master weights
     with train.autocast(torch.device("cpu"), "bf16"):
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.bfloat16
+    with train.autocast(torch.device("cpu"), "fp32"):
+        assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.float32
     with train.autocast(torch.device("cpu"), "auto"):  # auto is fp32 on a CPU
         assert fit.model(torch.zeros(2, 3, 16, 16)).dtype == torch.float32
+
+
+def test_auto_precision_is_bf16_on_a_gpu_and_fp32_stays_one_key_away():
+    assert train.precision_of(torch.device("cuda"), "auto") == "bf16"
+    assert train.precision_of(torch.device("cpu"), "fp32") == "fp32"
+    assert train.precision_of(torch.device("cpu"), "bf16") == "bf16"
+    assert train.precision_of(torch.device("cpu"), "auto") == "fp32"
 
 
 @pytest.mark.parametrize("arch,batch_size", [("resnet18", b) for b in (2, 3, 4, 6, 8, 12, 24)]

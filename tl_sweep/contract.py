@@ -36,6 +36,7 @@ class Tag:
     NODE = "tl_sweep.node"
     DEVICE = "tl_sweep.device"  # what the trial trained on: cuda:0 (its own GPU, see GPU_IDS) or cpu
     GPU_IDS = "tl_sweep.gpu_ids"  # the GPUs Ray gave the trial (CUDA_VISIBLE_DEVICES in its worker)
+    COHORT = "tl_sweep.cohort"  # the cohort (resources.cohort) the trial trained in, numbered per sweep
     WARNING = "tl_sweep.warning"  # something the trial worked around (a GPU it could not use)
     ERROR = "tl_sweep.error"
     FAILURE = "tl_sweep.failure"  # TrialError | OutOfMemory: failures a retry would repeat
@@ -204,7 +205,7 @@ class TrialContext:
     parent_run_id: str = ""
     feature_cache: bool = True  # reuse a frozen prefix's output (tl_sweep.features)
     memory_limit: int | None = None  # bytes a CPU trial's process may hold (resources.memory_gb)
-    precision: str = "auto"  # resources.precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
+    precision: str = "auto"  # resources.precision: auto (train.precision_of), bf16, fp32
     gpu_share: float = 0.0  # resources.gpu: a fraction < 1 also caps the trial's share of GPU memory
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
     rungs: tuple[float, ...] = ()  # the scheduler's milestones, in progress units: reported at exactly these
@@ -216,6 +217,7 @@ class TrialContext:
     keep_search_weights: bool = True  # search trials keep their best weights (a study publishes finals only)
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
     leader: Any = None  # a plain sweep's trainable.Leader actor: only a trial that beats it writes its weights
+    cohorts: Any = None  # resources.cohort > 1: the sweep's cohort.Registry actor (trials train in cohorts)
 
     def data_for(self, search: int):
         """The splits a trial of search repeat ``search`` trains, validates and tests on."""

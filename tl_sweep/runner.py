@@ -38,7 +38,7 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.logger import JsonLoggerCallback
 
-from tl_sweep import cluster, contract, data, models, redact, sources, space, tracking, trainable, \
+from tl_sweep import cluster, cohort, contract, data, models, redact, sources, space, tracking, trainable, \
     transferability
 from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialResult
 from tl_sweep.errors import UserError
@@ -274,8 +274,6 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool, run_tags
 def start_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # MLflow is the record; TensorBoard files flushed at every result cost the driver ~10 ms a trial
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
     try:
@@ -305,6 +303,8 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
     if ctx.memory_limit:
         res["memory"] = ctx.memory_limit  # Ray reserves what the trial may hold
+    if ctx.cohorts is not None:  # a member trains in its cohort's worker, which holds the CPU and GPU
+        res = {"cpu": 0, "memory": cohort.MEMBER_MEMORY}
     fn = tune.with_resources(tune.with_parameters(trainable.run_trial, ctx=ctx), res)
     path = f"{s.storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
@@ -315,10 +315,10 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=total,
                                     # a new process per trial costs seconds of imports; GPU trials get a
                                     # fresh process so no memory is kept from an earlier trial (ray#32698)
-                                    reuse_actors=s.resources.gpu == 0,
+                                    reuse_actors=s.resources.gpu == 0 or ctx.cohorts is not None,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
-                                  # Tune's own record: result.json per trial (no TensorBoard or CSV copies)
+                                  # Tune's own record: result.json per trial (no TensorBoard or CSV, _fit)
                                   callbacks=[Progress(total, log), Recorder(s.tracking.uri, s.study is not None,
                                                                             ctx.experiment_id, ctx.parent_run_id),
                                              JsonLoggerCallback()],
@@ -360,7 +360,18 @@ def _fit(tuner: tune.Tuner) -> list[TrialResult]:
     """
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT)
-    grid = tuner.fit()
+    # MLflow is the record: Tune's TensorBoard and CSV copies of every result (the TensorBoard file flushed at
+    # each, ~10 ms of the driver per trial) are left out; its result.json stays (a JsonLoggerCallback). Only
+    # for this fit: a Tuner the caller runs afterwards in this process keeps its default loggers.
+    was = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        grid = tuner.fit()
+    finally:
+        if was is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = was
     if main and signal.getsignal(signal.SIGINT) is before:
         raise Interrupted("interrupted")
     if main:
@@ -388,7 +399,8 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
     s = cfg.spec
     storage, prefix = space.optuna_storage(optuna_url(cfg)), f"{cfg.experiment}/{parent}/"
     how = (f"{s.search.max_concurrent} at a time, {s.resources.cpu:g} CPU / {s.resources.gpu:g} GPU each, "
-           f"scheduler {s.scheduler.kind}")
+           + (f"up to {s.resources.cohort} trials per worker in cohorts, " if s.resources.cohort > 1 else "")
+           + f"scheduler {s.scheduler.kind}")
     if s.study is not None:
         n = cfg.trainings()[0]
         if s.study.allocate == "halving":
@@ -453,7 +465,7 @@ def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, trials: list[
     log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
         f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
     points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
-                                   max_concurrent=s.search.max_concurrent)
+                                   max_concurrent=s.trials_at_once)
     keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
     return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "final"), len(configs), log, points, param_space=keys,
                        resume=resume))
@@ -515,6 +527,17 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     ctx = check_cluster(cfg, ctx)
     if s.study is None and s.tracking.log_models and not ctx.log_checkpoints:  # only the best trial's weights
         ctx = dataclasses.replace(ctx, leader=ray.remote(num_cpus=0)(trainable.Leader).remote())
+    if s.resources.cohort > 1:
+        registry = ray.remote(num_cpus=0)(cohort.Registry).remote(ctx, s.resources.cohort, s.resources.cpu,
+                                                                   s.resources.gpu, s.search.max_concurrent)
+        try:  # the workers hold their resources before any trial starts
+            ray.get(registry.ready.remote(), timeout=300)
+        except ray.exceptions.GetTimeoutError:
+            need = (cohort.WORKER_MEMORY + s.resources.cohort * cohort.FIT_MEMORY) / 2**30
+            raise UserError(f"resources.cohort: {s.search.max_concurrent} cohort workers ({s.resources.cpu:g} CPU, "
+                            f"{s.resources.gpu:g} GPU, {need:.1f} GiB of memory each) could not start in 5 minutes; "
+                            f"lower search.max_concurrent or resources.cohort") from None
+        ctx = dataclasses.replace(ctx, cohorts=registry)
     monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
     prior: dict[tuple[str, int], float] = {}  # LogME per cell: the halving's tie-break at its first rung
     if not resume:
@@ -542,6 +565,8 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     finally:
         summary.seconds = time.perf_counter() - t0
         cluster.stop_system_metrics(monitors)
+        if ctx.cohorts is not None:  # its workers (its own actors) go with it, and give back their CPUs
+            ray.kill(ctx.cohorts)
         close_sweep(summary, uri, resume, log)
     if summary.status != "KILLED" and not summary.waiting:
         from tl_sweep import report

@@ -152,7 +152,7 @@ def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=No
     """A plain sweep's search: seeded TPE behind a concurrency limit (its Optuna study ``name`` in ``storage``)."""
     searcher = _tpe(s.search.space, s.search.num_trials, s.seed, depths, {"arm": arm, "seed": s.seed, "role": "trial"},
                     storage, name)
-    return ConcurrencyLimiter(searcher, max_concurrent=s.search.max_concurrent)
+    return ConcurrencyLimiter(searcher, max_concurrent=s.trials_at_once)
 
 
 def cell_seed(seed: int, arm: str, depth: int, search: int) -> int:
@@ -285,7 +285,7 @@ def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: 
     """A study's searcher: one Optuna study per cell and search repeat, named ``<prefix><arm>@k=<depth>/search<r>``
     in ``storage`` (optuna-dashboard opens them)."""
     return ConcurrencyLimiter(StudySearcher(s, cells, storage, prefix, prior),
-                              max_concurrent=s.search.max_concurrent)
+                              max_concurrent=s.trials_at_once)
 
 
 def make_scheduler(s: Spec):

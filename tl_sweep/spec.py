@@ -262,13 +262,23 @@ class Resources(_Strict):
     node's OOM killer taking a worker with other trials on it. A worker with torch loaded holds ~0.5 GB.
 
     ``precision``: ``auto`` trains under bf16 autocast on a GPU and in fp32 on a CPU; ``bf16`` uses autocast on
-    a CPU too (1.6× faster steps on a CPU with AVX512-BF16, see BENCHMARKS.md; slower without it).
+    a CPU too (1.6× faster steps on a CPU with AVX512-BF16 at 64 px, but see BENCHMARKS.md: with torch 2.14.1
+    it sometimes wrote garbage into conv weights on this project's CPU), ``fp32`` forces fp32 everywhere.
+
+    ``cohort``: trials that share a frozen prefix (same weights, depth, data, batch size and seed: a cell's
+    search trials) train up to this many together in one worker, the prefix's forward once per batch
+    (``tl_sweep.cohort``); each stays its own trial and trains bit for bit as alone. It saves compute with
+    augmentation on and a large frozen prefix, but each member is still a Tune trial process: on a 2-core
+    machine a short search was slower with it (BENCHMARKS.md).
     """
 
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
     memory_gb: float | None = Field(None, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on a CPU
+    # trials sharing (weights, depth, data, batch size, seed) train together, up to this many per worker, the
+    # frozen prefix's forward computed once per batch (tl_sweep.cohort); 1: every trial alone
+    cohort: int = Field(1, ge=1, le=64)
 
 
 class Tracking(_Strict):
@@ -296,6 +306,11 @@ class Spec(_Strict):
     tracking: Tracking = Tracking()
     storage: str = "ray_results"  # Ray Tune's storage path; a path or a URI such as s3://...
 
+    @property
+    def trials_at_once(self) -> int:
+        """Trials running at once: ``search.max_concurrent`` workers, each holding up to ``resources.cohort``."""
+        return self.search.max_concurrent * self.resources.cohort
+
     @model_validator(mode="after")
     def _fits_model(self):
         n = models.num_blocks(self.model.arch, self.data.image_size)
@@ -311,6 +326,9 @@ class Spec(_Strict):
             if bad or not self.study.depths:
                 raise ValueError(f"study.depths: {bad or '[]'} is not a list of depths of {self.model.arch} "
                                  f"(0..{n} or max); e.g. [0, 2, max]")
+        if self.resources.cohort > 1 and self.resources.memory_gb:
+            raise ValueError(f"resources.memory_gb limits one trial's worker, and cohorts of "
+                             f"{self.resources.cohort} trials share one; set resources.cohort: 1 or drop memory_gb")
         if self.model.head == "binary" and self.data.classes is not None and len(self.data.classes) != 2:
             raise ValueError(f"model.head: binary needs exactly 2 classes, data.classes has "
                              f"{len(self.data.classes)}; use head: linear")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -50,9 +50,20 @@ def cosine(total_steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
+def precision_of(device: torch.device, precision: str = "auto") -> str:
+    """``bf16`` or ``fp32``: ``auto`` is bf16 on a GPU and fp32 on a CPU.
+
+    Not bf16 on a CPU by default, even one with AVX512-BF16 where its steps are 1.6× faster: with torch 2.14.1
+    on this project's CPU, bf16 autocast training sometimes wrote values near 1e28 into conv weights (3 to 5 of
+    8 short fits of a ResNet18 at 16 px; none in fp32), non-deterministically (BENCHMARKS.md)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on a GPU (``auto``), or wherever ``precision: bf16`` asks for it; else fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """bf16 autocast where :func:`precision_of` says bf16; else fp32 (no autocast)."""
+    if precision_of(device, precision) == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -186,6 +197,10 @@ class Fit:
         if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels (torchvision's recipe)
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
+        # the global generator where this trial's own stream starts (dropout draws from it): a cohort keeps one
+        # per member and puts it back around the member's steps, as if the member had the process to itself
+        self.rng_state = torch.random.get_rng_state()
+        self.cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.part = models.partition(self.model, ctx.arch)
         self.lr = learning_rate(trial.optimizer, trial.lr_mult, trial.batch_size)
         self.batches = {"train": Batches.of(self.data, "train", device)}
@@ -285,7 +300,7 @@ class Fit:
                                   for x, _ in src(256, shuffle=False)])
 
         name = features.key_for(c.arch, features.weights_id(*self.weights, arch=c.arch), len(self.part) - self.depth,
-                                self.split.cut, self.data, split, c.input, dev.type, c.precision)
+                                self.split.cut, self.data, split, c.input, dev.type, precision_of(dev, c.precision))
         arr, reused = features.load_or_compute(features.folder(self.data), name, compute, log=self.notes.append)
         self.notes.append(f"{split} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
         return Batches(arr, src.y.cpu().numpy(), dev)
@@ -328,6 +343,86 @@ class Fit:
         self.step_count += steps
         return {"train_loss": loss, "train_img_per_s": len(batches) / secs, "epoch_seconds": secs,
                 "trainable_blocks": float(k)}
+
+
+def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | None]
+                   ) -> list[dict[str, float] | BaseException]:
+    """One epoch of several fits that see the same batches, the frozen prefix's forward computed once per batch.
+
+    ``fits`` share arch, frozen weights, depth, data, batch size, and the state of their data generator (so a
+    trial trained alone would have drawn these very batches and augmentations: each member's epoch is bit for
+    bit its solo epoch). Each member steps its own trainable suffix on the shared prefix output; a member whose
+    step fails (a NaN loss) gets its exception back and the others go on. ``after_step[i]`` is member i's
+    :meth:`Fit.epoch` hook. Fits that cannot share (augmentation off: they read stored features; no cut) run
+    their own epoch one after another.
+    """
+    lead = fits[0]
+    for f in fits:
+        f.n_epochs += 1
+        k = depth_at(f.ctx.regime, f.trial.unfrozen_blocks, f.n_epochs)
+        if k != f.depth:
+            f.set_depth(k)
+        if f.first_step_at is None:
+            f.first_step_at, f.first_step_wall = time.perf_counter(), time.time()
+        f.frozen.train_mode(f.model)
+    if len(fits) == 1 or lead.deterministic or any(f.split is None for f in fits):
+        out: list[dict[str, float] | BaseException] = []
+        for f, hook in zip(fits, after_step):
+            f.n_epochs -= 1  # Fit.epoch counts it again
+            try:
+                with _own_stream(f):
+                    out.append(f.epoch(after_step=hook))
+            except Exception as e:  # noqa: BLE001 - this member's failure, handed back to it
+                out.append(e)
+        return out
+    dev, bs, precision = lead.device, lead.trial.batch_size, lead.ctx.precision
+    state = [dict(total=0.0, seen=0, steps=0, error=None) for _ in fits]
+    t0 = time.perf_counter()
+    for x, y in lead.batches["train"](bs, shuffle=True, gen=lead.gen):
+        x, y = lead._channels_last(lead.aug.train(x.to(dev, non_blocking=True))), y.to(dev, non_blocking=True)
+        with torch.no_grad(), autocast(dev, precision):
+            feats = lead.split.prefix(x)
+        for f, st, hook in zip(fits, state, after_step):
+            if st["error"] is not None:
+                continue
+            try:
+                with _own_stream(f), autocast(dev, precision):
+                    loss, _ = loss_and_correct(f.split.suffix(feats), y, f.binary)
+                if not torch.isfinite(loss):
+                    raise TrialError(f"loss became {loss.item()} at epoch {f.n_epochs} (lower lr_mult)")
+                f.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                f.optimizer.step()
+                f.schedule.step()
+                st["steps"] += 1
+                st["total"] += loss.item() * len(y)
+                st["seen"] += len(y)
+                if hook is not None:
+                    hook(f.step_count + st["steps"])
+            except Exception as e:  # noqa: BLE001 - this member's failure, handed back to it
+                st["error"] = e
+    secs = time.perf_counter() - t0
+    out = []
+    for f, st in zip(fits, state):
+        f.gen.set_state(lead.gen.get_state())  # where its own epoch would have left it
+        f.step_count += st["steps"]
+        out.append(st["error"] or {"train_loss": st["total"] / st["seen"], "train_img_per_s": st["seen"] / secs,
+                                   "epoch_seconds": secs, "trainable_blocks": float(f.depth)})
+    return out
+
+
+@contextmanager
+def _own_stream(fit: Fit):
+    """The global random generator (dropout, stochastic depth) as ``fit`` left it, for ``fit``'s forward."""
+    torch.random.set_rng_state(fit.rng_state)
+    if fit.cuda_rng_state is not None:
+        torch.cuda.set_rng_state(fit.cuda_rng_state, fit.device)
+    try:
+        yield
+    finally:
+        fit.rng_state = torch.random.get_rng_state()
+        if fit.cuda_rng_state is not None:
+            fit.cuda_rng_state = torch.cuda.get_rng_state(fit.device)
 
 
 def fit_plain(ctx: TrialContext, trial: TrialConfig, log=print) -> tuple[nn.Module, float]:

@@ -27,6 +27,7 @@ import torch
 
 from tl_sweep import checkpoint, contract, limits, tracking
 from tl_sweep.contract import Tag, TrialConfig, TrialContext
+from tl_sweep.cohort import Member
 from tl_sweep.train import Fit, TrialError, device_for
 
 
@@ -55,11 +56,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if done or (run.previous == "FINISHED" and logged >= trial.epochs):  # recorded it before it was killed
         tune.report({**run.metrics, "epoch": logged, "progress": ctx.min_epochs, "mlflow_run_id": run.run_id})
         return
-    fit, best = None, -1.0
+    fit, member, best = None, None, -1.0
     limit = limits.MemoryLimit(ctx.memory_limit if device.type == "cpu" else None)
     try:
         blob = ctx.blobs.get(trial.arm)  # another node of a cluster: the checkpoint came through the object store
-        fit = Fit(ctx, trial, device, weights_file=io.BytesIO(blob) if blob else None)
+        if ctx.cohorts is not None:  # trained in its cohort's worker with the members that share its prefix
+            fit = member = Member(ctx.cohorts, ctx, trial, tune.get_context().get_trial_id(), blob)
+            run.log_tags({Tag.DEVICE: member.where["device"], Tag.COHORT: member.where["cohort"],
+                          **({Tag.GPU_IDS: member.where["gpu_ids"]} if member.where["gpu_ids"] else {})})
+        else:
+            fit = Fit(ctx, trial, device, weights_file=io.BytesIO(blob) if blob else None)
         best_state, best_epoch, first = None, 0, 1
         if resumed:
             r = resumed["resume"]
@@ -69,10 +75,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         rungs = contract.rung_steps(ctx.rungs, ctx.min_epochs, fit.steps)
         steps_per_epoch = fit.steps // trial.epochs
 
-        def at_rung(step: int) -> None:
-            """A rung inside an epoch: validation now, so ASHA judges every trial at the same schedule fraction."""
+        def at_rung(step: int, acc: float | None = None) -> None:
+            """A rung inside an epoch: validation now, so ASHA judges every trial at the same schedule fraction
+            (a cohort member's was measured in its cohort, at that step, and is reported after the epoch)."""
             if step in rungs and step % steps_per_epoch:  # at an epoch's end, the epoch's own report does it
-                _, acc = fit.evaluate_mid_epoch("val")
+                if acc is None:
+                    _, acc = fit.evaluate_mid_epoch("val")
                 # best_val_acc stays the best *epoch* (the checkpoint the trial keeps), None before the first
                 tune.report({contract.METRIC: acc, "best_val_acc": best if best >= 0 else None,
                              "epoch": fit.n_epochs - 1, "progress": rungs[step], "steps": step,
@@ -83,14 +91,18 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         keep = trial.final or ctx.keep_search_weights
         with tempfile.TemporaryDirectory() as tmp:
             for epoch in range(first, trial.epochs + 1):
-                metrics = fit.epoch(after_step=at_rung if rungs else None)
+                metrics = member.epoch(after_step=at_rung, rungs=rungs) if member else \
+                    fit.epoch(after_step=at_rung if rungs else None)
                 if epoch == first:  # model build, weights, MLflow run, data: what a trial pays before training
                     metrics["startup_seconds"] = fit.first_step_at - entered
                 metrics["val_loss"], metrics[contract.METRIC] = fit.evaluate("val")
                 if metrics[contract.METRIC] > best:  # the best epoch's weights: the model this trial keeps
                     best, best_epoch = metrics[contract.METRIC], epoch
                     if keep:
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
+                        # a copy, unless no epoch follows to change the weights (a 45 MB copy saved)
+                        last = epoch == trial.epochs and member is None and device.type == "cpu"
+                        best_state = fit.model.state_dict() if last else \
+                            {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
                 metrics["best_val_acc"] = best
                 metrics["compute_seconds"] = time.perf_counter() - entered  # this attempt's, from its start
                 if trial.final and epoch == trial.epochs:  # the held-out test split, once, best-val weights
@@ -131,6 +143,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         _end_failed(e, failure, run, limit, best, epochs_done, ctx)
     finally:
         limit.restore()
+        if member is not None:  # stopped, failed or done: it trains no more
+            member.leave()
 
 
 class Leader:
@@ -172,7 +186,9 @@ def _open_run(ctx: TrialContext, trial: TrialConfig, run_id: str | None, device:
     weights = ctx.arms[trial.arm][0]
     gpus = ",".join(str(g) for g in ray.get_gpu_ids())
     where = {Tag.DEVICE: "cuda:0" if device.type == "cuda" else "cpu", **({Tag.GPU_IDS: gpus} if gpus else {})}
-    if ctx.use_gpu and device.type != "cuda":  # Ray gave it a GPU this worker's torch cannot use
+    if ctx.cohorts is not None:  # it trains in its cohort's worker, which says where once the trial joins it
+        where = {}
+    elif ctx.use_gpu and device.type != "cuda":  # Ray gave it a GPU this worker's torch cannot use
         where[Tag.WARNING] = (f"resources.gpu {ctx.gpu_share:g}: Ray gave GPU {gpus or '(none)'} but torch "
                             f"{torch.__version__} sees no CUDA device here; trained on the CPU")
         print(f"tl-sweep: trial {tune.get_context().get_trial_id()}: {where[Tag.WARNING]}", flush=True)
