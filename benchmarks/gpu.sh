@@ -13,4 +13,4 @@ for arch in resnet18 resnet50; do
     --epochs 3 --compile
 done
 python benchmarks/packing.py
-python benchmarks/sweep.py --data "$DATA" --size 224 --precision bf16 --augment
+python benchmarks/sweep.py --data "$DATA" --size 224 --precision bf16

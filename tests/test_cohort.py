@@ -35,6 +35,7 @@ def run_cohort(c, trials: dict, rungs: dict[str, dict[int, float]] | None = None
     """Each member joins and asks for its epochs from its own thread, as its Tune trial does (joins and rounds
     overlap); returns every answer."""
     co, opened = cohort.Worker(c), time.time()
+    co.expect(1, len(trials), opened, len(trials))  # what the registry says: this many members, all handed out
     got: dict[str, list] = {t: [] for t in trials}
 
     def member(t: str) -> None:

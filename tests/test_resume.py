@@ -59,7 +59,7 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     assert len(runs) == 4, [r.info.run_name for r in runs]  # no duplicate child runs
     assert len({r.data.tags["tl_sweep.trial_id"] for r in runs}) == 4
     for r in runs:
-        assert r.info.status == "FINISHED"
+        assert r.info.status == "FINISHED", (r.data.tags.get("tl_sweep.error"), again.stderr[-3000:])
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         assert sorted(steps) == list(range(1, int(r.data.params["epochs"]) + 1)), steps  # each epoch once
         if r.info.run_id in before:  # finished before the stop: not run again

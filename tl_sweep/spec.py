@@ -262,8 +262,8 @@ class Resources(_Strict):
     node's OOM killer taking a worker with other trials on it. A worker with torch loaded holds ~0.5 GB.
 
     ``precision``: ``auto`` trains under bf16 autocast on a GPU and in fp32 on a CPU; ``bf16`` uses autocast on
-    a CPU too (1.6× faster steps on a CPU with AVX512-BF16 at 64 px, but see BENCHMARKS.md: with torch 2.14.1
-    it sometimes wrote garbage into conv weights on this project's CPU), ``fp32`` forces fp32 everywhere.
+    a CPU too (1.6× faster steps on a CPU with AVX512-BF16 at 64 px; with torch 2.14.1 on a CPU, do not use it
+    below 32 px: see BENCHMARKS.md), ``fp32`` forces fp32 everywhere.
 
     ``cohort``: trials that share a frozen prefix (same weights, depth, data, batch size and seed: a cell's
     search trials) train up to this many together in one worker, the prefix's forward once per batch

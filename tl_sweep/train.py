@@ -53,9 +53,9 @@ def cosine(total_steps: int) -> Callable[[int], float]:
 def precision_of(device: torch.device, precision: str = "auto") -> str:
     """``bf16`` or ``fp32``: ``auto`` is bf16 on a GPU and fp32 on a CPU.
 
-    Not bf16 on a CPU by default, even one with AVX512-BF16 where its steps are 1.6× faster: with torch 2.14.1
-    on this project's CPU, bf16 autocast training sometimes wrote values near 1e28 into conv weights (3 to 5 of
-    8 short fits of a ResNet18 at 16 px; none in fp32), non-deterministically (BENCHMARKS.md)."""
+    Not bf16 on a CPU by default, even one with AVX512-BF16 where 64 px steps are 1.6× faster: with torch
+    2.14.1 on this project's CPU, a stride-2 conv's bf16 weight gradient on a 1×1 map is garbage on the taps
+    that see only padding (17 of 30 runs; ResNets at 16 px), and at 32 px bf16 was no faster (BENCHMARKS.md)."""
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" else "fp32"
