@@ -41,7 +41,7 @@ START_WAIT = 30.0  # its first round waits at most this much longer for members 
 ROUND_WAIT = 0.5  # a round starts when every member asked for its epoch, or this long after the first ask
 
 
-def key_of(ctx, trial) -> tuple:
+def key_of(trial) -> tuple:
     """What members of one cohort share: arm (frozen weights), depth, search repeat (data), batch size, seed."""
     return (trial.arm, trial.unfrozen_blocks, trial.search, trial.batch_size, trial.seed)
 
@@ -254,7 +254,7 @@ class Member:
         import ray
 
         self.ray, self.registry, self.trial_id = ray, registry, trial_id
-        self.worker, self.cid, opened, size = ray.get(registry.join.remote(key_of(ctx, trial)))
+        self.worker, self.cid, opened, size = ray.get(registry.join.remote(key_of(trial)))
         got = ray.get(self.worker.add.remote(trial_id, self.cid, opened, size, trial.to_tune(), None, weights))
         self.steps, self.step_count, self.n_epochs, self.notes = got["steps"], 0, 0, []
         self.where = {"device": got["device"], "gpu_ids": got["gpu_ids"], "cohort": str(self.cid)}
