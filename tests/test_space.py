@@ -129,10 +129,14 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
 
 
 def test_halving_budgets():
-    assert space.halving_budgets(8, 6, 2) == [2, 4, 8]
-    assert space.halving_budgets(8, 6, 3) == [2, 8]
+    assert space.halving_budgets(8, 6, 2) == [4, 8]  # first rung: the budget / eta
+    assert space.halving_budgets(8, 6, 3) == [3, 8]
+    assert space.halving_budgets(8, 6, 2, first=2) == [2, 4, 8]
+    assert space.halving_budgets(16, 6, 2, first=2) == [2, 4, 8, 16]  # 6 -> 3 -> 2 -> 1 cells
+    assert space.halving_budgets(16, 3, 2, first=2) == [2, 4, 16]  # no rung once one cell is left
     assert space.halving_budgets(8, 1, 2) == [8]  # one cell: nothing to halve
-    assert space.halving_budgets(16, 6, 2) == [2, 4, 8, 16]
+    assert space.halving_budgets(4, 6, 2) == [2, 4]
+    assert space.halving_budgets(4, 6, 2, first=9) == [4]  # a first rung past the budget: no halving
 
 
 def test_halving_cuts_cells_by_validation_keeps_every_source_and_the_full_scratch_budget():
@@ -140,7 +144,8 @@ def test_halving_cuts_cells_by_validation_keeps_every_source_and_the_full_scratc
     cell, eta 2: rungs at 2, 4, 8 trials. Source a's cells score high, b's low: a's best cells go on, b keeps
     its best cell; nothing waits for a rung it does not need."""
     cfg = spec.load(SPEC, ["study.sources=[source:digits-0-4, source:digits-0-4-shuffled]", "study.depths=[0, 2, 4]",
-                           "study.search_repeats=1", "study.trials_per_cell=8", "study.allocate=halving"])
+                           "study.search_repeats=1", "study.trials_per_cell=8", "study.allocate=halving",
+                           "study.first_rung=2"])
     cells = cfg.cells
     quality = {(arm, d): (0.9 if "shuffled" not in arm else 0.5) + d / 100 for arm, d in cells}
     prior = {c: -v for c, v in quality.items()}  # a prior that disagrees: it only breaks ties
@@ -155,7 +160,8 @@ def test_halving_cuts_cells_by_validation_keeps_every_source_and_the_full_scratc
         assert config is not None, "the searcher waited with no trial running"
         cell = (config["arm"], config["unfrozen_blocks"])
         issued[cell] = issued.get(cell, 0) + 1
-        searcher.on_trial_complete(tid, {"best_val_acc": quality.get(cell, 0.7), contract.METRIC: 0.0})
+        searcher.on_trial_complete(tid, {"best_val_acc": quality.get(cell, 0.7), contract.METRIC: 0.0,
+                                         "epoch": config["epochs"]})
         n += 1
     a, b = "source:digits-0-4", "source:digits-0-4-shuffled"
     assert issued[("scratch", cfg.max_blocks)] == 8  # the baseline always gets the full budget
@@ -180,3 +186,28 @@ def test_a_halving_rung_waits_for_its_running_trials():
     more = [searcher.suggest(f"u{i}") for i in range(2)]
     assert all(c is not None and c is not space.TuneSearcher.FINISHED for c in more)
     assert {c["unfrozen_blocks"] for c in more} <= {2, 4}  # the better half went on
+
+
+def test_a_halving_rung_ranks_by_whole_schedules_and_keeps_a_tie_no_estimate_can_break():
+    """At a rung a cell stands by its best trial that ran its whole schedule (the finals' rule), not by an
+    early-stopped one; the deepest cell has no estimate (no frozen prefix), so a tie with it is kept, not cut."""
+    cfg = spec.load(SPEC, ["study.sources=[source:digits-0-4]", "study.depths=[0, 2, 4]", "study.search_repeats=1",
+                           "study.trials_per_cell=4", "study.allocate=halving", "study.eta=3", "study.first_rung=2"])
+    a = "source:digits-0-4"
+    searcher = space.StudySearcher(cfg.spec, cfg.cells, prior={(a, 0): 1.0, (a, 2): 2.0})
+    scores = {0: [(True, 0.8), (True, 0.6)], 2: [(False, 0.95), (True, 0.7)], 4: [(True, 0.6), (True, 0.8)]}
+    running = []
+    while (config := searcher.suggest(f"t{len(running)}")) not in (None, space.TuneSearcher.FINISHED):
+        running.append((f"t{len(running)}", config))
+    seen = {0: 0, 2: 0, 4: 0}
+    for tid, config in running:
+        if config["arm"] == "scratch":
+            searcher.on_trial_complete(tid, {"best_val_acc": 0.5, "epoch": config["epochs"]})
+            continue
+        k = config["unfrozen_blocks"]
+        whole, val = scores[k][seen[k]]
+        seen[k] += 1
+        searcher.on_trial_complete(tid, {"best_val_acc": val, "epoch": config["epochs"] - (not whole)})
+    assert searcher.suggest("u0") is not None
+    assert {c["cell"] for c in searcher.cuts} == {f"{a}@k=2"}  # its 95% trial was stopped early
+    assert searcher.cuts[0]["after_trials"] == 2

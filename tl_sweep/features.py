@@ -230,13 +230,18 @@ def load_or_compute(folder: Path, name: str, compute: Callable[[], torch.Tensor]
         if why != "missing":
             log(f"feature cache {path.name} was damaged ({why}); recomputed")
             cachefile.discard(path)
-        t = compute().contiguous().cpu()
-        arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        arr = as_array(compute())
         try:
             cachefile.write(path, lambda tmp: _save(tmp, arr))
         except OSError as e:  # no room: train on the in-memory copy, store nothing
             log(f"feature cache not stored ({e.strerror or e}); this trial keeps its copy in memory")
         return arr, False
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """Features as stored (and as :class:`train.Batches` takes them): bfloat16 as its int16 bits."""
+    t = t.contiguous().cpu()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _save(tmp: str, arr: np.ndarray) -> None:

@@ -71,8 +71,8 @@ class Summary:
 class Progress(tune.Callback):
     """One line per finished trial with the best so far (it only prints)."""
 
-    def __init__(self, total: int, log: log_fn):
-        self.total, self.log = total, log
+    def __init__(self, total: int, log: log_fn, at_most: bool = False):
+        self.total, self.log = (f"≤{total}" if at_most else total), log  # at most: halving may stop earlier
         self.done, self.best, self.t0 = 0, None, time.perf_counter()
 
     def _line(self, trial, how: str) -> None:
@@ -297,7 +297,7 @@ def check_cluster(cfg: Config, ctx: TrialContext) -> TrialContext:
 
 
 def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, *, scheduler=None,
-           param_space: dict | None = None, resume: bool = False) -> tune.Tuner:
+           param_space: dict | None = None, resume: bool = False, at_most: bool = False) -> tune.Tuner:
     """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
@@ -319,8 +319,9 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   # Tune's own record: result.json per trial (no TensorBoard or CSV, _fit)
-                                  callbacks=[Progress(total, log), Recorder(s.tracking.uri, s.study is not None,
-                                                                            ctx.experiment_id, ctx.parent_run_id),
+                                  callbacks=[Progress(total, log, at_most),
+                                             Recorder(s.tracking.uri, s.study is not None, ctx.experiment_id,
+                                                      ctx.parent_run_id),
                                              JsonLoggerCallback()],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
@@ -405,7 +406,7 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
         n = cfg.trainings()[0]
         if s.study.allocate == "halving":
             pretrained = sum(arm != "scratch" for arm, _ in cfg.cells)
-            budgets = space.halving_budgets(s.study.trials_per_cell, pretrained, s.study.eta)
+            budgets = space.halving_budgets(s.study.trials_per_cell, pretrained, s.study.eta, s.study.first_rung)
             log(f"ray: study search, successive halving over {pretrained} pretrained cells (trials per cell at "
                 f"each rung: {budgets}, 1/{s.study.eta} of the cells go on; scratch gets all "
                 f"{s.study.trials_per_cell}) × {s.study.search_repeats} search repeats, at most {n} trials, {how}")
@@ -414,7 +415,8 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior),
-                           scheduler=space.make_scheduler(s), resume=resume))
+                           scheduler=space.make_scheduler(s), resume=resume,
+                           at_most=s.study.allocate == "halving"))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")

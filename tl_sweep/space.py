@@ -162,13 +162,19 @@ def cell_seed(seed: int, arm: str, depth: int, search: int) -> int:
     return int(hashlib.sha256(f"{seed}/{arm}/{depth}/{search}".encode()).hexdigest()[:8], 16)
 
 
-def halving_budgets(trials_per_cell: int, cells: int, eta: int) -> list[int]:
-    """Successive halving's cumulative trials per cell at each rung: the last rung is the full budget, each
-    earlier one ``eta`` times smaller but never under 2 trials (one TPE trial says little about a cell)."""
-    rungs = 0
-    while eta ** (rungs + 1) < cells * eta and trials_per_cell // eta ** (rungs + 1) >= 2:
-        rungs += 1
-    return [max(2, trials_per_cell // eta ** (rungs - r)) for r in range(rungs)] + [trials_per_cell]
+def halving_budgets(trials_per_cell: int, cells: int, eta: int, first: int | None = None) -> list[int]:
+    """Successive halving's cumulative trials per cell at each rung, the last one the full budget.
+
+    The first rung is ``first`` trials (default: the budget / ``eta``, at least 2); each later one ``eta`` times
+    more, while more than one cell would be left to cut. Replayed on the three reference studies, a first rung
+    of 2 of 8 trials (TPE's random start-up draws) cut the cell the grid chose in 4 of 6 cases, one of 4 in 2
+    (BENCHMARKS.md)."""
+    r = min(first or max(2, math.ceil(trials_per_cell / eta)), trials_per_cell)
+    rungs, alive = [], cells
+    while r < trials_per_cell and alive > 1:
+        rungs.append(r)
+        r, alive = r * eta, math.ceil(alive / eta)
+    return rungs + [trials_per_cell]
 
 
 class StudySearcher(TuneSearcher):
@@ -180,10 +186,12 @@ class StudySearcher(TuneSearcher):
 
     ``halving``: within each search repeat, successive halving across the pretrained cells (the scratch cell,
     the baseline every verdict needs, always gets the full budget). Every cell starts with the first rung's
-    trials; when all of a rung's trials have ended, the cells are ranked by their best validation accuracy
-    (ties: the higher transferability estimate, ``prior``) and the best ``1/eta`` go on, at least one cell per
-    source so every source keeps a verdict; the others are cut (recorded in :attr:`cuts`, and visible in the
-    trials: a cut cell has fewer trials and no finals).
+    trials; when all of a rung's trials have ended, the cells are ranked by the selection rule the finals use
+    (the best validation accuracy among trials that ran their whole schedule; ties: the second best, then the
+    best of any trial, then the higher transferability estimate, ``prior``) and the best ``1/eta`` go on, at
+    least one cell per source so every source keeps a verdict. A cell without an estimate (no frozen prefix)
+    tied with the last cell kept goes on too: a missing estimate says nothing. The others are cut (recorded in
+    :attr:`cuts`, and visible in the trials: a cut cell has fewer trials and no finals).
     """
 
     def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
@@ -203,11 +211,13 @@ class StudySearcher(TuneSearcher):
         self.halving = st.allocate == "halving"
         pretrained = [j for j, (_, arm, _) in enumerate(self.keys) if arm != "scratch"]
         n_cells = len({(a, d) for _, a, d in (self.keys[j] for j in pretrained)})
-        self.rungs = halving_budgets(self.budget, n_cells, st.eta) if self.halving else [self.budget]
+        self.rungs = halving_budgets(self.budget, n_cells, st.eta, st.first_rung) if self.halving else [self.budget]
         self.eta, self.prior = st.eta, dict(prior or {})
         self.rung = dict.fromkeys(range(st.search_repeats), 0)
         self.alive = {r: {j for j in pretrained if self.keys[j][0] == r} for r in range(st.search_repeats)}
-        self.scores: dict[int, list[float]] = {j: [] for j in range(len(self.keys))}  # ended trials' best val
+        self.scores: dict[int, list[tuple[bool, float]]] = {j: [] for j in range(len(self.keys))}  # ended
+        # trials' (ran their whole schedule, best val)
+        self.epochs: dict[str, int] = {}  # each running trial's schedule
         self.cuts: list[dict] = []
 
     def _quota(self, j: int) -> int:
@@ -228,6 +238,7 @@ class StudySearcher(TuneSearcher):
                 if entry[1] < self._quota(j):
                     config = entry[0].suggest(trial_id)
                     entry[1] += 1
+                    self.epochs[trial_id] = int((config or {}).get("epochs", 0))
                     self.owner[trial_id], self.next = j, j + 1
                     return config
             if not (self.halving and self._promote()):
@@ -245,14 +256,18 @@ class StudySearcher(TuneSearcher):
                 continue
             if any(len(self.scores[j]) < self.rungs[rung] for j in alive):
                 continue  # trials of this rung still running
-            best = {j: max(self.scores[j], default=-1.0) for j in alive}
-            order = sorted(alive, key=lambda j: (best[j], self.prior.get(self.keys[j][1:], -math.inf)),
+            rank = {j: self._rank(j) for j in alive}
+            best = {j: rank[j][2] for j in alive}
+            order = sorted(alive, key=lambda j: (rank[j], self.prior.get(self.keys[j][1:], -math.inf)),
                            reverse=True)
             keep = {next(j for j in order if self.keys[j][1] == arm) for arm in {self.keys[j][1] for j in alive}}
             for j in order:  # every source's best cell, then the best of the rest up to 1/eta of the cells
                 if len(keep) >= math.ceil(len(order) / self.eta):
                     break
                 keep.add(j)
+            last = order[max(order.index(j) for j in keep)]
+            keep |= {j for j in alive if rank[j] == rank[last] and (self.keys[j][1:] not in self.prior
+                                                                    or self.keys[last][1:] not in self.prior)}
             for j in sorted(alive - keep):
                 _, arm, depth = self.keys[j]
                 self.cuts.append({"search": r, "cell": f"{arm}@k={depth}", "after_trials": self.rungs[rung],
@@ -268,8 +283,15 @@ class StudySearcher(TuneSearcher):
         if trial_id in self.owner:
             j = self.owner.pop(trial_id)
             self.searches[j][0].on_trial_complete(trial_id, result, error)
-            score = (result or {}).get("best_val_acc")
-            self.scores[j].append(-1.0 if error or score is None else float(score))
+            score, epochs = (result or {}).get("best_val_acc"), self.epochs.pop(trial_id, 0)
+            whole = not error and not contract.stopped_early(int((result or {}).get("epoch") or 0), epochs)
+            self.scores[j].append((whole, -1.0 if error or score is None else float(score)))
+
+    def _rank(self, j: int) -> tuple[float, float, float]:
+        """A cell's standing at a rung: its best and second best validation among trials that ran their whole
+        schedule (the finals' selection rule), then its best of any trial (-1: none)."""
+        whole = sorted((v for done, v in self.scores[j] if done), reverse=True) + [-1.0, -1.0]
+        return whole[0], whole[1], max((v for _, v in self.scores[j]), default=-1.0)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

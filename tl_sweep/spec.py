@@ -243,6 +243,7 @@ class Study(_Strict):
     estimates: bool = True  # transferability estimates per cell before training, checked against the finals
     allocate: Literal["grid", "halving"] = "grid"  # grid: equal budgets; halving: successive halving of cells
     eta: int = Field(2, ge=2)  # halving: the share of cells each rung keeps is 1/eta
+    first_rung: int | None = Field(None, ge=1)  # halving: trials per cell before the first cut (default: budget/eta)
 
 
 class Failures(_Strict):

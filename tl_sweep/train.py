@@ -215,6 +215,7 @@ class Fit:
         self.split: features.Split | None = None
         self.cached: dict[str, Batches | None] = {}
         self.notes: list[str] = []  # what the feature cache did, per depth (a tag of the MLflow run)
+        self.store_features = True  # False: prefix features are computed for this fit and not stored
 
     def set_depth(self, k: int, scale: float | None = None) -> None:
         """Freeze all but the head and the last ``k`` blocks; a new optimizer continues the cosine schedule.
@@ -299,6 +300,9 @@ class Fit:
                 return torch.cat([prefix(self._channels_last(self.aug.eval(x.to(dev, non_blocking=True))))
                                   for x, _ in src(256, shuffle=False)])
 
+        if not self.store_features:
+            self.notes.append(f"{split} {tuple(one.shape[1:])} computed, not stored")
+            return Batches(features.as_array(compute()), src.y.cpu().numpy(), dev)
         name = features.key_for(c.arch, features.weights_id(*self.weights, arch=c.arch), len(self.part) - self.depth,
                                 self.split.cut, self.data, split, c.input, dev.type, precision_of(dev, c.precision))
         arr, reused = features.load_or_compute(features.folder(self.data), name, compute, log=self.notes.append)

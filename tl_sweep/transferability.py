@@ -192,13 +192,14 @@ def _source_probabilities(arch: str, weights: str, file: str | None, images, aug
 
 def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) -> list[CellEstimate]:
     """Every cell's estimates. The prefix features come from (and go to) the feature store the trials read,
-    so what is computed here is not computed again by training."""
+    so what is computed here is not computed again by training; with ``data.feature_cache: false`` they are
+    computed for the estimates alone and nothing is stored."""
     from tl_sweep import data
     from tl_sweep.contract import TrialConfig, TrialContext
     from tl_sweep.train import Batches, Fit, device_for
 
     ctx = TrialContext.from_config(cfg, prepared, arms)
-    ctx = dataclasses.replace(ctx, feature_cache=True)
+    store, ctx = ctx.feature_cache, dataclasses.replace(ctx, feature_cache=True)  # the cut, stored or not
     device = device_for(ctx.use_gpu)
     out, probs = [], {}
     for arm, depth in cells_of(cfg):
@@ -212,6 +213,7 @@ def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) 
                             layer_decay=1.0, unfrozen_blocks=depth, epochs=1, arm=arm, seed=cfg.spec.seed)
         t0 = time.perf_counter()
         fit = Fit(ctx, trial, device)
+        fit.store_features = store
         fit.set_depth(depth)
         if fit.split is None:
             est.note = "the model cannot be cut at this depth"

@@ -297,7 +297,8 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
         per = "; ".join(f"search repeat {c.search}: {c.arm}@k={c.depth} after {c.trials} trials (best search val "
                         f"{_pct(c.best_val)}%)" for c in cut)
         md += ["", f"Successive halving (`study.allocate: halving`) cut {len(cut)} cells before their full budget, "
-               f"on validation accuracy alone (ties: the higher LogME): {per}. Cut cells have no finals; each "
+               f"on validation accuracy alone (the finals' selection rule: the best trial that ran its whole "
+               f"schedule; ties: the second best, then the higher LogME): {per}. Cut cells have no finals; each "
                f"source kept at least one cell, the scratch cell always ran its full budget. A cell cut after "
                f"{min(c.trials for c in cut)} trials was judged on that few configurations: one that needs "
                f"tuning can be cut by chance, so a depth chosen here need not be the grid design's choice "
