@@ -120,3 +120,4 @@ def test_halving_cut_cells_get_no_finals_and_the_report_says_which_and_when():
               "n_test": 1, "crop": 32, "seed": 0}
     md = render.markdown(header, "p" * 32, search + finals, a, {}, set())
     assert "cut 1 cells before their full budget" in md and "src@k=0 after 2 trials (best search val 61.0%)" in md
+    assert "This run trained 10 search trials and 4 finals where the grid design would train 12 and 6" in md
