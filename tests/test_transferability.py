@@ -147,7 +147,7 @@ def test_estimate_under_feature_cache_false_stores_no_features(cli, cache_dir, t
     from conftest import SPEC
 
     def stored() -> set:
-        return set(cache_dir.glob("features/*.npy"))
+        return set(cache_dir.rglob("features/*.npy"))
 
     before = stored()
     code, out, err = cli("estimate", SPEC, "--set", "study.sources=[source:digits-0-4]", "--set", "study.depths=[0]",
