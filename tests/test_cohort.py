@@ -99,7 +99,7 @@ def test_a_diverging_member_fails_alone_and_rungs_are_measured_inside_the_epoch(
 
 def test_a_sweep_in_cohorts_keeps_one_tune_trial_and_one_mlflow_run_per_member(tmp_path):
     db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null",
+    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null", "--set", "model.weights=none",
            "--set", "search.num_trials=8", "--set", "search.max_concurrent=1", "--set", "resources.cohort=4",
            "--set", "search.space.epochs=2", "--set", "search.space.batch_size=16",
            "--set", "search.space.unfrozen_blocks=1", "--set", "data.image_size=16",

@@ -47,9 +47,11 @@ def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
 
 
 def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_path):
-    """resources.memory_gb caps each CPU trial's memory; batch 512 at full fine-tuning needs more."""
+    """resources.memory_gb caps each CPU trial's memory; batch 512 at full fine-tuning needs more. (Random
+    weights: memory does not depend on them, and a 64 px source would be pretrained for this test alone.)"""
     db = tmp_path / "m.db"
-    proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=5", "--set", "search.space.batch_size=[8, 512]",
+    proc = tl(["run", SPEC, *TINY, "--set", "model.weights=none", "--set", "search.num_trials=5",
+               "--set", "search.space.batch_size=[8, 512]",
                "--set", "search.space.unfrozen_blocks=5", "--set", "data.train_per_class=60",
                "--set", "data.image_size=64", "--set", "resources.memory_gb=1.2", "--set", "search.space.optimizer=sgd",
                "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
@@ -308,15 +310,18 @@ def test_more_one_line_errors(tmp_path, sets, expected):
     assert errors == [lines[-1]] and expected in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_resume_refuses_what_it_cannot_resume(tmp_path):
+def test_resume_refuses_what_it_cannot_resume(cli, tmp_path, monkeypatch):
+    """Each refusal comes before any data is prepared or Ray started (in-process: nothing but the check runs)."""
+    monkeypatch.chdir(tmp_path)
     db = f"sqlite:///{tmp_path / 'm.db'}"
-    proc = tl(["run", SPEC, *TINY, "--set", f"tracking.uri={db}", "--resume"], tmp_path)
-    assert proc.returncode == 2 and "has no sweep to resume" in proc.stderr
-    ok = tl(["run", SPEC, *TINY, "--set", "search.num_trials=1", "--set", f"tracking.uri={db}"], tmp_path)
-    assert ok.returncode == 0, ok.stderr[-1500:]
-    again = tl(["run", SPEC, *TINY, "--set", "search.num_trials=1", "--set", f"tracking.uri={db}", "--resume"],
-               tmp_path)
-    assert again.returncode == 2 and "already finished" in again.stderr
-    other = tl(["run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", f"tracking.uri={db}", "--resume"],
-               tmp_path)
-    assert other.returncode == 2 and "ran another spec" in other.stderr
+    code, out, err = cli("run", SPEC, *TINY, "--set", f"tracking.uri={db}", "--resume")
+    assert code == 2 and "has no sweep to resume" in err and "data:" not in err
+    code, out, err = cli("run", SPEC, *TINY, "--set", "search.num_trials=1", "--set", f"tracking.uri={db}",
+                         "--set", f"storage={tmp_path / 'tune'}")
+    assert code == 0, err[-1500:]
+    code, out, err = cli("run", SPEC, *TINY, "--set", "search.num_trials=1", "--set", f"tracking.uri={db}",
+                         "--set", f"storage={tmp_path / 'tune'}", "--resume")
+    assert code == 2 and "already finished" in err and "data:" not in err
+    code, out, err = cli("run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", f"tracking.uri={db}",
+                         "--set", f"storage={tmp_path / 'tune'}", "--resume")
+    assert code == 2 and "ran another spec" in err and "data:" not in err

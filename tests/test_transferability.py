@@ -143,21 +143,22 @@ def test_estimate_on_a_real_spec_prints_ranks_and_logs_a_run(cli, tmp_path):
 
 def test_estimate_under_feature_cache_false_stores_no_features(cli, cache_dir, tmp_path):
     """The estimates need the prefix features; a spec that turned the feature store off gets them computed and
-    dropped (28 px: a key no other test stores, so a file appearing here would be this run's)."""
+    dropped (k=1: a key no other test stores, so a file appearing here is this run's; the second run checks
+    that, since it must add exactly one)."""
     from conftest import SPEC
 
     def stored() -> set:
         return set(cache_dir.rglob("features/*.npy"))
 
     before = stored()
-    code, out, err = cli("estimate", SPEC, "--set", "study.sources=[source:digits-0-4]", "--set", "study.depths=[0]",
-                         "--set", "data.image_size=28", "--set", "data.feature_cache=false",
+    code, out, err = cli("estimate", SPEC, "--set", "study.sources=[source:digits-0-4]", "--set", "study.depths=[1]",
+                         "--set", "data.feature_cache=false",
                          "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
     assert code == 0, err
-    row = next(line for line in out.splitlines() if line.startswith("| source:digits-0-4@k=0"))
+    row = next(line for line in out.splitlines() if line.startswith("| source:digits-0-4@k=1"))
     assert "(1)" in row  # estimated
     assert stored() == before
-    code, out, err = cli("estimate", SPEC, "--set", "study.sources=[source:digits-0-4]", "--set", "study.depths=[0]",
-                         "--set", "data.image_size=28", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+    code, out, err = cli("estimate", SPEC, "--set", "study.sources=[source:digits-0-4]", "--set", "study.depths=[1]",
+                         "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
     assert code == 0, err
     assert len(stored() - before) == 1  # the store on: the train split's features

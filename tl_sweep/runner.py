@@ -240,22 +240,30 @@ def spec_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_sweep(cfg: Config, repeats: list[data.Prepared], resume: bool, run_tags: dict[str, str]) -> tuple[str, str]:
-    """The experiment and the sweep's parent run: a new one, or (``resume``) the latest one of this spec."""
+def resumable(cfg: Config) -> str:
+    """``--resume``'s checks, made before any data is prepared or source pretrained: the latest sweep of this
+    experiment, which must have run the same resolved spec and not have finished. Returns its parent run id."""
+    uri = cfg.spec.tracking.uri
+    run = tracking.latest_sweep(uri, tracking.experiment_id(uri, cfg.experiment))
+    if run is None:
+        raise UserError(f"--resume: experiment {cfg.experiment!r} has no sweep to resume; run without --resume")
+    if run.data.tags.get(Tag.SPEC_HASH) != spec_hash(cfg):
+        raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) ran another "
+                        f"spec or other --set values; resume with the same ones, or run without --resume")
+    if run.info.status == "FINISHED":
+        raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) already "
+                        f"finished; run without --resume to start a new one")
+    return run.info.run_id
+
+
+def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, run_tags: dict[str, str]
+               ) -> tuple[str, str]:
+    """The experiment and the sweep's parent run: a new one, or the one :func:`resumable` found, reopened."""
     s, uri = cfg.spec, cfg.spec.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
-    if resume:
-        run = tracking.latest_sweep(uri, exp_id)
-        if run is None:
-            raise UserError(f"--resume: experiment {cfg.experiment!r} has no sweep to resume; run without --resume")
-        if run.data.tags.get(Tag.SPEC_HASH) != spec_hash(cfg):
-            raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) ran another "
-                            f"spec or other --set values; resume with the same ones, or run without --resume")
-        if run.info.status == "FINISHED":
-            raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) already "
-                            f"finished; run without --resume to start a new one")
-        tracking.reopen(uri, run.info.run_id)
-        return exp_id, run.info.run_id
+    if resumed:
+        tracking.reopen(uri, resumed)
+        return exp_id, resumed
     run_name = f"{s.name}·{s.model.arch}·{'+'.join(cfg.arms)}·{time.strftime('%Y%m%d-%H%M%S')}"
     files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
     prepared = repeats[0]
@@ -513,13 +521,14 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     """
     t0 = time.perf_counter()
     s, uri = cfg.spec, cfg.spec.tracking.uri
+    resumed = resumable(cfg) if resume else None  # a wrong --resume is refused before any work
     repeats, arms = preflight(cfg, log)
     search_n, final_n = cfg.trainings()
     most = "at most " if s.study is not None and s.study.allocate == "halving" else ""
     log(f"plan: {most}{search_n} search trials + {most}{final_n} final re-trainings = {most}{search_n + final_n} "
         f"trainings")
     run_tags = tracking.source_tags(cfg.spec_file)
-    exp_id, parent = open_sweep(cfg, repeats, resume, run_tags)
+    exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
     summary = Summary(exp_id, parent)
