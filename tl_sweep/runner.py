@@ -244,6 +244,7 @@ def resumable(cfg: Config) -> str:
     """``--resume``'s checks, made before any data is prepared or source pretrained: the latest sweep of this
     experiment, which must have run the same resolved spec and not have finished. Returns its parent run id."""
     uri = cfg.spec.tracking.uri
+    tracking.check(uri)  # an unreachable server: its one line, as without --resume
     run = tracking.latest_sweep(uri, tracking.experiment_id(uri, cfg.experiment))
     if run is None:
         raise UserError(f"--resume: experiment {cfg.experiment!r} has no sweep to resume; run without --resume")

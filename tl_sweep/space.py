@@ -166,9 +166,9 @@ def halving_budgets(trials_per_cell: int, cells: int, eta: int, first: int | Non
     """Successive halving's cumulative trials per cell at each rung, the last one the full budget.
 
     The first rung is ``first`` trials (default: the budget / ``eta``, at least 2); each later one ``eta`` times
-    more, while more than one cell would be left to cut. Replayed on the three reference studies, a first rung
-    of 2 of 8 trials (TPE's random start-up draws) cut the cell the grid chose in 4 of 6 cases, one of 4 in 2
-    (BENCHMARKS.md)."""
+    more, while more than one cell would be left to cut. On the default study a first rung of 2 of 8 trials
+    (TPE's random start-up draws) ended on another depth than the grid design's in 4 of 6 (source, repeat)
+    pairs, half the budget in 2 of 6 (BENCHMARKS.md)."""
     r = min(first or max(2, math.ceil(trials_per_cell / eta)), trials_per_cell)
     rungs, alive = [], cells
     while r < trials_per_cell and alive > 1:
@@ -300,6 +300,8 @@ class StudySearcher(TuneSearcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        # a state saved before scores said whether the trial ran its whole schedule: count it as having run
+        self.scores = {j: [v if isinstance(v, tuple) else (True, v) for v in vs] for j, vs in self.scores.items()}
 
 
 def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
