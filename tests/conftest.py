@@ -95,7 +95,7 @@ def two_node_cluster(cache: Path):
     import ray as ray_api
 
     if ray_api.is_initialized():  # a Ray an in-process test left in pytest's process: `ray stop --force` below
-        ray_api.shutdown()        # would kill it, and pytest with it (the driver exits when its raylet dies)
+        ray_api.shutdown()        # would kill it, and Ray ends a driver 60 s after its GCS is gone (pytest, exit 1)
     ray = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache))
     port, dash = free_port(), free_port()
