@@ -80,6 +80,20 @@ def mlflow_server(tmp_path_factory):
         proc.kill()
 
 
+def stop_every_ray(env: dict | None = None) -> None:
+    """`ray stop --force`: every Ray on this machine. A Ray that an in-process test started in pytest's own
+    process is shut down first: Ray ends a driver 60 s after its GCS is gone, and pytest would exit 1 with it."""
+    import subprocess
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True,
+                   timeout=180)
+
+
 @contextmanager
 def two_node_cluster(cache: Path):
     """A real two-node Ray cluster on 127.0.0.1 (1 CPU each, token auth, dashboard on 127.0.0.1): yields
@@ -92,10 +106,6 @@ def two_node_cluster(cache: Path):
     def raylets() -> set[int]:
         return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
 
-    import ray as ray_api
-
-    if ray_api.is_initialized():  # a Ray an in-process test left in pytest's process: `ray stop --force` below
-        ray_api.shutdown()        # would kill it, and Ray ends a driver 60 s after its GCS is gone (pytest, exit 1)
     ray = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache))
     port, dash = free_port(), free_port()
@@ -112,4 +122,4 @@ def two_node_cluster(cache: Path):
         yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "env": env,
                "raylets": (min(head, default=None), min(worker, default=None))}
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        stop_every_ray(env)

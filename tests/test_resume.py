@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import SPEC, stop_every_ray
 
 
 def children(db):
@@ -67,4 +67,4 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     parents = [r for r in client.search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     if sig == signal.SIGKILL:  # the killed driver's local Ray processes may outlive it
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        stop_every_ray()
