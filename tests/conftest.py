@@ -80,16 +80,22 @@ def mlflow_server(tmp_path_factory):
         proc.kill()
 
 
-def stop_every_ray(env: dict | None = None) -> None:
-    """`ray stop --force`: every Ray on this machine. A Ray that an in-process test started in pytest's own
-    process is shut down first: Ray ends a driver 60 s after its GCS is gone, and pytest would exit 1 with it."""
-    import subprocess
-    import sys
-
+def shutdown_in_process_ray() -> None:
+    """The Ray an in-process test started in pytest's own process, if any. Left running, it breaks a cluster
+    started beside it (its head answered job submissions "No available agent to submit job"), and a
+    `ray stop --force` kills it: Ray then ends its driver, pytest, 60 s later with exit 1."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def stop_every_ray(env: dict | None = None) -> None:
+    """`ray stop --force` with this venv's `ray`: every Ray on this machine, pytest's own shut down first."""
+    import subprocess
+    import sys
+
+    shutdown_in_process_ray()
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True,
                    timeout=180)
 
@@ -106,6 +112,7 @@ def two_node_cluster(cache: Path):
     def raylets() -> set[int]:
         return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
 
+    shutdown_in_process_ray()
     ray = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache))
     port, dash = free_port(), free_port()
