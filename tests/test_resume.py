@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -29,8 +30,9 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null",
            "--set", "search.num_trials=4", "--set", "search.space.epochs={low: 3, high: 6}",
            "--set", "scheduler.kind=fifo", "--set", f"tracking.uri=sqlite:///{db}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # SIGKILL: Tune saves its state at every step, so the state names each running trial's checkpoint
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"TUNE_GLOBAL_CHECKPOINT_S": "0"} if sig == signal.SIGKILL else {}))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # stop it once one trial finished and another has logged an epoch
@@ -51,10 +53,24 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
         assert proc.returncode == 130 and "tl-sweep: error: interrupted" in out and "--resume" in out, out[-2000:]
     before = {r.info.run_id: r for r in children(db)[1] if r.info.status == "FINISHED"}
     assert before
+    stale = []
+    if sig == signal.SIGKILL:
+        # Tune's state lags its trials by up to its save period (>= 10 s) and a newer checkpoint replaces the
+        # older one at once: a driver killed in between leaves a state naming a folder that is gone. Made certain
+        # here: each interrupted trial's checkpoints move to a name newer than any the state can name.
+        for r in children(db)[1]:
+            if r.info.status == "RUNNING":
+                for folder in (tmp_path / "ray_results").glob(f"*/{r.data.tags['tl_sweep.trial_id']}"):
+                    for i, ckpt in enumerate(sorted(folder.glob("checkpoint_*"))):
+                        ckpt.rename(folder / f"checkpoint_{90 + i:06d}")
+                        stale.append(r.data.tags["tl_sweep.trial_id"])
+        assert stale
 
     again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "(resumed)" in again.stderr  # progress goes to stderr
+    for trial_id in set(stale):  # restored from the newest complete checkpoint, not failed three times
+        assert f"ray: trial {trial_id}: Tune's saved state named checkpoint_" in again.stderr, again.stderr[-3000:]
     client, runs = children(db)
     assert len(runs) == 4, [r.info.run_name for r in runs]  # no duplicate child runs
     assert len({r.data.tags["tl_sweep.trial_id"] for r in runs}) == 4
@@ -68,3 +84,53 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     if sig == signal.SIGKILL:  # the killed driver's local Ray processes may outlive it
         stop_every_ray()
+
+
+def test_a_restored_trial_continues_from_its_newest_whole_checkpoint_when_tunes_state_names_a_gone_one(tmp_path):
+    """Tune's own Trial bookkeeping, as a resumed driver loads it from a state saved before the trial's newer
+    checkpoints replaced the one it names: ``runner.StaleCheckpoints`` gives the newest whole checkpoint that
+    name just before Tune restores the trial, skips a torn one, and with none whole lets the trial start over."""
+    import torch
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from tl_sweep import runner
+
+    tune.register_trainable("restored_fn", lambda config: None)
+    lines = []
+    stale = runner.StaleCheckpoints(lines.append)
+
+    def trial_with(trial_id: str, on_disk: dict[int, bool]) -> tuple[Trial, Path]:
+        storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name=trial_id)
+        trial = Trial("restored_fn", config={}, trial_id=trial_id, storage=storage,
+                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        folder = Path(storage.trial_fs_path)
+        for index, whole in on_disk.items():  # what the killed trial left: epoch = index + 1
+            (folder / f"checkpoint_{index:06d}").mkdir(parents=True)
+            torch.save({"epoch": index + 1}, folder / f"checkpoint_{index:06d}" / "trial.pt")
+            if not whole:  # killed while Ray copied it in
+                path = folder / f"checkpoint_{index:06d}" / "trial.pt"
+                path.write_bytes(path.read_bytes()[:200])
+        named = folder / "checkpoint_000000"  # the one the saved state names (registered as Tune did)
+        trial.run_metadata.checkpoint_manager.register_checkpoint(_TrainingResult(tune.Checkpoint(str(named)), {}))
+        storage.current_checkpoint_index = 0
+        return trial, folder
+
+    trial, folder = trial_with("a", {0: True})  # the state is current: nothing to do
+    stale.on_trial_start(0, [trial], trial)
+    assert lines == [] and torch.load(folder / "checkpoint_000000" / "trial.pt")["epoch"] == 1
+
+    trial, folder = trial_with("b", {2: True, 3: False})  # 000000 replaced by 000002; 000003 torn
+    stale.on_trial_start(0, [trial], trial)
+    assert torch.load(Path(trial.checkpoint.path) / "trial.pt")["epoch"] == 3  # epoch 3's state, under the old name
+    assert trial.checkpoint.path == str(folder / "checkpoint_000000")
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_000000", "checkpoint_000003"]
+    assert lines[-1].startswith("ray: trial b: Tune's saved state named checkpoint_000000") and \
+        "(checkpoint_000002)" in lines[-1]
+
+    trial, folder = trial_with("c", {1: False})  # nothing whole left: the trial starts over, not fails thrice
+    stale.on_trial_start(0, [trial], trial)
+    assert trial.latest_checkpoint_result is None
+    assert lines[-1].startswith("ray: trial c: no complete checkpoint is left")

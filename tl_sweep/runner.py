@@ -164,6 +164,54 @@ class Recorder(tune.Callback):
             self._close(trial, failed=True)
 
 
+class StaleCheckpoints(tune.Callback):
+    """A trial restored by ``--resume`` continues from its newest complete checkpoint, even where Tune's saved
+    state names an older one that is gone.
+
+    Tune saves its experiment state every ≥ 10 s, and a trial's newer checkpoint replaces the older one at once
+    (``num_to_keep=1``). A driver killed in between leaves a state that names a deleted folder: Tune would try
+    to restore from it three times and fail the trial (ray-project/ray#27790; Ray 2.60 has no fallback). Just
+    before Tune restores such a trial (``on_trial_start``), the newest complete checkpoint in the trial's folder
+    takes the missing one's name, so Tune's own bookkeeping (its next checkpoint index) stays as it expects.
+    With no complete checkpoint left, the trial starts over: its MLflow run keeps the epochs it logged and only
+    later ones are logged (``trainable.run_trial``). Storage that is not a local or mounted folder is left as is.
+    """
+
+    def __init__(self, log: log_fn):
+        self.log = log
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        result = trial.latest_checkpoint_result
+        ckpt = result.checkpoint if result is not None else None
+        if ckpt is None or getattr(ckpt.filesystem, "type_name", "") != "local" or os.path.isdir(ckpt.path):
+            return
+        missing = Path(ckpt.path)
+        newest = newest_complete_checkpoint(missing.parent)
+        if newest is not None:
+            os.rename(newest, missing)
+            self.log(f"ray: trial {trial.trial_id}: Tune's saved state named {missing.name}, replaced before the "
+                     f"driver stopped; continuing from the newest complete checkpoint ({newest.name})")
+            return
+        manager = trial.run_metadata.checkpoint_manager  # nothing to restore from: Tune would fail the trial
+        manager._latest_checkpoint_result, manager._checkpoint_results = None, []
+        self.log(f"ray: trial {trial.trial_id}: no complete checkpoint is left in {missing.parent}; it starts "
+                 f"over (its MLflow run keeps the epochs it logged)")
+
+
+def newest_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint_NNNNNN`` in a trial's folder whose ``trial.pt`` is whole (a worker killed while
+    Ray copied it in leaves a torn zip: no end record)."""
+    import zipfile
+
+    for d in sorted(folder.glob("checkpoint_[0-9]*"), reverse=True):
+        try:
+            with zipfile.ZipFile(d / "trial.pt"):
+                return d
+        except (OSError, zipfile.BadZipFile):
+            continue
+    return None
+
+
 @contextmanager
 def _offline_ok(what: str):
     """A callback's MLflow read that an outage made impossible costs that record, never the sweep (writes wait
@@ -331,7 +379,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                   callbacks=[Progress(total, log, at_most),
                                              Recorder(s.tracking.uri, s.study is not None, ctx.experiment_id,
                                                       ctx.parent_run_id),
-                                             JsonLoggerCallback()],
+                                             StaleCheckpoints(log), JsonLoggerCallback()],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
 
