@@ -193,7 +193,9 @@ class StaleCheckpoints(tune.Callback):
                      f"driver stopped; continuing from the newest complete checkpoint ({newest.name})")
             return
         manager = trial.run_metadata.checkpoint_manager  # nothing to restore from: Tune would fail the trial
-        manager._latest_checkpoint_result, manager._checkpoint_results = None, []
+        manager._latest_checkpoint_result, manager._checkpoint_results = None, []  # as Tune's own PBT does
+        trial.run_metadata.invalidate_cache()  # the next saved state says so too (as Trial.on_checkpoint does)
+        trial.invalidate_json_state()
         self.log(f"ray: trial {trial.trial_id}: no complete checkpoint is left in {missing.parent}; it starts "
                  f"over (its MLflow run keeps the epochs it logged)")
 
