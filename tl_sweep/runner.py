@@ -183,7 +183,7 @@ class StaleCheckpoints(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         result = trial.latest_checkpoint_result
         ckpt = result.checkpoint if result is not None else None
-        if ckpt is None or getattr(ckpt.filesystem, "type_name", "") != "local" or os.path.isdir(ckpt.path):
+        if not _on_disk(ckpt) or os.path.isdir(ckpt.path):
             return
         missing = Path(ckpt.path)
         newest = newest_complete_checkpoint(missing.parent)
@@ -207,7 +207,7 @@ def newest_complete_checkpoint(folder: Path) -> Path | None:
 
     for d in sorted(folder.glob("checkpoint_[0-9]*"), reverse=True):
         try:
-            with zipfile.ZipFile(d / "trial.pt"):
+            with zipfile.ZipFile(d / trainable.CHECKPOINT_FILE):
                 return d
         except (OSError, zipfile.BadZipFile):
             continue
@@ -228,8 +228,13 @@ def drop_checkpoint(ckpt) -> None:
     """Delete a Tune checkpoint of a trial that has ended, where storage is a local or mounted folder."""
     import shutil
 
-    if ckpt is not None and getattr(ckpt.filesystem, "type_name", "") == "local":
+    if _on_disk(ckpt):
         shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+def _on_disk(ckpt) -> bool:
+    """A Tune checkpoint in a local or mounted folder (what tl-sweep may delete or rename; not s3:// and the like)."""
+    return ckpt is not None and getattr(ckpt.filesystem, "type_name", "") == "local"
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -681,7 +686,7 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
             with r.checkpoint.as_directory() as d:  # the best epoch's weights, from Tune's storage
                 path = Path(tmp) / f"{len(uris)}" / "best.pt"
                 path.parent.mkdir()
-                shutil.copy(Path(d) / "trial.pt", path)
+                shutil.copy(Path(d) / trainable.CHECKPOINT_FILE, path)
             tracking.log_files(uri, r.run_id, [path])
             uris[arm] = tracking.log_model(uri, r.run_id, path, example)
             tracking.log_torch_model(uri, r.run_id, path)

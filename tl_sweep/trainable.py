@@ -31,6 +31,9 @@ from tl_sweep.cohort import Member
 from tl_sweep.train import Fit, TrialError, device_for
 
 
+CHECKPOINT_FILE = "trial.pt"  # what a trial's Tune checkpoint folder holds (checkpoint.make's format)
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune trainable. Only a final re-training (``role: final``) reads the test split: once, at its end,
     with the best-validation weights.
@@ -245,7 +248,7 @@ def _write(folder: Path, ckpt: dict[str, Any]):
     from ray.tune import Checkpoint
 
     folder.mkdir(exist_ok=True)
-    checkpoint.save(ckpt, folder / "trial.pt")
+    checkpoint.save(ckpt, folder / CHECKPOINT_FILE)
     return Checkpoint.from_directory(str(folder))
 
 
@@ -253,4 +256,4 @@ def _read(ckpt) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return checkpoint.load(Path(d) / "trial.pt")
+        return checkpoint.load(Path(d) / CHECKPOINT_FILE)
