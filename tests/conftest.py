@@ -104,6 +104,7 @@ def stop_every_ray(env: dict | None = None) -> None:
 def two_node_cluster(cache: Path):
     """A real two-node Ray cluster on 127.0.0.1 (1 CPU each, token auth, dashboard on 127.0.0.1): yields
     ``{"dashboard", "gcs", "env", "raylets": (head raylet pid, worker raylet pid)}``; ``ray stop`` after."""
+    import secrets
     import subprocess
     import sys
 
@@ -114,7 +115,9 @@ def two_node_cluster(cache: Path):
 
     shutdown_in_process_ray()
     ray = str(Path(sys.executable).parent / "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache))
+    # token auth as a real cluster runs it; the token is the cluster's own (a fresh machine has no ~/.ray token)
+    env = dict(os.environ, RAY_AUTH_MODE="token", TL_SWEEP_CACHE=str(cache),
+               RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16))
     port, dash = free_port(), free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import SPEC
@@ -60,6 +61,7 @@ def test_submit_without_an_address_and_an_unknown_run_are_one_line(cli, tmp_path
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no run 0123456789abcdef" in err
 
 
+@pytest.mark.slow
 def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path):
     """``tl-sweep ui`` runs MLflow's server (and its workers) in its own process group: SIGTERM to tl-sweep
     stops all of them and frees the port."""

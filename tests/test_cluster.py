@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SPEC, free_port, two_node_cluster
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

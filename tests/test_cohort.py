@@ -97,6 +97,7 @@ def test_a_diverging_member_fails_alone_and_rungs_are_measured_inside_the_epoch(
     assert (step, progress, acc) == (rung, 1.5, accs[0])  # the accuracy a solo trial reports at that step
 
 
+@pytest.mark.slow
 def test_a_sweep_in_cohorts_keeps_one_tune_trial_and_one_mlflow_run_per_member(tmp_path):
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null", "--set", "model.weights=none",

@@ -28,6 +28,7 @@ def tl(args, cwd, timeout=600, env=None):
                           text=True, timeout=timeout, env=env or dict(os.environ))
 
 
+@pytest.mark.slow
 def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
     db = tmp_path / "m.db"
     proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=6", "--set", "search.space.lr_mult=[1.0, 1.0e+12]",
@@ -46,6 +47,7 @@ def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
     assert proc.stdout.count("failed: trial") == len(bad)
 
 
+@pytest.mark.slow
 def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_path):
     """resources.memory_gb caps each CPU trial's memory; batch 512 at full fine-tuning needs more. (Random
     weights: memory does not depend on them, and a 64 px source would be pretrained for this test alone.)"""
@@ -69,6 +71,7 @@ def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_p
     assert proc.stdout.count("failed: trial") == len(big) and "out of memory (batch_size 512" in proc.stdout
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_is_refused_before_training(tmp_path):
     proc = tl(["run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
     assert proc.returncode == 2
@@ -146,6 +149,7 @@ def every_epoch_once(client, exp, epochs):
     return trials
 
 
+@pytest.mark.slow
 def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
     """The server goes down for 10 s mid-sweep (2× the writes' retry window) while two trials train: their
     writes wait in the node's outbox and arrive, each once, when it is back - during the sweep. Then it goes
@@ -199,6 +203,7 @@ def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
         stop(server)
 
 
+@pytest.mark.slow
 def test_two_sweeps_at_once_on_one_sqlite_store(tmp_path):
     db = tmp_path / "shared.db"
     args = lambda name: [sys.executable, "-m", "tl_sweep.cli", "run", SPEC, *TINY, "--set",  # noqa: E731
@@ -276,6 +281,7 @@ def test_mutated_specs_never_trace_back(cli, tmp_path, mutations):
         assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_is_failed_with_its_reason_and_listed(tmp_path):
     # inception_v3 cannot run 32 px images: every trial's forward raises (a real RuntimeError, not a stub)
     db = tmp_path / "m.db"
@@ -310,6 +316,7 @@ def test_more_one_line_errors(tmp_path, sets, expected):
     assert errors == [lines[-1]] and expected in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # its second case runs a one-trial sweep
 def test_resume_refuses_what_it_cannot_resume(cli, tmp_path, monkeypatch):
     """Each refusal comes before any data is prepared or Ray started (in-process: nothing but the check runs)."""
     monkeypatch.chdir(tmp_path)

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SPEC
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
+
 DRIVER = r"""
 import json, sys, threading, time
 import ray

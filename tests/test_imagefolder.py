@@ -159,6 +159,7 @@ def test_torchvision_dataset_missing_files_say_what_to_put_where(tmp_path):
         data.prepare("torchvision:CIFAR11", size=20, seed=0, split=(0.6, 0.2, 0.2), root=str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/data/hymenoptera_data is not here")
 def test_real_imagefolder_sweep_on_ants_and_bees(tmp_path):
     import subprocess
@@ -289,6 +290,7 @@ def test_hostile_files_are_skipped_listed_and_memory_stays_bounded(tmp_path):
     assert with_bomb < without + 100, (with_bomb, without)  # decoding the bomb alone would need > 700 MB
 
 
+@pytest.mark.slow
 def test_a_sweep_on_a_hostile_tree_runs_and_lists_what_it_skipped(tmp_path):
     import subprocess
     import sys

@@ -13,6 +13,7 @@ import pytest
 from conftest import HYMENOPTERA, ROOT
 
 SPEC = ROOT / "search_spaces" / "hymenoptera.yaml"
+pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SPEC, two_node_cluster
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -9,6 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from conftest import SERVER_ROOTS, SPEC
 from tl_sweep import redact
 
@@ -34,6 +36,7 @@ def grep(root: Path, needles: list[str]) -> list[str]:
     return hits
 
 
+@pytest.mark.slow
 def test_a_sweep_and_its_report_never_write_a_secret(mlflow_server, tmp_path):
     password, token = f"pw-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
     uri = mlflow_server.replace("http://", f"http://ann:{password}@")  # the test server ignores credentials

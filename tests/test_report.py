@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SPEC
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
+
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, mlflow_server):

@@ -24,6 +24,7 @@ def children(db):
     return client, [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     db = tmp_path / "mlflow.db"

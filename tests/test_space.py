@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from conftest import SPEC
@@ -94,6 +95,7 @@ def test_constant_epochs_keep_plain_asha():
     assert sched._max_t == 4  # progress == epoch when every trial has the same schedule
 
 
+@pytest.mark.slow
 def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
     """Real Ray Tune, real Optuna, the real searcher and scheduler: a trial ASHA stops reaches Optuna as PRUNED
     even when ``epochs`` is a constant (Tune hands searchers the flattened result)."""

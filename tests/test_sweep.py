@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import SPEC
+
+pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
 PARAMS = ("batch_size", "optimizer", "lr_mult", "unfrozen_blocks", "epochs", "arch", "weights", "seed")
 
