@@ -215,7 +215,8 @@ class Worker:
             fits = [batch[t] for t in members]
             evals: dict[str, list] = {t: [] for t in members}
             hooks = [self._hook(batch[t], evals[t], self.rungs.get(t, {})) for t in members]
-            for t, r in zip(members, epoch_together(fits, hooks)):
+            at = [set(self.rungs.get(t, {})) for t in members]
+            for t, r in zip(members, epoch_together(fits, hooks, at)):
                 f = batch[t]
                 out[t] = {"error": r} if isinstance(r, BaseException) else {
                     "metrics": {**r, "cohort_members": float(len(members))}, "rungs": evals[t],

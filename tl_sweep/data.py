@@ -603,6 +603,14 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
 # ------------------------------------------------------------------------------------- augmentation
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the GPU wait: through pinned memory, asynchronously (torch's
+    pinned-memory cache keeps the host copy alive until the copy is done)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Augmenter:
     """Batched transforms on uint8 tensors (on the trial's device): random resized crop + flip, or centre crop.
 
@@ -625,15 +633,17 @@ class Augmenter:
         if not self.enabled:  # ``data.augment: none``: training sees the evaluation transform
             return self.eval(x)
         n = x.shape[0]
-        r = lambda: torch.rand(n, generator=self.gen).to(self.device)  # noqa: E731
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * r()
-        logr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * r()
+        # the batch's random numbers in one draw and one copy to the device (the same numbers, in the same order,
+        # as one draw per quantity): a copy from pageable memory makes the GPU stream wait for the host
+        u = to_device(torch.rand(5 if self.hflip else 4, n, generator=self.gen), self.device)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
+        logr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[1]
         aspect = torch.exp(logr)
         w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the side
         h = torch.sqrt(area / aspect).clamp(max=1.0)
-        cx = (r() * 2 - 1) * (1 - w)
-        cy = (r() * 2 - 1) * (1 - h)
-        flip = torch.where(r() < 0.5, -1.0, 1.0) if self.hflip else torch.ones(n, device=self.device)
+        cx = (u[2] * 2 - 1) * (1 - w)
+        cy = (u[3] * 2 - 1) * (1 - h)
+        flip = torch.where(u[4] < 0.5, -1.0, 1.0) if self.hflip else torch.ones(n, device=self.device)
         theta = torch.zeros(n, 2, 3, device=self.device)
         theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy

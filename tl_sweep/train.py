@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from tl_sweep import features, models
 from tl_sweep.contract import TrialConfig, TrialContext
-from tl_sweep.data import Augmenter, Prepared
+from tl_sweep.data import Augmenter, Prepared, to_device
 
 # Reference learning rates at batch size 256 (lr_mult = 1): the torchvision ImageNet recipe for SGD,
 # the usual 1e-3 for the adaptive methods.
@@ -82,6 +82,33 @@ def device_for(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
+_ON_DEVICE: dict[tuple, torch.Tensor] = {}  # per process: (file, rows, device) -> a split's inputs on the GPU
+ON_DEVICE_KEEP = 2 << 30  # bytes kept for the worker's next trials (least recently used go first)
+
+
+def on_device(x: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``x[rows]`` on ``device``, kept for the worker's next trials when ``x`` is a file (the image cache or
+    stored features): a reused worker's trials on the same split copy it to the GPU once."""
+    name = getattr(x, "filename", None)
+    if name is None:
+        return features.to_tensor(x[rows]).to(device)
+    import hashlib
+
+    key = (str(name), hashlib.sha1(np.ascontiguousarray(rows).tobytes()).hexdigest(), str(device))
+    if key in _ON_DEVICE:
+        _ON_DEVICE[key] = _ON_DEVICE.pop(key)  # most recently used last
+    else:
+        _ON_DEVICE[key] = features.to_tensor(x[rows]).to(device)
+        while len(_ON_DEVICE) > 1 and kept_bytes() > ON_DEVICE_KEEP:
+            _ON_DEVICE.pop(next(iter(_ON_DEVICE)))
+    return _ON_DEVICE[key]
+
+
+def kept_bytes() -> int:
+    """Bytes of the splits this process keeps on its GPU (:func:`on_device`)."""
+    return sum(t.nbytes for t in _ON_DEVICE.values())
+
+
 class Batches:
     """Mini-batches of one split: rows of an array (the memory-mapped uint8 image cache, or stored features).
 
@@ -95,7 +122,7 @@ class Batches:
         self.rows = np.arange(len(y)) if rows is None else rows
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         if device.type == "cuda":  # uint8 images and features are small: keep the split on the GPU
-            self.x = features.to_tensor(x[self.rows]).to(device)
+            self.x = on_device(x, self.rows, device)
             self.rows = np.arange(len(self.rows))
             self.y = self.y.to(device)
 
@@ -121,14 +148,18 @@ class Batches:
     def __call__(self, batch_size: int, shuffle: bool, gen: torch.Generator | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.rows)
-        order = torch.randperm(n, generator=gen).numpy() if shuffle else np.arange(n)
-        for start in range(0, self._end(batch_size, shuffle), batch_size):
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        end = self._end(batch_size, shuffle)
+        if self.device.type == "cuda":  # the epoch's order copied once; batches are cut on the device
+            order = to_device(order, self.device)
+            for start in range(0, end, batch_size):
+                idx = order[start:start + batch_size].sort().values
+                yield self.x[idx], self.y[idx]
+            return
+        order = order.numpy()
+        for start in range(0, end, batch_size):
             idx = np.sort(order[start:start + batch_size])
-            if self.device.type == "cuda":
-                t = torch.from_numpy(idx).to(self.device)
-                yield self.x[t], self.y[t]
-            else:
-                yield features.to_tensor(self.x[self.rows[idx]]), self.y[idx]
+            yield features.to_tensor(self.x[self.rows[idx]]), self.y[idx]
 
 
 def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,46 +169,68 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tup
     return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
 
 
+class LossSum:
+    """An epoch's summed training loss, kept on the device: reading it makes the host wait for the GPU, so it
+    is read only where a decision needs it (the epoch's end, a rung), not after every step."""
+
+    def __init__(self, device: torch.device):
+        self.total, self.seen = torch.zeros((), dtype=torch.float64, device=device), 0
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.total += loss.detach().double() * n
+        self.seen += n
+
+    def check(self, epoch: int) -> float:
+        """The mean loss so far; a non-finite one raises :class:`TrialError` (a retry would diverge the same way)."""
+        total = self.total.item()
+        if not math.isfinite(total):
+            raise TrialError(f"loss became {total} at epoch {epoch} (lower lr_mult)")
+        return total / max(1, self.seen)
+
+
 def train_one_epoch(forward: Callable, batches: Batches, transform: Callable, optimizer: torch.optim.Optimizer,
                     schedule, *, batch_size: int, gen: torch.Generator, binary: bool, precision: str = "auto",
-                    epoch: int = 0, after_step: Callable[[int], None] | None = None) -> tuple[float, int, float]:
+                    epoch: int = 0, after_step: Callable[[int], None] | None = None,
+                    at_steps: Collection[int] | None = None) -> tuple[float, int, float]:
     """One pass over ``batches`` (the caller sets train mode); returns (mean loss, steps, seconds).
 
-    ``after_step(n)`` runs after the epoch's n-th step (a scheduler's rung may fall inside an epoch). A
-    non-finite loss raises :class:`TrialError`: a retry would diverge the same way.
+    ``after_step(n)`` runs after the epoch's n-th step: after every step, or only at ``at_steps`` (a scheduler's
+    rung inside the epoch), once the loss so far is known to be finite. A non-finite loss raises
+    :class:`TrialError` at the epoch's end (or at the next of ``at_steps``).
     """
     dev = batches.device
-    total, seen, steps, t0 = 0.0, 0, 0, time.perf_counter()
+    losses, steps, t0 = LossSum(dev), 0, time.perf_counter()
     for x, y in batches(batch_size, shuffle=True, gen=gen):
         x, y = transform(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
         with autocast(dev, precision):
             loss, _ = loss_and_correct(forward(x), y, binary)
-        if not torch.isfinite(loss):
-            raise TrialError(f"loss became {loss.item()} at epoch {epoch} (lower lr_mult)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         steps += 1
-        total += loss.item() * len(y)
-        seen += len(y)
-        if after_step is not None:
+        losses.add(loss, len(y))
+        if after_step is not None and (at_steps is None or steps in at_steps):
+            if at_steps is not None:
+                losses.check(epoch)
             after_step(steps)
-    return total / seen, steps, time.perf_counter() - t0
+    return losses.check(epoch), steps, time.perf_counter() - t0
 
 
 @torch.no_grad()
 def evaluate(forward: Callable, batches: Batches, transform: Callable, binary: bool, batch_size: int = 256,
              precision: str = "auto") -> tuple[float, float]:
     """Mean loss and accuracy of ``forward(transform(x))`` over a split (the caller sets eval mode)."""
-    total_loss, correct = 0.0, 0
-    for x, y in batches(batch_size, shuffle=False):
-        with autocast(batches.device, precision):
-            logits = forward(transform(x.to(batches.device, non_blocking=True)))
-        loss, c = loss_and_correct(logits, y.to(batches.device), binary)
-        total_loss += loss.item() * len(y)
-        correct += int(c)
-    return total_loss / len(batches), correct / len(batches)
+    dev = batches.device
+    total_loss, correct = torch.zeros((), dtype=torch.float64, device=dev), torch.zeros((), dtype=torch.int64,
+                                                                                       device=dev)
+    for x, y in batches(batch_size, shuffle=False):  # summed on the device: one wait for the GPU, at the end
+        with autocast(dev, precision):
+            logits = forward(transform(x.to(dev, non_blocking=True)))
+        loss, c = loss_and_correct(logits, y.to(dev), binary)
+        total_loss += loss.double() * len(y)
+        correct += c
+    return total_loss.item() / len(batches), int(correct.item()) / len(batches)
 
 
 class Fit:
@@ -322,10 +375,12 @@ class Fit:
         finally:
             self.frozen.train_mode(self.model)
 
-    def epoch(self, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    def epoch(self, after_step: Callable[[int], None] | None = None,
+              at_steps: Collection[int] | None = None) -> dict[str, float]:
         """Train one epoch; returns its metrics (``train_loss``, ``train_img_per_s``, ``epoch_seconds``...).
 
-        ``after_step(n)`` runs after the fit's n-th optimizer step (counted over the whole fit).
+        ``after_step(n)`` runs after the fit's n-th optimizer step (counted over the whole fit): after every
+        step, or only at ``at_steps`` once the loss is known to be finite (see :func:`train_one_epoch`).
         """
         self.n_epochs += 1
         k = depth_at(self.ctx.regime, self.trial.unfrozen_blocks, self.n_epochs)
@@ -341,23 +396,25 @@ class Fit:
         self.frozen.train_mode(self.model)
         start = self.step_count
         hook = None if after_step is None else (lambda i: after_step(start + i))
+        local = None if at_steps is None else {s - start for s in at_steps if s > start}
         loss, steps, secs = train_one_epoch(forward, batches, transform, self.optimizer, self.schedule,
                                             batch_size=self.trial.batch_size, gen=self.gen, binary=self.binary,
-                                            precision=self.ctx.precision, epoch=self.n_epochs, after_step=hook)
+                                            precision=self.ctx.precision, epoch=self.n_epochs, after_step=hook,
+                                            at_steps=local)
         self.step_count += steps
         return {"train_loss": loss, "train_img_per_s": len(batches) / secs, "epoch_seconds": secs,
                 "trainable_blocks": float(k)}
 
 
-def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | None]
-                   ) -> list[dict[str, float] | BaseException]:
+def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | None],
+                   at_steps: list[Collection[int] | None] | None = None) -> list[dict[str, float] | BaseException]:
     """One epoch of several fits that see the same batches, the frozen prefix's forward computed once per batch.
 
     ``fits`` share arch, frozen weights, depth, data, batch size, and the state of their data generator (so a
     trial trained alone would have drawn these very batches and augmentations: each member's epoch is bit for
     bit its solo epoch). Each member steps its own trainable suffix on the shared prefix output; a member whose
-    step fails (a NaN loss) gets its exception back and the others go on. ``after_step[i]`` is member i's
-    :meth:`Fit.epoch` hook. Fits that cannot share (augmentation off: they read stored features; no cut) run
+    loss is not finite (checked at the epoch's end and before its hook at ``at_steps[i]``) gets its exception back
+    and the others go on. ``after_step[i]`` and ``at_steps[i]`` are member i's :meth:`Fit.epoch` hook. Fits that cannot share (augmentation off: they read stored features; no cut) run
     their own epoch one after another.
     """
     lead = fits[0]
@@ -369,40 +426,41 @@ def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | Non
         if f.first_step_at is None:
             f.first_step_at, f.first_step_wall = time.perf_counter(), time.time()
         f.frozen.train_mode(f.model)
+    at_steps = at_steps or [None] * len(fits)
     if len(fits) == 1 or lead.deterministic or any(f.split is None for f in fits):
         out: list[dict[str, float] | BaseException] = []
-        for f, hook in zip(fits, after_step):
+        for f, hook, at in zip(fits, after_step, at_steps):
             f.n_epochs -= 1  # Fit.epoch counts it again
             try:
                 with _own_stream(f):
-                    out.append(f.epoch(after_step=hook))
+                    out.append(f.epoch(after_step=hook, at_steps=at))
             except Exception as e:  # noqa: BLE001 - this member's failure, handed back to it
                 out.append(e)
         return out
     dev, bs, precision = lead.device, lead.trial.batch_size, lead.ctx.precision
-    state = [dict(total=0.0, seen=0, steps=0, error=None) for _ in fits]
+    state = [dict(losses=LossSum(dev), steps=0, error=None) for _ in fits]
     t0 = time.perf_counter()
     for x, y in lead.batches["train"](bs, shuffle=True, gen=lead.gen):
         x, y = lead._channels_last(lead.aug.train(x.to(dev, non_blocking=True))), y.to(dev, non_blocking=True)
         with torch.no_grad(), autocast(dev, precision):
             feats = lead.split.prefix(x)
-        for f, st, hook in zip(fits, state, after_step):
+        for f, st, hook, at in zip(fits, state, after_step, at_steps):
             if st["error"] is not None:
                 continue
             try:
                 with _own_stream(f), autocast(dev, precision):
                     loss, _ = loss_and_correct(f.split.suffix(feats), y, f.binary)
-                if not torch.isfinite(loss):
-                    raise TrialError(f"loss became {loss.item()} at epoch {f.n_epochs} (lower lr_mult)")
                 f.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 f.optimizer.step()
                 f.schedule.step()
                 st["steps"] += 1
-                st["total"] += loss.item() * len(y)
-                st["seen"] += len(y)
-                if hook is not None:
-                    hook(f.step_count + st["steps"])
+                st["losses"].add(loss, len(y))
+                step = f.step_count + st["steps"]
+                if hook is not None and (at is None or step in at):
+                    if at is not None:
+                        st["losses"].check(f.n_epochs)
+                    hook(step)
             except Exception as e:  # noqa: BLE001 - this member's failure, handed back to it
                 st["error"] = e
     secs = time.perf_counter() - t0
@@ -410,7 +468,12 @@ def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | Non
     for f, st in zip(fits, state):
         f.gen.set_state(lead.gen.get_state())  # where its own epoch would have left it
         f.step_count += st["steps"]
-        out.append(st["error"] or {"train_loss": st["total"] / st["seen"], "train_img_per_s": st["seen"] / secs,
+        if st["error"] is None:
+            try:
+                loss = st["losses"].check(f.n_epochs)
+            except TrialError as e:
+                st["error"] = e
+        out.append(st["error"] or {"train_loss": loss, "train_img_per_s": st["losses"].seen / secs,
                                    "epoch_seconds": secs, "trainable_blocks": float(f.depth)})
     return out
 
@@ -427,6 +490,27 @@ def _own_stream(fit: Fit):
         fit.rng_state = torch.random.get_rng_state()
         if fit.cuda_rng_state is not None:
             fit.cuda_rng_state = torch.cuda.get_rng_state(fit.device)
+
+
+def step_memory(arch: str, num_classes: int, crop: int, batch_size: int, precision: str,
+                device: torch.device) -> int:
+    """Peak GPU memory of one full fine-tuning step at ``batch_size`` (every block trains, Adam's two moments):
+    the most a trial of this model and input needs (``resources.gpu: auto``)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    model = models.build(arch, num_classes, image_size=crop).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(batch_size, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    with autocast(device, precision):
+        loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    opt.step()
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del model, opt, x, y, loss
+    torch.cuda.empty_cache()
+    return peak
 
 
 def fit_plain(ctx: TrialContext, trial: TrialConfig, log=print) -> tuple[nn.Module, float]:
