@@ -67,7 +67,7 @@ def test_rungs_are_the_ones_ray_asha_uses_and_fall_at_one_fraction_of_every_sche
     for sets, expected in ((["study=null"], (1.0,)), (["study=null", "search.space.epochs={low: 9, high: 12}"],
                                                         (1.0, 3.0))):
         cfg = spec.load(SPEC, sets)
-        asha = space.make_scheduler(cfg.spec)
+        asha = space.make_scheduler(cfg.spec).make()  # the ASHA the sweep's scheduler runs
         milestones = sorted(m for m, _ in asha._brackets[0]._rungs if m < asha._max_t)
         assert contract.rungs(cfg.spec) == expected == tuple(milestones)
     # a 3-epoch trial of 4 steps per epoch reaches the rung at half its schedule: step 6, inside epoch 2
@@ -79,19 +79,21 @@ def test_a_study_runs_asha_inside_each_cell_never_across():
 
     cfg = spec.load(SPEC)
     sched = space.make_scheduler(cfg.spec)
-    trial = lambda tid, arm, k: SimpleNamespace(trial_id=tid, config={"arm": arm, "unfrozen_blocks": k})  # noqa
-    a1, a2, b1 = trial("a1", "src", 0), trial("a2", "src", 0), trial("b1", "src", 5)
-    for t in (a1, a2, b1):
+    trial = lambda tid, arm, k, r=0: SimpleNamespace(trial_id=tid, config={"arm": arm, "unfrozen_blocks": k,  # noqa
+                                                                           "search": r})
+    a1, a2, b1, c1 = trial("a1", "src", 0), trial("a2", "src", 0), trial("b1", "src", 5), trial("c1", "src", 0, 1)
+    for t in (a1, a2, b1, c1):
         sched.on_trial_add(None, t)
     rung = lambda acc: {"progress": 1.0, "val_acc": acc}  # noqa: E731
     assert sched.on_trial_result(None, a1, rung(0.9)) == sched.CONTINUE  # first at its rung
     assert sched.on_trial_result(None, a2, rung(0.2)) == sched.STOP  # below its own cell's first trial
     assert sched.on_trial_result(None, b1, rung(0.2)) == sched.CONTINUE  # another depth: judged apart
+    assert sched.on_trial_result(None, c1, rung(0.2)) == sched.CONTINUE  # same cell, another search repeat
 
 
 def test_constant_epochs_keep_plain_asha():
     cfg = spec.load(SPEC, ["search.space.epochs=4", "study=null"])
-    sched = space.make_scheduler(cfg.spec)
+    sched = space.make_scheduler(cfg.spec).make()
     assert sched._max_t == 4  # progress == epoch when every trial has the same schedule
 
 

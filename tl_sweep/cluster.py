@@ -21,6 +21,43 @@ from tl_sweep import redact
 from tl_sweep.errors import UserError
 
 
+def _answers(address: str, timeout: float = 5.0) -> bool:
+    """Whether something listens at ``host:port`` (a Ray head's GCS port), within ``timeout`` seconds."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def ray_address(address: str | None) -> str | None:
+    """The Ray cluster a sweep joins, checked in seconds, before any data is prepared or MLflow run created:
+    ``--address``, else ``$RAY_ADDRESS``, else the cluster last started on this machine (``ray start``) if it
+    still answers, else a new local one. A given address where nothing answers is one line (Ray itself would
+    retry for minutes)."""
+    given, where = (address, "--address") if address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    current = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray", "ray_current_cluster")
+    latest = current.read_text().strip() if current.is_file() else ""
+    if not given or given == "local":
+        # Ray would join the latest `ray start` cluster of this machine; one that is gone would stall it
+        return None if latest and _answers(latest) else "local"
+    if given == "auto":
+        if latest and _answers(latest):
+            return given
+        raise UserError(f"{where}: auto finds no running Ray cluster on this machine; start one (ray start --head) "
+                        f"or give its address (host:6379)")
+    if "://" in given and not given.startswith("ray://"):
+        raise UserError(f"{where}: {given} is a URL; give the cluster's GCS address host:port (ray start --head "
+                        f"prints it; usually port 6379) or auto (tl-sweep submit takes the dashboard's URL)")
+    if not _answers(given):
+        raise UserError(f"{where}: no Ray cluster answers at {given}; start it (ray start --head --port "
+                        f"{given.rpartition(':')[2] or 6379}) or fix the address (auto, or the head's host:port)")
+    return given
+
+
 def _nodes() -> list[dict[str, Any]]:
     import ray
 

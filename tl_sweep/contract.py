@@ -34,6 +34,7 @@ class Tag:
     SOURCE = "tl_sweep.source"
     DEPTH = "tl_sweep.depth"
     NODE = "tl_sweep.node"
+    WORKER = "tl_sweep.worker"  # the worker process (node:pid) the trial ran in: reused across trials
     DEVICE = "tl_sweep.device"  # what the trial trained on: cuda:0 (its own GPU, see GPU_IDS) or cpu
     GPU_IDS = "tl_sweep.gpu_ids"  # the GPUs Ray gave the trial (CUDA_VISIBLE_DEVICES in its worker)
     COHORT = "tl_sweep.cohort"  # the cohort (resources.cohort) the trial trained in, numbered per sweep
@@ -160,6 +161,47 @@ def progress(epoch: int, epochs: int, min_epochs: int) -> float:
 
 
 @dataclass
+class TrialReport:
+    """What a trial tells Tune at each report: the one definition of the keys that the searcher, the scheduler
+    and the driver read back (:meth:`of`), so none of them is written as a string elsewhere."""
+
+    val_acc: float | None  # METRIC: this report's validation accuracy (an epoch's end or a rung inside one)
+    best_val_acc: float | None  # the best epoch's: what the searcher ranks, the weights the trial keeps
+    epoch: int  # epochs completed
+    progress: float  # ASHA's time: the fraction of the trial's own schedule, in epochs of the shortest (docs/search.md)
+    mlflow_run_id: str
+    steps: int | None = None
+    total_steps: int | None = None
+    trial_error: str | None = None  # a deterministic failure (NaN loss, out of memory): the trial ended FAILED
+    first_step_unix: float | None = None  # when training began (the driver measures scheduling -> first step)
+    replace_worker: str | None = None  # why this trial's worker must take no further trial (limits.WorkerMemory)
+    test_acc: float | None = None  # a final's held-out test accuracy, at its last epoch
+    metrics: dict[str, float] = field(default_factory=dict)  # the epoch's other metrics (train_loss, ...)
+
+    def to_tune(self) -> dict[str, Any]:
+        out = dict(self.metrics)
+        out.update({f.name: v for f in _REPORT_FIELDS if f.name != "metrics" and (v := getattr(self, f.name))
+                    is not None})
+        return out
+
+    @classmethod
+    def of(cls, result: dict[str, Any] | None) -> TrialReport:
+        """Read a Tune result (or Tune's flattened copy of one) back; missing keys are None."""
+        r = result or {}
+        return cls(**{f.name: r.get(f.name) for f in _REPORT_FIELDS if f.name != "metrics"},
+                     metrics={k: v for k, v in r.items() if k not in _REPORT_NAMES})
+
+    @property
+    def epochs_run(self) -> int:
+        return int(self.epoch or 0)
+
+
+_REPORT_FIELDS = dataclasses.fields(TrialReport)
+_REPORT_NAMES = {f.name for f in _REPORT_FIELDS}
+assert METRIC in _REPORT_NAMES  # the metric the searcher and scheduler rank on is a field of the report
+
+
+@dataclass
 class TrialResult:
     """How a trial ended: from Tune on the driver, or from MLflow when a report is rebuilt."""
 
@@ -218,6 +260,7 @@ class TrialContext:
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
     leader: Any = None  # a plain sweep's trainable.Leader actor: only a trial that beats it writes its weights
     cohorts: Any = None  # resources.cohort > 1: the sweep's cohort.Registry actor (trials train in cohorts)
+    worker_growth: float | None = 0.1  # resources.worker_growth: a reused worker's memory bound (limits.WorkerMemory)
 
     def data_for(self, search: int):
         """The splits a trial of search repeat ``search`` trains, validates and tests on."""
@@ -231,15 +274,21 @@ class TrialContext:
         from tl_sweep.data import split_digests
 
         s = cfg.spec
+        gpu = s.resources.gpu  # "auto" before the runner planned it (estimates on the driver): its own GPU, if any
+        if gpu == "auto":
+            import torch
+
+            gpu = 1.0 if torch.cuda.is_available() else 0.0
         return cls(
             arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
             head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
             augment=s.data.augment.model_dump(), data=data, seed=s.seed,
-            min_epochs=min_epochs(s.search.space), use_gpu=s.resources.gpu > 0,
+            min_epochs=min_epochs(s.search.space), use_gpu=gpu > 0,
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-            feature_cache=s.data.feature_cache, gpu_share=s.resources.gpu, precision=s.resources.precision,
+            feature_cache=s.data.feature_cache, gpu_share=gpu, precision=s.resources.precision,
             memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
             checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats),
+            worker_growth=s.resources.worker_growth,
             run_tags=dict(run_tags or {}),
             dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
             digests=tuple(split_digests(p) for p in (repeats or (data,))),

@@ -403,6 +403,11 @@ def build_seeded(arch: str, num_classes: int, seed: int, **kwargs) -> nn.Module:
     return model
 
 
+def kept_bytes() -> int:
+    """Bytes of the built models this process keeps for its next trials (:func:`build_seeded`)."""
+    return sum(t.nbytes for m, _ in _BUILT.values() for t in (*m.parameters(), *m.buffers()))
+
+
 def input_spec(arch: str, weights: str) -> dict[str, Any]:
     """Crop size, resize size and normalisation from the weights' metadata, else the family default."""
     enum = torchvision_weights(arch, weights) if weights != "none" else None

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,15 +35,16 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
+import torch
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.logger import JsonLoggerCallback
 
-from tl_sweep import cluster, cohort, contract, data, models, redact, sources, space, tracking, trainable, \
-    transferability
-from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialResult
+from tl_sweep import cluster, cohort, contract, data, limits, models, redact, sources, space, tracking, train, \
+    trainable, transferability
+from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialReport, TrialResult
 from tl_sweep.errors import UserError
-from tl_sweep.spec import Config, to_yaml
+from tl_sweep.spec import Config, to_yaml, values_of
 
 log_fn = Callable[[str], None]
 
@@ -77,25 +79,25 @@ class Progress(tune.Callback):
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
-        r, c = trial.last_result or {}, trial.config
-        acc = r.get("best_val_acc")
+        r, c = TrialReport.of(trial.last_result), trial.config
+        acc = r.best_val_acc
         if acc is not None and (self.best is None or acc > self.best[0]):
             self.best = (acc, trial.trial_id)
-        if acc is None and r.get(contract.METRIC) is not None:  # stopped at a rung before its first epoch ended
-            got = f"{contract.METRIC} {r[contract.METRIC]:.3f} at the rung"
+        if acc is None and r.val_acc is not None:  # stopped at a rung before its first epoch ended
+            got = f"{contract.METRIC} {r.val_acc:.3f} at the rung"
         else:
             got = f"{contract.METRIC} {acc:.3f}" if acc is not None else "no result"
         best = f"best {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         self.log(f"[{self.done:>3}/{self.total}] {trial.trial_id} k={c.get('unfrozen_blocks')} {c.get('optimizer')} "
-                 f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.get('epoch', 0)}/"
+                 f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.epochs_run}/"
                  f"{c.get('epochs')} → {got} {how}| {time.perf_counter() - self.t0:.0f}s | {best}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        r = trial.last_result or {}
-        if r.get("trial_error"):
-            self._line(trial, f"FAILED ({r['trial_error']}) ")
+        r = TrialReport.of(trial.last_result)
+        if r.trial_error:
+            self._line(trial, f"FAILED ({r.trial_error}) ")
         else:
-            stopped = contract.stopped_early(r.get("epoch", 0), trial.config.get("epochs", 0))
+            stopped = contract.stopped_early(r.epochs_run, trial.config.get("epochs", 0))
             self._line(trial, "(early-stopped) " if stopped else "")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -123,20 +125,20 @@ class Recorder(tune.Callback):
         self.n_seen = len(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        first, added = result.get("first_step_unix"), self.added.pop(trial.trial_id, None)
+        first, added = TrialReport.of(result).first_step_unix, self.added.pop(trial.trial_id, None)
         if first is not None and added is not None:
             self.startup[trial.trial_id] = first - added
 
     def _close(self, trial, failed: bool) -> None:
-        r = trial.last_result or {}
-        epochs_run = int(r.get("epoch", 0))
+        r = TrialReport.of(trial.last_result)
+        epochs_run = r.epochs_run
         stopped = not failed and contract.stopped_early(epochs_run, trial.config.get("epochs", 0))
         # a checkpoint that can never be published goes now (a finished trial's Tune checkpoint holds its best
         # weights, 45 MB for a ResNet18): study search trials, stopped and failed ones
         if failed or stopped or (self.study and trial.config.get("role") != "final"):
             drop_checkpoint(trial.checkpoint)
         # a trial that raised before its first report never told the driver its run: found by its trial id
-        run_id = r.get("mlflow_run_id") or tracking.trial_run_id(self.uri, *self.where, trial.trial_id)
+        run_id = r.mlflow_run_id or tracking.trial_run_id(self.uri, *self.where, trial.trial_id)
         if not run_id:
             return
         tags = {Tag.EPOCHS_RUN: str(epochs_run)}
@@ -150,14 +152,14 @@ class Recorder(tune.Callback):
         """A trial's worker or node was lost and Tune restarts it from its last checkpoint: counted on its run."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
         with _offline_ok(f"the retry count of trial {trial.trial_id}"):
-            run_id = (trial.last_result or {}).get("mlflow_run_id") or tracking.trial_run_id(
+            run_id = TrialReport.of(trial.last_result).mlflow_run_id or tracking.trial_run_id(
                 self.uri, *self.where, trial.trial_id)
             if run_id:
                 tracking.log_batch(self.uri, run_id, {}, {Tag.RETRIES: str(self.retries[trial.trial_id])})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         with _offline_ok(f"the end of trial {trial.trial_id}"):
-            self._close(trial, failed=bool((trial.last_result or {}).get("trial_error")))
+            self._close(trial, failed=bool(TrialReport.of(trial.last_result).trial_error))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         with _offline_ok(f"the end of trial {trial.trial_id}"):
@@ -271,7 +273,7 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
         file = None
         if weights.startswith("source:"):
             file = str(sources.checkpoint(weights.removeprefix("source:"), s.model.arch, cfg.input, s.seed,
-                                          use_gpu=s.resources.gpu > 0, log=log))
+                                          use_gpu=_gpu_here(s), log=log))
         elif weights != "none" and models.torchvision_weights(s.model.arch, weights) is None:
             file = weights
         # a bad checkpoint or missing torchvision file fails here, once, before any trial
@@ -281,6 +283,11 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
     repeats = [prepared] + [prepare(s.seed + r, lambda m: None) for r in range(1, s.study.search_repeats)] \
         if s.study is not None else [prepared]
     return repeats, arms
+
+
+def _gpu_here(s) -> bool:
+    """Whether this process trains on its GPU (pretraining a source): ``auto`` where it has one."""
+    return torch.cuda.is_available() if s.resources.gpu == "auto" else s.resources.gpu > 0
 
 
 def _sha256(path: str) -> str:
@@ -312,8 +319,8 @@ def resumable(cfg: Config) -> str:
     return run.info.run_id
 
 
-def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, run_tags: dict[str, str]
-               ) -> tuple[str, str]:
+def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, run_tags: dict[str, str],
+               hashed: str) -> tuple[str, str]:
     """The experiment and the sweep's parent run: a new one, or the one :func:`resumable` found, reopened."""
     s, uri = cfg.spec, cfg.spec.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
@@ -327,7 +334,7 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, r
         files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
     parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
         **run_tags,
-        "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), Tag.SPEC_HASH: spec_hash(cfg),
+        "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), Tag.SPEC_HASH: hashed,
         "tl_sweep.data_fingerprint": prepared.fingerprint,
         **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()},
         "tl_sweep.data.chance_by_search": json.dumps([data.chance(p) for p in repeats]),
@@ -336,6 +343,7 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, r
 
 
 def start_ray(address: str | None) -> None:
+    """Join (or start) the Ray cluster ``address`` resolved by :func:`tl_sweep.cluster.ray_address`."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
@@ -344,20 +352,47 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                  configure_logging=True, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"--address: cannot join the Ray cluster at {address} ({' '.join(str(e).split())[:160]}); "
-                        f"check the address (auto, or the head's host:6379) and that the cluster runs") from None
+        raise UserError(f"--address: cannot join the Ray cluster at {address or 'this machine'} "
+                        f"({' '.join(str(e).split())[:160]}); check the address (auto, or the head's host:6379) "
+                        f"and that the cluster runs") from None
 
 
-def check_cluster(cfg: Config, ctx: TrialContext) -> TrialContext:
-    """Resources fit some node; on several nodes, storage, tracking and data are seen by each, and checkpoint
-    files travel with the context (other nodes have no source cache)."""
+def plan_gpus(cfg: Config, prepared: data.Prepared, log: log_fn) -> Config:
+    """``resources.gpu: auto``: no GPU where Ray sees none; where it sees some, trials per GPU by
+    :func:`tl_sweep.limits.trials_per_gpu` (one full fine-tuning step at the space's largest batch measured on
+    the driver's GPU, if it has one), and ``search.max_concurrent`` enough to fill every GPU unless the spec set
+    it. Returns the config with the numbers chosen; the plan line says what and why."""
+    s = cfg.spec
+    if s.resources.gpu != "auto":
+        return cfg
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 1))
+    resources, search = s.resources.model_copy(update={"gpu": 0.0}), s.search
+    if gpus:
+        step = memory = None
+        if torch.cuda.is_available():  # the driver's own GPU measures what a trial needs
+            device = torch.device("cuda")
+            batch = max(values_of(s.search.space.batch_size))
+            step = train.step_memory(s.model.arch, len(prepared.classes), cfg.input["crop"], int(batch),
+                                     s.resources.precision, device)
+            memory = torch.cuda.get_device_properties(device).total_memory
+        n, why = limits.trials_per_gpu(step, memory, max(1.0, cpus - 1) / gpus, s.resources.cpu)
+        resources = s.resources.model_copy(update={"gpu": math.floor(1e4 / n) / 1e4})
+        if "max_concurrent" not in s.search.model_fields_set:
+            search = s.search.model_copy(update={"max_concurrent": max(1, n * gpus // s.resources.cohort)})
+        log(f"resources.gpu auto: {n} trials per GPU ({resources.gpu:g} GPU and {s.resources.cpu:g} CPU each), "
+            f"{search.max_concurrent} at a time on {gpus} GPU{'s' if gpus > 1 else ''}: the fewest of {why}")
+    return cfg.model_copy(update={"spec": s.model_copy(update={"resources": resources, "search": search})})
+
+
+def check_cluster(cfg: Config) -> int:
+    """Resources fit some node; on several nodes, storage, tracking and data are seen by each. Returns the node
+    count."""
     s = cfg.spec
     cluster.check_resources(s.resources.cpu, s.resources.gpu)
     paths = [p for p in (s.data.dataset.removeprefix("imagefolder:") if s.data.dataset.startswith("imagefolder:")
                          else None, s.data.root) if p]
-    if cluster.check_nodes(s.storage, s.tracking.uri, paths) > 1:
-        return dataclasses.replace(ctx, blobs={arm: Path(f).read_bytes() for arm, (_, f) in ctx.arms.items() if f})
-    return ctx
+    return cluster.check_nodes(s.storage, s.tracking.uri, paths)
 
 
 def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, *, scheduler=None,
@@ -369,7 +404,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         res["memory"] = ctx.memory_limit  # Ray reserves what the trial may hold
     if ctx.cohorts is not None:  # a member trains in its cohort's worker, which holds the CPU and GPU
         res = {"cpu": 0, "memory": cohort.MEMBER_MEMORY}
-    fn = tune.with_resources(tune.with_parameters(trainable.run_trial, ctx=ctx), res)
+    fn = tune.with_resources(tune.with_parameters(trainable.run_trial, ctx=ctx), res)  # its class: trainable.Worker
     path = f"{s.storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         log(f"ray: resuming {name}: finished trials are kept, unfinished ones continue from their checkpoints")
@@ -377,9 +412,10 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
     return tune.Tuner(
         fn, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=total,
-                                    # a new process per trial costs seconds of imports; GPU trials get a
-                                    # fresh process so no memory is kept from an earlier trial (ray#32698)
-                                    reuse_actors=s.resources.gpu == 0 or ctx.cohorts is not None,
+                                    # a new process per trial costs seconds of imports (and on a GPU a CUDA
+                                    # context and cuDNN's autotuning); a worker whose memory grew is replaced
+                                    # instead (trainable.Worker, space.Scheduler; ray#32698)
+                                    reuse_actors=True,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   # Tune's own record: result.json per trial (no TensorBoard or CSV, _fit)
@@ -399,14 +435,13 @@ def _results(grid) -> list[TrialResult]:
     out = []
     for r in grid:
         m = r.metrics or {}
-        config = TrialConfig.from_tune(r.config)
-        failed = r.error is not None or bool(m.get("trial_error"))
-        epochs_run = int(m.get("epoch", 0))
-        out.append(TrialResult(config, contract.status(failed, epochs_run, config.epochs), epochs_run,
-                               best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
+        rep, config = TrialReport.of(m), TrialConfig.from_tune(r.config)
+        failed = r.error is not None or bool(rep.trial_error)
+        out.append(TrialResult(config, contract.status(failed, rep.epochs_run, config.epochs), rep.epochs_run,
+                               best_val_acc=rep.best_val_acc, test_acc=rep.test_acc,
                                trial=m.get("trial_id") or (Path(r.path).name if r.path else ""),
-                               run_id=m.get("mlflow_run_id", ""), checkpoint=r.checkpoint,
-                               error=m.get("trial_error") or (_plain(str(r.error)) if r.error else None)))
+                               run_id=rep.mlflow_run_id or "", checkpoint=r.checkpoint,
+                               error=rep.trial_error or (_plain(str(r.error)) if r.error else None)))
     return out
 
 
@@ -479,14 +514,14 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior),
-                           scheduler=space.make_scheduler(s), resume=resume,
+                           scheduler=space.make_scheduler(s, log), resume=resume,
                            at_most=s.study.allocate == "halving"))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
         tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log,
                        space.make_searcher(s, arm, storage=storage, name=prefix + arm),
-                       scheduler=space.make_scheduler(s), resume=resume)
+                       scheduler=space.make_scheduler(s, log), resume=resume)
         out += _fit(tuner)
     return out
 
@@ -534,7 +569,7 @@ def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, trials: list[
                                    max_concurrent=s.trials_at_once)
     keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
     return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "final"), len(configs), log, points, param_space=keys,
-                       resume=resume))
+                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
 
 
 def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
@@ -576,45 +611,44 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     reused and each phase's Tuner is restored from storage with the searcher's state.
     """
     t0 = time.perf_counter()
-    s, uri = cfg.spec, cfg.spec.tracking.uri
-    resumed = resumable(cfg) if resume else None  # a wrong --resume is refused before any work
-    repeats, arms = preflight(cfg, log)
+    uri = cfg.spec.tracking.uri
+    tracking.check(uri)  # the quick refusals first: tracking, --resume, the Ray address
+    resumed = resumable(cfg) if resume else None
+    address = cluster.ray_address(address)
+    repeats, arms = preflight(cfg, log)  # data decoded, sources pretrained, weights loaded once
+    hashed = spec_hash(cfg)  # of the spec as written (resources.gpu: auto, not what auto chose here)
+    start_ray(address)
+    cfg = plan_gpus(cfg, repeats[0], log)
+    s = cfg.spec
+    nodes = check_cluster(cfg)  # a refusal here still comes before any MLflow run
     search_n, final_n = cfg.trainings()
     most = "at most " if s.study is not None and s.study.allocate == "halving" else ""
     log(f"plan: {most}{search_n} search trials + {most}{final_n} final re-trainings = {most}{search_n + final_n} "
         f"trainings")
     run_tags = tracking.source_tags(cfg.spec_file)
-    exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags)
+    exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
     summary = Summary(exp_id, parent)
     ctx = TrialContext.from_config(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id,
                                    parent_run_id=parent, repeats=tuple(repeats), run_tags=run_tags)
-    start_ray(address)
-    ctx = check_cluster(cfg, ctx)
-    if s.study is None and s.tracking.log_models and not ctx.log_checkpoints:  # only the best trial's weights
-        ctx = dataclasses.replace(ctx, leader=ray.remote(num_cpus=0)(trainable.Leader).remote())
-    if s.resources.cohort > 1:
-        registry = ray.remote(num_cpus=0)(cohort.Registry).remote(ctx, s.resources.cohort, s.resources.cpu,
-                                                                   s.resources.gpu, s.search.max_concurrent)
-        try:  # the workers hold their resources before any trial starts
-            ray.get(registry.ready.remote(), timeout=300)
-        except ray.exceptions.GetTimeoutError:
-            need = (cohort.WORKER_MEMORY + s.resources.cohort * cohort.FIT_MEMORY) / 2**30
-            raise UserError(f"resources.cohort: {s.search.max_concurrent} cohort workers ({s.resources.cpu:g} CPU, "
-                            f"{s.resources.gpu:g} GPU, {need:.1f} GiB of memory each) could not start in 5 minutes; "
-                            f"lower search.max_concurrent or resources.cohort") from None
-        ctx = dataclasses.replace(ctx, cohorts=registry)
-    monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
-    prior: dict[tuple[str, int], float] = {}  # LogME per cell: the halving's tie-break at its first rung
-    if not resume:
-        tracking.log_datasets(uri, parent, *ctx.dataset, ctx.digests[0])
-        if s.study is not None and s.study.estimates:  # before any training: a prediction, checked by the report
-            est = transferability.estimate(cfg, repeats[0], arms, log)
-            tracking.log_estimates(uri, exp_id, parent, transferability.metrics_of(est),
-                                   transferability.table(est), {})
-            prior = {(e.arm, e.depth): e.values["logme"] for e in est if "logme" in e.values}
-    try:
+    if nodes > 1:  # checkpoint files travel with the context: other nodes have no source cache
+        ctx = dataclasses.replace(ctx, blobs={arm: Path(f).read_bytes() for arm, (_, f) in ctx.arms.items() if f})
+    monitors = []
+    try:  # from here on, whatever happens closes the parent run with its status
+        if s.study is None and s.tracking.log_models and not ctx.log_checkpoints:  # only the best trial's weights
+            ctx = dataclasses.replace(ctx, leader=ray.remote(num_cpus=0)(trainable.Leader).remote())
+        if s.resources.cohort > 1:
+            ctx = dataclasses.replace(ctx, cohorts=start_cohorts(cfg, ctx))
+        monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
+        prior: dict[tuple[str, int], float] = {}  # LogME per cell: the halving's tie-break at its first rung
+        if not resume:
+            tracking.log_datasets(uri, parent, *ctx.dataset, ctx.digests[0])
+            if s.study is not None and s.study.estimates:  # before any training: a prediction the report checks
+                est = transferability.estimate(cfg, repeats[0], arms, log)
+                tracking.log_estimates(uri, exp_id, parent, transferability.metrics_of(est),
+                                       transferability.table(est), {})
+                prior = {(e.arm, e.depth): e.values["logme"] for e in est if "logme" in e.values}
         summary.trials = search(cfg, ctx, parent, log, resume, prior)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
         if s.study is not None:
@@ -648,6 +682,21 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         for r in summary.trials + summary.finals:  # published (or not wanted): Tune's copies go
             drop_checkpoint(r.checkpoint)
     return summary
+
+
+def start_cohorts(cfg: Config, ctx: TrialContext):
+    """``resources.cohort > 1``: the sweep's cohort registry, its workers placed before any trial starts."""
+    s = cfg.spec
+    registry = ray.remote(num_cpus=0)(cohort.Registry).remote(ctx, s.resources.cohort, s.resources.cpu,
+                                                               s.resources.gpu, s.search.max_concurrent)
+    try:  # the workers hold their resources before any trial starts
+        ray.get(registry.ready.remote(), timeout=300)
+    except ray.exceptions.GetTimeoutError:
+        need = (cohort.WORKER_MEMORY + s.resources.cohort * cohort.FIT_MEMORY) / 2**30
+        raise UserError(f"resources.cohort: {s.search.max_concurrent} cohort workers ({s.resources.cpu:g} CPU, "
+                        f"{s.resources.gpu:g} GPU, {need:.1f} GiB of memory each) could not start in 5 minutes; "
+                        f"lower search.max_concurrent or resources.cohort") from None
+    return registry
 
 
 def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: dict[str, tuple[str, str | None]],

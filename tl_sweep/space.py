@@ -22,8 +22,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search import Searcher as TuneSearcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tl_sweep import contract
-from tl_sweep.contract import DIMENSIONS
+from tl_sweep import contract, internals
+from tl_sweep.contract import DIMENSIONS, TrialReport
 from tl_sweep.spec import Range, Space, Spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "new study created" line per cell buries the progress
@@ -80,20 +80,21 @@ class Searcher(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
+        report = TrialReport.of(result)
         if ot_trial is None or trial_id in self._completed_trials or error or not result:
             out = super().on_trial_complete(trial_id, result, error)
-        elif result.get("trial_error"):
+        elif report.trial_error:
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
             self._completed_trials.add(trial_id)
             out = None
         # Tune hands searchers the flattened result ("config/epochs"); a constant epochs is only there
-        elif contract.stopped_early(int(result.get("epoch", 0)),
+        elif contract.stopped_early(report.epochs_run,
                                     int(result.get("config/epochs", ot_trial.params.get("epochs", 0)))):
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             out = None
         else:
-            out = super().on_trial_complete(trial_id, {**result, self.metric: result["best_val_acc"]}, error)
+            out = super().on_trial_complete(trial_id, {**result, self.metric: report.best_val_acc}, error)
         if ot_trial is not None and self.mirror:
             self._copy(trial_id, ot_trial)
         return out
@@ -283,8 +284,9 @@ class StudySearcher(TuneSearcher):
         if trial_id in self.owner:
             j = self.owner.pop(trial_id)
             self.searches[j][0].on_trial_complete(trial_id, result, error)
-            score, epochs = (result or {}).get("best_val_acc"), self.epochs.pop(trial_id, 0)
-            whole = not error and not contract.stopped_early(int((result or {}).get("epoch") or 0), epochs)
+            report, epochs = TrialReport.of(result), self.epochs.pop(trial_id, 0)
+            score = report.best_val_acc
+            whole = not error and not contract.stopped_early(report.epochs_run, epochs)
             self.scores[j].append((whole, -1.0 if error or score is None else float(score)))
 
     def _rank(self, j: int) -> tuple[float, float, float]:
@@ -312,38 +314,52 @@ def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: 
                               max_concurrent=s.trials_at_once)
 
 
-def make_scheduler(s: Spec):
-    """ASHA on ``progress`` (the fraction of each trial's own schedule, in epochs of the shortest one), or FIFO;
-    in a study, one ASHA per cell and search repeat (:class:`CellScheduler`). See docs/search.md."""
-    if not contract.rungs(s):
-        return FIFOScheduler()  # fifo, or no rung fits before the shortest schedule ends
+def make_scheduler(s: Spec, log=None, finals: bool = False) -> Scheduler:
+    """ASHA on ``progress`` (the fraction of each trial's own schedule, in epochs of the shortest one), or FIFO
+    (``scheduler.kind: fifo``, no rung before the shortest schedule ends, a study's finals); in a study, one ASHA
+    per cell and search repeat. See docs/search.md."""
+    if finals or not contract.rungs(s):
+        return Scheduler(None, log=log)
     sch = s.scheduler
     asha = functools.partial(ASHAScheduler, time_attr="progress", metric=contract.METRIC, mode=contract.MODE,
                              max_t=contract.min_epochs(s.search.space), grace_period=sch.grace_period,
                              reduction_factor=sch.reduction_factor)
-    return asha() if s.study is None else CellScheduler(asha)
+    return Scheduler(asha, per_cell=s.study is not None, log=log)
 
 
-class CellScheduler(FIFOScheduler):
-    """ASHA inside each cell of a study (and each search repeat), never across depths or arms: a trial is
-    compared only with trials of its own search."""
+class Scheduler(FIFOScheduler):
+    """Every phase's scheduler: ASHA across a plain sweep's trials, or inside each cell of a study (and each
+    search repeat: a trial is compared only with trials of its own search, never across depths or arms), or
+    FIFO (``make`` None).
 
-    def __init__(self, make):
+    It also keeps a worker from taking another trial when the trial's report asks for it (its memory grew past
+    its bound, or it ran out of memory: ``TrialReport.replace_worker``), and says so in one line.
+    """
+
+    def __init__(self, make=None, per_cell: bool = False, log=None):
         super().__init__()
-        self.make, self.cells, self.of = make, {}, {}
+        self.make, self.per_cell, self.cells, self.of = make, per_cell, {}, {}
+        self.log, self.replaced = log, set()
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        if self.make is None:
+            return
         c = trial.config
-        key = (c.get("arm"), c.get("unfrozen_blocks"), c.get("search", 0))
+        key = (c.get("arm"), c.get("unfrozen_blocks"), c.get("search", 0)) if self.per_cell else None
         if key not in self.cells:
             self.cells[key] = self.make()
         self.of[trial.trial_id] = self.cells[key]
         self.of[trial.trial_id].on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        why = TrialReport.of(result).replace_worker
+        if why and trial.trial_id not in self.replaced:
+            self.replaced.add(trial.trial_id)
+            if internals.keep_from_reuse(tune_controller, trial) and self.log:
+                self.log(f"ray: the worker of trial {trial.trial_id} takes no further trial and is replaced: {why}")
         sub = self.of.get(trial.trial_id)
         return sub.on_trial_result(tune_controller, trial, result) if sub else self.CONTINUE
 
@@ -358,4 +374,4 @@ class CellScheduler(FIFOScheduler):
             sub.on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
-        return f"ASHA per cell: {len(self.cells)} cells"
+        return f"ASHA per cell: {len(self.cells)} cells" if self.per_cell else ("ASHA" if self.make else "FIFO")

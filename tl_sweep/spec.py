@@ -256,7 +256,10 @@ class Failures(_Strict):
 
 class Resources(_Strict):
     """Per trial. ``gpu`` may be a fraction (several small trials share a GPU; each may then use that share of
-    the GPU's memory, so one that outgrows it fails out of memory instead of its neighbours).
+    the GPU's memory, so one that outgrows it fails out of memory instead of its neighbours). ``auto`` (the
+    default): no GPU where Ray sees none; where it sees some, as many trials per GPU as its memory and the
+    node's CPUs hold (the memory of one training step measured on the driver's GPU), and ``search.max_concurrent``
+    enough to fill them unless the spec sets it (``runner.plan_gpus``; the plan line says what was chosen).
 
     ``memory_gb``: the most memory a trial's worker process may hold. Ray reserves it when placing trials,
     and a CPU trial that goes past it ends FAILED as out of memory (``train.MemoryLimit``) instead of the
@@ -274,12 +277,22 @@ class Resources(_Strict):
     """
 
     cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    gpu: Union[float, Literal["auto"]] = "auto"
     memory_gb: float | None = Field(None, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on a CPU
     # trials sharing (weights, depth, data, batch size, seed) train together, up to this many per worker, the
     # frozen prefix's forward computed once per batch (tl_sweep.cohort); 1: every trial alone
     cohort: int = Field(1, ge=1, le=64)
+    # a trial's worker process is reused for the next trial; one whose memory after a trial exceeds its first
+    # trial's by more than this share (+64 MiB) is replaced (limits.WorkerMemory); null: never for memory
+    worker_growth: float | None = Field(0.1, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError(f"{v} is not a share of a GPU; give a number >= 0 (0.25: 4 trials per GPU) or auto")
+        return v
 
 
 class Tracking(_Strict):
