@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +35,40 @@ def cli(capsys):
     return call
 
 
+def sets(*pairs: str) -> list[str]:
+    """``--set`` arguments for each ``key.path=value``."""
+    return [a for pair in pairs for a in ("--set", pair)]
+
+
+def tl_command(*args, spec=None, sets_: tuple[str, ...] = ()) -> list[str]:
+    """The command line a user's shell runs: ``python -m tl_sweep.cli ARGS [SPEC] [--set ...]``."""
+    return [sys.executable, "-m", "tl_sweep.cli", *map(str, args), *([str(spec)] if spec else []), *sets(*sets_)]
+
+
+def tl(*args, cwd, env: dict | None = None, timeout: float = 600, spec=None, sets_: tuple[str, ...] = ()):
+    """Run ``tl-sweep`` in a subprocess, as a user would; returns the finished process (output captured)."""
+    import subprocess
+
+    return subprocess.run(tl_command(*args, spec=spec, sets_=sets_), cwd=cwd, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_http(url: str, proc=None, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers; fails when ``proc`` (the server) exits first or ``timeout`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if (proc is not None and proc.poll() is not None) or time.time() > deadline:
+                raise RuntimeError(f"{url} never answered" + ("" if proc is None else f" (exit {proc.poll()})"))
+            time.sleep(0.3)
+
+
 def free_port() -> int:
     import socket
 
@@ -49,9 +84,6 @@ SERVER_ROOTS: dict[str, Path] = {}  # the mlflow_server fixture's URI -> its fol
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts served over HTTP)."""
     import subprocess
-    import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
@@ -61,16 +93,11 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
+    try:
+        wait_http(uri + "/health", proc)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:]) from None
     SERVER_ROOTS[uri] = root
     yield uri
     proc.terminate()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import SPEC
+from conftest import SPEC, wait_http
 
 
 def test_validate_prints_the_resolved_config(cli):
@@ -75,14 +75,7 @@ def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "tl_sweep", "ui", "--tracking-uri",
                              f"sqlite:///{tmp_path / 'm.db'}", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "the UI did not start"
-            time.sleep(0.5)
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
     children = subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()
     assert children  # the server's processes, found by their port
     proc.send_signal(signal.SIGTERM)

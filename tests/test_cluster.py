@@ -3,7 +3,6 @@ every child run on one MLflow server under one parent; multi-node pre-flight fai
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, free_port, two_node_cluster
+from conftest import SPEC, free_port, sets, tl, tl_command, two_node_cluster
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
@@ -24,20 +23,15 @@ def two_nodes(cache_dir):
         yield cluster
 
 
-def tl(args, env, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "tl_sweep.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-SMALL = ["--set", "study=null", "--set", "search.num_trials=2", "--set", "search.max_concurrent=2",
-         "--set", "search.space.epochs=2", "--set", "scheduler.kind=fifo"]
+SMALL = sets("study=null", "search.num_trials=2", "search.max_concurrent=2", "search.space.epochs=2",
+             "scheduler.kind=fifo")
 
 
 def test_submit_runs_trials_on_both_nodes_into_one_mlflow_server(two_nodes, mlflow_server, tmp_path):
     args = ["submit", SPEC, "--address", two_nodes["dashboard"], *SMALL,
             "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=cluster",
             "--set", f"storage={tmp_path / 'results'}"]
-    proc = tl(args, two_nodes["env"], tmp_path)
+    proc = tl(*args, env=two_nodes["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
     client = MlflowClient(mlflow_server)
@@ -57,7 +51,7 @@ def test_submit_runs_trials_on_both_nodes_into_one_mlflow_server(two_nodes, mlfl
 def test_submit_no_wait_prints_the_job_id(two_nodes, mlflow_server, tmp_path):
     args = ["submit", SPEC, "--address", two_nodes["dashboard"], "--no-wait", *SMALL,
             "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=nowait"]
-    proc = tl(args, two_nodes["env"], tmp_path)
+    proc = tl(*args, env=two_nodes["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job_id = proc.stdout.strip().splitlines()[-1]
     stop = subprocess.run([RAY, "job", "stop", job_id, "--address", two_nodes["dashboard"]],
@@ -67,21 +61,21 @@ def test_submit_no_wait_prints_the_job_id(two_nodes, mlflow_server, tmp_path):
 
 def test_wrong_token_is_one_line(two_nodes, tmp_path):
     env = dict(two_nodes["env"], RAY_AUTH_TOKEN="not-the-token")
-    proc = tl(["submit", SPEC, "--address", two_nodes["dashboard"], *SMALL], env, tmp_path)
+    proc = tl("submit", SPEC, "--address", two_nodes["dashboard"], *SMALL, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
 
 
 def test_no_dashboard_is_one_line(tmp_path):
-    proc = tl(["submit", SPEC, "--address", f"http://127.0.0.1:{free_port()}", *SMALL], dict(os.environ), tmp_path)
+    proc = tl("submit", SPEC, "--address", f"http://127.0.0.1:{free_port()}", *SMALL, cwd=tmp_path)
     assert proc.returncode == 2 and "no Ray dashboard answers" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_sqlite_tracking_on_a_multi_node_cluster_is_refused(two_nodes, tmp_path):
-    proc = tl(["run", SPEC, "--address", two_nodes["gcs"], *SMALL,
-               "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], two_nodes["env"], tmp_path)
+    proc = tl("run", SPEC, "--address", two_nodes["gcs"], *SMALL, *sets(f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"),
+              env=two_nodes["env"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "is a file on one node" in proc.stderr.strip().splitlines()[-1]
 
@@ -95,9 +89,9 @@ def test_imagefolder_seen_by_every_node_runs(two_nodes, mlflow_server, tmp_path)
     for cls in ("a", "b"):
         for i in range(4):
             Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / cls / f"{i}.png")
-    proc = tl(["run", SPEC, "--address", two_nodes["gcs"], *SMALL, "--set", "data.classes=null",
-               "--set", "data.train_per_class=null", "--set", f"data.dataset=imagefolder:{folder}",
-               "--set", f"tracking.uri={mlflow_server}", "--set", "model.weights=none"], two_nodes["env"], tmp_path)
+    proc = tl("run", SPEC, "--address", two_nodes["gcs"], *SMALL,
+              *sets("data.classes=null", "data.train_per_class=null", f"data.dataset=imagefolder:{folder}",
+                    f"tracking.uri={mlflow_server}", "model.weights=none"), env=two_nodes["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # same host: every node sees it
 
 
@@ -122,12 +116,12 @@ def test_ray_job_submit_of_tl_sweep_run_survives_its_working_dir(two_nodes, mlfl
     wd = tmp_path / "wd"
     wd.mkdir()
     shutil.copy(SPEC, wd / "spec.yaml")
-    sets = [a for s in ["study=null", "search.num_trials=2", "search.space.epochs=1", "scheduler.kind=fifo",
-                        "model.weights=none",
-                        f"tracking.uri={mlflow_server}", "tracking.experiment=ray-job-submit",
-                        f"storage={tmp_path / 'results'}"] for a in ("--set", s)]
+    run = tl_command("run", spec="spec.yaml", sets_=("study=null", "search.num_trials=2", "search.space.epochs=1",
+                                                     "scheduler.kind=fifo", "model.weights=none",
+                                                     f"tracking.uri={mlflow_server}", "tracking.experiment=ray-job-submit",
+                                                     f"storage={tmp_path / 'results'}"))
     proc = subprocess.run([RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(wd),
-                           "--", sys.executable, "-m", "tl_sweep.cli", "run", "spec.yaml", *sets],
+                           "--", *run],
                           env=two_nodes["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-2000:]
     client = MlflowClient(mlflow_server)

@@ -7,9 +7,6 @@ threads as their trials do), then a whole sweep through Ray Tune and MLflow.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import SPEC, tl
 from test_train import PARAMS, ctx
 from tl_sweep import cohort, train
 
@@ -100,12 +97,10 @@ def test_a_diverging_member_fails_alone_and_rungs_are_measured_inside_the_epoch(
 @pytest.mark.slow
 def test_a_sweep_in_cohorts_keeps_one_tune_trial_and_one_mlflow_run_per_member(tmp_path):
     db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null", "--set", "model.weights=none",
-           "--set", "search.num_trials=8", "--set", "search.max_concurrent=1", "--set", "resources.cohort=4",
-           "--set", "search.space.epochs=2", "--set", "search.space.batch_size=16",
-           "--set", "search.space.unfrozen_blocks=1", "--set", "data.image_size=16",
-           "--set", "scheduler.kind=fifo", "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.experiment=co"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = tl("run", spec=SPEC, cwd=tmp_path, sets_=(
+        "study=null", "model.weights=none", "search.num_trials=8", "search.max_concurrent=1", "resources.cohort=4",
+        "search.space.epochs=2", "search.space.batch_size=16", "search.space.unfrozen_blocks=1",
+        "data.image_size=16", "scheduler.kind=fifo", f"tracking.uri=sqlite:///{db}", "tracking.experiment=co"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "up to 4 trials per worker in cohorts" in proc.stdout + proc.stderr
     client = MlflowClient(f"sqlite:///{db}")

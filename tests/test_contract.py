@@ -24,7 +24,7 @@ def test_from_tune_reads_sampled_values_and_constants():
     tune_config = {**CONFIG.to_tune(), "lr_mult": 0.37000000001, "batch_size": 32}
     got = TrialConfig.from_tune(tune_config)
     assert got.lr_mult == 0.37000000001 and got.role == "trial"
-    assert set(contract.DIMENSIONS) <= set(CONFIG.to_tune())
+    assert set(contract.NAMES) <= set(CONFIG.to_tune())
 
 
 def test_run_names_tell_trials_apart():

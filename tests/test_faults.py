@@ -16,24 +16,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, free_port
+from conftest import SPEC, free_port, sets, tl, tl_command, wait_http
 from tl_sweep import tracking
 
-TINY = ["--set", "study=null", "--set", "search.space.epochs=1", "--set", "scheduler.kind=fifo",
-        "--set", "search.space.batch_size=64"]
-
-
-def tl(args, cwd, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "tl_sweep.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env or dict(os.environ))
+TINY = sets("study=null", "search.space.epochs=1", "scheduler.kind=fifo", "search.space.batch_size=64")
 
 
 @pytest.mark.slow
 def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
     db = tmp_path / "m.db"
-    proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=6", "--set", "search.space.lr_mult=[1.0, 1.0e+12]",
+    proc = tl("run", SPEC, *TINY, "--set", "search.num_trials=6", "--set", "search.space.lr_mult=[1.0, 1.0e+12]",
                "--set", "search.space.epochs=2", "--set", "search.space.batch_size=32",
-               "--set", "search.space.optimizer=sgd", "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
+               "--set", "search.space.optimizer=sgd", "--set", f"tracking.uri=sqlite:///{db}", cwd=tmp_path)
     runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])
             if r.data.tags.get("tl_sweep.role") == "trial"]
     assert len(runs) == 6, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -52,11 +46,11 @@ def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_p
     """resources.memory_gb caps each CPU trial's memory; batch 512 at full fine-tuning needs more. (Random
     weights: memory does not depend on them, and a 64 px source would be pretrained for this test alone.)"""
     db = tmp_path / "m.db"
-    proc = tl(["run", SPEC, *TINY, "--set", "model.weights=none", "--set", "search.num_trials=5",
+    proc = tl("run", SPEC, *TINY, "--set", "model.weights=none", "--set", "search.num_trials=5",
                "--set", "search.space.batch_size=[8, 512]",
                "--set", "search.space.unfrozen_blocks=5", "--set", "data.train_per_class=60",
                "--set", "data.image_size=64", "--set", "resources.memory_gb=1.2", "--set", "search.space.optimizer=sgd",
-               "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
+               "--set", f"tracking.uri=sqlite:///{db}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])
             if r.data.tags.get("tl_sweep.role") == "trial"]
@@ -73,7 +67,7 @@ def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_p
 
 @pytest.mark.slow
 def test_unreachable_tracking_server_is_refused_before_training(tmp_path):
-    proc = tl(["run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
+    proc = tl("run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not reachable" in lines[0] and "ray:" not in proc.stdout
@@ -87,16 +81,7 @@ def start_server(db, port, root):
 
 
 def wait_health(port, timeout=90):
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("server did not come up")
+    wait_http(f"http://127.0.0.1:{port}/health", timeout=timeout)
 
 
 def stop(proc):
@@ -109,12 +94,11 @@ def stop(proc):
 
 def outage_sweep(uri, tmp_path, experiment, epochs):
     """Two trials; a write waits 5 s for the server, then goes to the outbox."""
-    return subprocess.Popen([sys.executable, "-m", "tl_sweep.cli", "run", SPEC, "--set", "study=null",
-                             "--set", "search.num_trials=2", "--set", "search.max_concurrent=2",
-                             "--set", f"search.space.epochs={epochs}", "--set", "search.space.unfrozen_blocks=[4]",
-                             "--set", "scheduler.kind=fifo", "--set", f"tracking.uri={uri}",
-                             "--set", f"tracking.experiment={experiment}", "--set", "tracking.system_metrics=false",
-                             "--set", f"storage={tmp_path / 'results'}"],
+    return subprocess.Popen(tl_command("run", spec=SPEC, sets_=(
+                             "study=null", "search.num_trials=2", "search.max_concurrent=2",
+                             f"search.space.epochs={epochs}", "search.space.unfrozen_blocks=[4]", "scheduler.kind=fifo",
+                             f"tracking.uri={uri}", f"tracking.experiment={experiment}",
+                             "tracking.system_metrics=false", f"storage={tmp_path / 'results'}")),
                             cwd=tmp_path, env=dict(os.environ, TL_SWEEP_OUTBOX_AFTER="5"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -187,14 +171,14 @@ def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
         assert waiting > 0
         server = start_server(db, port, tmp_path)
         wait_health(port)
-        synced = tl(["sync", "--tracking-uri", uri], tmp_path)
+        synced = tl("sync", "--tracking-uri", uri, cwd=tmp_path)
         assert synced.returncode == 0 and f"delivered {waiting} of {waiting} writes" in synced.stdout, synced.stdout
         assert tracking.waiting(uri) == 0
         trials = every_epoch_once(client, exp, 40)
         assert all(int(r.data.tags.get("tl_sweep.delayed_writes", 0)) > 0 for r in trials)
         parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "sweep")
         assert parent.info.status == "FINISHED"
-        rep = tl(["report", "--tracking-uri", uri, "--run", parent.info.run_id, "--out", tmp_path / "rep"], tmp_path)
+        rep = tl("report", "--tracking-uri", uri, "--run", parent.info.run_id, "--out", tmp_path / "rep", cwd=tmp_path)
         assert rep.returncode == 0, rep.stderr[-2000:]
         assert "A tracking outage held back" in (tmp_path / "rep" / "report.md").read_text()
     finally:
@@ -206,9 +190,9 @@ def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
 @pytest.mark.slow
 def test_two_sweeps_at_once_on_one_sqlite_store(tmp_path):
     db = tmp_path / "shared.db"
-    args = lambda name: [sys.executable, "-m", "tl_sweep.cli", "run", SPEC, *TINY, "--set",  # noqa: E731
-                         "search.num_trials=3", "--set", f"tracking.uri=sqlite:///{db}", "--set",
-                         f"tracking.experiment={name}", "--set", f"storage={tmp_path / name}"]
+    args = lambda name: tl_command("run", SPEC, *TINY, *sets(  # noqa: E731
+        "search.num_trials=3", f"tracking.uri=sqlite:///{db}", f"tracking.experiment={name}",
+        f"storage={tmp_path / name}"))
     procs = [subprocess.Popen(args(n), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in ("one", "two")]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -285,9 +269,9 @@ def test_mutated_specs_never_trace_back(cli, tmp_path, mutations):
 def test_a_trial_that_raises_is_failed_with_its_reason_and_listed(tmp_path):
     # inception_v3 cannot run 32 px images: every trial's forward raises (a real RuntimeError, not a stub)
     db = tmp_path / "m.db"
-    proc = tl(["run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", "model.arch=inception_v3",
+    proc = tl("run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", "model.arch=inception_v3",
                "--set", "model.weights=none", "--set", "search.space.unfrozen_blocks=1", "--set",
-               "failures.max_failures=0", "--set", f"tracking.uri=sqlite:///{db}"], tmp_path)
+               "failures.max_failures=0", "--set", f"tracking.uri=sqlite:///{db}", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # every trial failed: the sweep did
     assert proc.stdout.count("failed: trial") == 2
     runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])]
@@ -305,10 +289,7 @@ def test_a_trial_that_raises_is_failed_with_its_reason_and_listed(tmp_path):
     (["tracking.uri=sqlite:////nonexistent/dir/m.db"], "does not exist; create it"),
 ])
 def test_more_one_line_errors(tmp_path, sets, expected):
-    args = ["run", SPEC]
-    for s in sets:
-        args += ["--set", s]
-    proc = tl(args, tmp_path)
+    proc = tl("run", spec=SPEC, sets_=tuple(sets), cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
     # progress lines may come first (stderr is also progress); the error is one line, the last, no traceback
     lines = proc.stderr.strip().splitlines()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import HYMENOPTERA, SPEC
+from conftest import HYMENOPTERA, SPEC, tl
 from tl_sweep import data
 from tl_sweep.errors import UserError
 
@@ -162,8 +162,6 @@ def test_torchvision_dataset_missing_files_say_what_to_put_where(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/data/hymenoptera_data is not here")
 def test_real_imagefolder_sweep_on_ants_and_bees(tmp_path):
-    import subprocess
-    import sys
 
     from mlflow.tracking import MlflowClient
 
@@ -171,8 +169,7 @@ def test_real_imagefolder_sweep_on_ants_and_bees(tmp_path):
     sets = ["study=null", "search.num_trials=2", "search.space.epochs=1", "search.space.unfrozen_blocks=[0, 5]",
             "data.image_size=32", "model.weights=none", "scheduler.kind=fifo", "data.holdout=0",
             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(spec)] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = tl("run", spec=spec, sets_=tuple(sets), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 classes (ants, bees): train 245, val 153, no test split" in proc.stderr  # progress
     runs = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").search_runs(["1"])
@@ -292,9 +289,6 @@ def test_hostile_files_are_skipped_listed_and_memory_stays_bounded(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_on_a_hostile_tree_runs_and_lists_what_it_skipped(tmp_path):
-    import subprocess
-    import sys
-
     from mlflow.tracking import MlflowClient
 
     hostile_tree(tmp_path / "d", tmp_path / "elsewhere")
@@ -302,8 +296,7 @@ def test_a_sweep_on_a_hostile_tree_runs_and_lists_what_it_skipped(tmp_path):
             "search.space.batch_size=[8]", f"data.dataset=imagefolder:{tmp_path / 'd'}", "data.classes=null",
             "data.image_size=16", "data.train_per_class=null", "model.weights=none", "scheduler.kind=fifo",
             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC)] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = tl("run", spec=SPEC, sets_=tuple(sets), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"skipped {len(HOSTILE_SKIPS)} unreadable files" in proc.stderr
     c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")

@@ -82,3 +82,38 @@ def test_a_stopped_trials_thread_ends_before_its_worker_does_and_a_worker_asked_
     ended = {n: float((tmp_path / f"ended-{n}").read_text()) for n in pids}  # every thread finished its unwinding
     assert ended[1] < ended[2] < ended[3] < ended[4]
     assert pids[1] == pids[2] and pids[3] == pids[4] and pids[3] != pids[2], pids
+
+
+def test_tunes_checkpoint_manager_keeps_the_fields_forget_checkpoints_resets():
+    from ray.train import CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+    manager = _CheckpointManager(checkpoint_config=CheckpointConfig(num_to_keep=1))
+    assert hasattr(manager, "_latest_checkpoint_result") and hasattr(manager, "_checkpoint_results"), \
+        moved("forget_checkpoints", "Tune's _CheckpointManager lost the fields a trial restores from")
+
+
+def test_torchvisions_feature_extractor_tracer_settings():
+    settings = internals.fx_tracer_settings()
+    assert {"leaf_modules", "autowrap_modules"} <= set(settings), moved("fx_tracer_settings", str(settings))
+
+
+def test_nothing_else_touches_another_librarys_private_names():
+    """Outside ``tl_sweep/internals.py``: no ``x._name`` on anything but the object's own class (``self``,
+    ``cls``), and no private name imported from another library."""
+    import ast
+
+    from conftest import ROOT
+
+    found = []
+    for path in sorted((ROOT / "tl_sweep").rglob("*.py")):
+        if path.name == "internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and ast.unparse(node.value) not in ("self", "cls"):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and node.module and not node.module.startswith("tl_sweep") and any(
+                    a.name.startswith("_") and not a.name.startswith("__") for a in node.names):
+                found.append(f"{path.name}:{node.lineno}: from {node.module} import ...")
+    assert not found, f"private names of other libraries outside tl_sweep/internals.py: {found}"

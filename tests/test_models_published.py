@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import HYMENOPTERA, ROOT
+from conftest import HYMENOPTERA, ROOT, tl
 
 SPEC = ROOT / "search_spaces" / "hymenoptera.yaml"
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
@@ -22,13 +22,11 @@ def registered(tmp_path_factory):
         pytest.skip("../shared/data/hymenoptera_data is not on this machine")
     tmp = tmp_path_factory.mktemp("published")
     db = f"sqlite:///{tmp / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "tl_sweep", "run", str(SPEC), "--set", "study=null", "--set", "model.weights=none",
-           "--set", "search.num_trials=2", "--set", "search.space.epochs=1", "--set", "data.image_size=32",
-           "--set", "search.space.unfrozen_blocks=5", "--set", "scheduler.kind=fifo",
-           "--set", "tracking.register_as=ants-bees", "--report-dir", str(tmp / "report")]
     # the store comes from the environment alone, as an MLflow user has it set
     env = dict(os.environ, MLFLOW_TRACKING_URI=db, MLFLOW_EXPERIMENT_NAME="from-env")
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900, env=env)
+    proc = tl("run", SPEC, "--report-dir", tmp / "report", cwd=tmp, env=env, timeout=900, sets_=(
+        "study=null", "model.weights=none", "search.num_trials=2", "search.space.epochs=1", "data.image_size=32",
+        "search.space.unfrozen_blocks=5", "scheduler.kind=fifo", "tracking.register_as=ants-bees"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "models:/ants-bees@champion" in proc.stderr
     from mlflow.tracking import MlflowClient

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, two_node_cluster
+from conftest import SPEC, tl, tl_command, two_node_cluster
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
@@ -37,11 +37,6 @@ def cluster(cache_dir):
     with two_node_cluster(cache_dir) as c:
         assert c["raylets"][0] and c["raylets"][1]
         yield {**c, "worker": c["raylets"][1]}
-
-
-def tl(args, env, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "tl_sweep.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def trial_runs(client: MlflowClient, experiment: str) -> list:
@@ -76,8 +71,8 @@ def epochs_logged(client, run_id) -> list[int]:
 def test_a_node_lost_mid_sweep_costs_a_retry_not_a_trial(cluster, mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server)
     worker_node = node_id_of(cluster["worker"])
-    proc = subprocess.Popen([sys.executable, "-m", "tl_sweep.cli", "submit", SPEC, "--address", cluster["dashboard"],
-                             *sweep_args(mlflow_server, tmp_path, "node-loss", 2)],
+    proc = subprocess.Popen(tl_command("submit", SPEC, "--address", cluster["dashboard"],
+                                       *sweep_args(mlflow_server, tmp_path, "node-loss", 2)),
                             env=cluster["env"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -109,7 +104,7 @@ def test_a_node_lost_mid_sweep_costs_a_retry_not_a_trial(cluster, mlflow_server,
 def test_a_killed_driver_fails_the_job_and_submit_resume_finishes_the_sweep(cluster, mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server)
     args = ["submit", SPEC, "--address", cluster["dashboard"], *sweep_args(mlflow_server, tmp_path, "driver", 2)]
-    proc = tl([*args, "--no-wait"], cluster["env"], tmp_path)
+    proc = tl(*args, "--no-wait", env=cluster["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job_id = proc.stdout.strip().splitlines()[-1]
     wait_for(lambda: any(len(epochs_logged(client, r.info.run_id)) >= 2 for r in trial_runs(client, "driver")),
@@ -129,7 +124,7 @@ def test_a_killed_driver_fails_the_job_and_submit_resume_finishes_the_sweep(clus
     assert "failed" in status and "exit code 137" in status, status  # SIGKILL, said in the job's status
     parents = [r for r in client.search_runs([client.get_experiment_by_name("driver").experiment_id])
                if r.data.tags.get("tl_sweep.role") == "sweep"]
-    resumed = tl([*args, "--resume"], cluster["env"], tmp_path)
+    resumed = tl(*args, "--resume", env=cluster["env"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = [r for r in client.search_runs([client.get_experiment_by_name("driver").experiment_id])
              if r.data.tags.get("tl_sweep.role") == "sweep"]

@@ -4,14 +4,12 @@ environment never reach stdout/stderr, MLflow params/tags/artifacts, the report,
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import SERVER_ROOTS, SPEC
+from conftest import SERVER_ROOTS, SPEC, tl
 from tl_sweep import redact
 
 
@@ -44,14 +42,11 @@ def test_a_sweep_and_its_report_never_write_a_secret(mlflow_server, tmp_path):
                MLFLOW_TRACKING_PASSWORD=password, MLFLOW_EXPERIMENT_NAME=f"secrets-{uuid.uuid4().hex[:6]}")
     sets = ["study=null", "search.num_trials=2", "search.space.epochs=1", "search.space.unfrozen_blocks=[0, 2]",
             "scheduler.kind=fifo", "model.weights=none", f"tracking.uri={uri}", f"storage={tmp_path / 'tune'}"]
-    run = subprocess.run([sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC)]
-                         + [a for s in sets for a in ("--set", s)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = tl("run", spec=SPEC, sets_=tuple(sets), cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "ann:***@" in run.stdout + run.stderr or "ann:" not in run.stdout + run.stderr
-    rep = subprocess.run([sys.executable, "-m", "tl_sweep.cli", "report", "--tracking-uri", uri,
-                          "--experiment", env["MLFLOW_EXPERIMENT_NAME"], "--out", str(tmp_path / "report")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    rep = tl("report", "--tracking-uri", uri, "--experiment", env["MLFLOW_EXPERIMENT_NAME"], "--out",
+             tmp_path / "report", cwd=tmp_path, env=env, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert (tmp_path / "report" / "report.md").is_file()
     outputs = run.stdout + run.stderr + rep.stdout + rep.stderr

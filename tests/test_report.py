@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import SPEC, tl
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
@@ -24,10 +24,7 @@ def tiny_study(tmp_path_factory, mlflow_server):
             "search.space.epochs={low: 1, high: 2}", "search.space.batch_size=32", "search.space.optimizer=sgd",
             "scheduler.kind=fifo", "study.sources=[source:digits-0-4]", "study.repeats=2",
             f"tracking.uri={mlflow_server}", "tracking.experiment=study", "tracking.register_as=digits-study"]
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--report-dir", str(tmp_path / "at_end")]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    proc = tl("run", SPEC, "--report-dir", tmp_path / "at_end", sets_=tuple(sets), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path, proc.stdout
 
@@ -80,9 +77,8 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/trials.csv", "report/freeze_depth.png"} <= names
 
-    again = subprocess.run([sys.executable, "-m", "tl_sweep.cli", "report", "--experiment", "study",
-                            "--tracking-uri", mlflow_server, "--out", str(tmp_path / "rebuilt"), "--no-log"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = tl("report", "--experiment", "study", "--tracking-uri", mlflow_server, "--out", tmp_path / "rebuilt",
+               "--no-log", cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr
     for name in ("report.md", "trials.csv"):
         assert (tmp_path / "rebuilt" / name).read_text() == (tmp_path / "at_end" / name).read_text()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, stop_every_ray
+from conftest import SPEC, stop_every_ray, tl_command
 
 
 def children(db):
@@ -28,9 +27,8 @@ def children(db):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null",
-           "--set", "search.num_trials=4", "--set", "search.space.epochs={low: 3, high: 6}",
-           "--set", "scheduler.kind=fifo", "--set", f"tracking.uri=sqlite:///{db}"]
+    cmd = tl_command("run", spec=SPEC, sets_=("study=null", "search.num_trials=4", "search.space.epochs={low: 3, high: 6}",
+                                              "scheduler.kind=fifo", f"tracking.uri=sqlite:///{db}"))
     # SIGKILL: Tune saves its state at every step, so the state names each running trial's checkpoint
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"TUNE_GLOBAL_CHECKPOINT_S": "0"} if sig == signal.SIGKILL else {}))
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -57,7 +57,7 @@ def test_early_stopped_trials_are_pruned_not_complete():
                                     **{f"config/{k}": v for k, v in a.items()}})
     limiter.on_trial_complete("b", {"val_acc": 0.7, "best_val_acc": 0.8, "epoch": b["epochs"],
                                     **{f"config/{k}": v for k, v in b.items()}})
-    states = {t.number: (t.state, t.value) for t in searcher._ot_study.trials}
+    states = {t.number: (t.state, t.value) for t in searcher.study.trials}
     assert states[0][0] == TrialState.PRUNED  # stopped after epoch 1 of a longer schedule
     assert states[1] == (TrialState.COMPLETE, 0.8)  # told the best epoch, the checkpoint it keeps
     assert a["epochs"] > 1
@@ -69,7 +69,7 @@ def test_rungs_are_the_ones_ray_asha_uses_and_fall_at_one_fraction_of_every_sche
         cfg = spec.load(SPEC, sets)
         asha = space.make_scheduler(cfg.spec).make()  # the ASHA the sweep's scheduler runs
         milestones = sorted(m for m, _ in asha._brackets[0]._rungs if m < asha._max_t)
-        assert contract.rungs(cfg.spec) == expected == tuple(milestones)
+        assert space.rungs(cfg.spec) == expected == tuple(milestones)
     # a 3-epoch trial of 4 steps per epoch reaches the rung at half its schedule: step 6, inside epoch 2
     assert contract.rung_steps((1.0,), 2, 12) == {6: 1.0} and contract.rung_steps((1.0,), 2, 5) == {2: 1.0}
 
@@ -116,7 +116,7 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
     cfg = spec.load(SPEC, ["study=null", "search.space.epochs=3", "search.num_trials=8", "search.max_concurrent=2",
                            "search.space.unfrozen_blocks=0", "scheduler.reduction_factor=2"])
     searcher, scheduler = space.make_searcher(cfg.spec, "a"), space.make_scheduler(cfg.spec)
-    assert contract.rungs(cfg.spec) == (1.0, 2.0)
+    assert space.rungs(cfg.spec) == (1.0, 2.0)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -125,7 +125,7 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
     finally:
         ray.shutdown()
     epochs_run = sorted(r.metrics["epoch"] for r in grid)
-    states = [t.state for t in searcher.searcher._ot_study.trials]
+    states = [t.state for t in searcher.searcher.study.trials]
     stopped = sum(e < 3 for e in epochs_run)
     assert stopped >= 1, epochs_run  # lr_mult spreads the scores: ASHA stops the worse half at its rungs
     assert states.count(TrialState.PRUNED) == stopped

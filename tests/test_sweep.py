@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -13,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import SPEC, tl
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
@@ -22,12 +20,9 @@ PARAMS = ("batch_size", "optimizer", "lr_mult", "unfrozen_blocks", "epochs", "ar
 
 def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC),
-           "--set", "study=null", "--set", "search.num_trials=4", "--set", "search.max_concurrent=2",
-           "--set", "search.space.epochs=[2, 3]", "--set", "search.space.batch_size=[32, 64]",
-           "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.experiment=e2e"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = tl("run", spec=SPEC, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"), sets_=(
+        "study=null", "search.num_trials=4", "search.max_concurrent=2", "search.space.epochs=[2, 3]",
+        "search.space.batch_size=[32, 64]", f"tracking.uri=sqlite:///{db}", "tracking.experiment=e2e"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "[  4/4]" in proc.stderr and "[  4/4]" not in out  # progress on stderr, results on stdout
@@ -96,9 +91,8 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
 
 
 def test_a_trial_no_node_fits_is_refused(tmp_path):
-    cmd = [sys.executable, "-m", "tl_sweep.cli", "run", str(SPEC), "--set", "study=null", "--set", "resources.gpu=1",
-           "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = tl("run", spec=SPEC, cwd=tmp_path, timeout=300,
+              sets_=("study=null", "resources.gpu=1", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"))
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert "a trial asks cpu=1 gpu=1 but no node has that" in line

@@ -27,9 +27,10 @@ def _log(msg: str) -> None:
 
 
 def cmd_validate(args) -> int:
-    from tl_sweep import spec
+    from tl_sweep import sources, spec
 
     cfg = spec.load(args.spec, args.set)
+    sources.check(cfg)  # the spec names sources that exist
     print(spec.to_yaml(cfg), end="")
     return 0
 
@@ -98,7 +99,7 @@ def cmd_estimate(args) -> int:
     table = transferability.table(est)
     print(table)
     if not args.no_log:
-        uri = cfg.spec.tracking.uri
+        uri = tracking.normalise_uri(cfg.spec.tracking.uri)
         run_id = tracking.log_estimates(uri, tracking.experiment_id(uri, cfg.experiment), None,
                                         transferability.metrics_of(est), table, tracking.source_tags(cfg.spec_file))
         _log(f"mlflow: estimates logged as run {run_id} of experiment {cfg.experiment!r}")

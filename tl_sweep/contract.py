@@ -1,9 +1,14 @@
 """The trial contract: what a trial is told, what it reports, and the rules every module reads the same way.
 
-One flat, typed :class:`TrialConfig` is at once the Optuna parameters (plus constants), the Ray Tune config,
-the MLflow params of the trial's run and what its checkpoint stores (nanoGPT's one-config idea). A study's
-final re-trainings carry the same type (``role="final"``), not a wrapper. :class:`TrialContext` is what a
-trial needs besides its config, built once from the resolved spec (:meth:`TrialContext.from_config`).
+A leaf: it imports nothing of tl-sweep, and every other module may read it.
+
+:data:`DIMENSIONS` is the one table of search dimensions (name, type, default, allowed values): the spec's
+``search.space`` schema (``spec.Space``), :class:`TrialConfig`'s fields, Optuna's parameters and MLflow's params
+all come from it. One flat, typed :class:`TrialConfig` is at once the Optuna parameters (plus constants), the
+Ray Tune config, the MLflow params of the trial's run and what its checkpoint stores (nanoGPT's one-config
+idea); a study's final re-trainings carry the same type (``role="final"``). :class:`TrialContext` is what a
+trial needs besides its config (built once by ``runner.trial_context``); :class:`TrialReport` is what it tells
+Tune; :class:`TrialResult` is how it ended.
 
 Defined here once: the metric and its mode, the MLflow tag names, the early-stop rule, the status rule and
 the ``progress`` a trial reports for ASHA.
@@ -12,17 +17,54 @@ the ``progress`` a trial reports for ASHA.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from tl_sweep.spec import Space
+from typing import Any, Callable, Literal
 
 METRIC = "val_acc"  # reported every epoch; the searcher and scheduler rank on it
 MODE = "max"
-DIMENSIONS = tuple(Space.model_fields)  # the search dimensions, in spec order
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")  # train.make_optimizer builds each
 
 Status = Literal["FINISHED", "EARLY_STOPPED", "FAILED"]
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One search dimension. ``name`` is at once the spec's key under ``search.space``, the Optuna parameter,
+    the Tune config key, the MLflow param and the checkpoint's field; a trial reads it as ``type``.
+
+    In a spec a dimension is a constant, a list of choices or a ``{low, high, log}`` range; every value it can
+    take must be one of ``choices`` (where given) or pass ``check``; ``rule`` says what is allowed, in words.
+    """
+
+    name: str
+    type: type  # int, float or str
+    default: Any  # a constant, a list of choices or {"low": ..., "high": ...}
+    rule: str
+    doc: str
+    check: Callable[[Any], bool] = lambda v: True
+    choices: tuple = ()
+    up_to_max: bool = False  # ``max`` is allowed: the architecture's block count
+
+
+# Adding a dimension: a row here, and the code that uses it (docs/architecture.md shows one).
+DIMENSIONS: tuple[Dimension, ...] = (
+    Dimension("batch_size", int, 32, "it must be a whole number >= 1", "images per step", check=lambda v: v >= 1),
+    Dimension("optimizer", str, "sgd", f"choose from {', '.join(OPTIMIZERS)}",
+              "sgd (momentum 0.9, Nesterov), adam, adamw, rmsprop", choices=OPTIMIZERS),
+    Dimension("lr_mult", float, 1.0, "it must be a number > 0 (it multiplies the optimizer's reference LR)",
+              "multiplies the optimizer's reference learning rate", check=lambda v: v > 0),
+    Dimension("head_lr_mult", float, 1.0, "it must be a number > 0",
+              "the new head's LR relative to the backbone (the d2l recipe uses 10)", check=lambda v: v > 0),
+    Dimension("weight_decay", float, 1e-4, "it must be a number >= 0", "not applied to norms and biases",
+              check=lambda v: v >= 0),
+    Dimension("layer_decay", float, 1.0, "it must be in (0, 1]; 1 turns layer decay off",
+              "LR × layer_decay**d for the block d steps below the head (1 = off)", check=lambda v: 0 < v <= 1),
+    Dimension("unfrozen_blocks", int, {"low": 0, "high": "max"}, "it must be a whole number >= 0 or max",
+              "the head plus the last k blocks train; the rest is frozen", check=lambda v: v >= 0, up_to_max=True),
+    Dimension("epochs", int, 5, "it must be a whole number >= 1", "the trial's own schedule length",
+              check=lambda v: v >= 1),
+)
+NAMES = tuple(d.name for d in DIMENSIONS)  # the search dimensions' names, in spec order
 
 
 class Tag:
@@ -51,27 +93,19 @@ class Tag:
     PARENT = "mlflow.parentRunId"
 
 
-@dataclass(frozen=True)
-class TrialConfig:
-    """One trial's configuration: the search dimensions, which arm (weights), the seed and the role."""
+class _TrialConfigMethods:
+    """What every :class:`TrialConfig` can do (its fields come from :data:`DIMENSIONS`)."""
 
-    batch_size: int
-    optimizer: str
-    lr_mult: float
-    head_lr_mult: float
-    weight_decay: float
-    layer_decay: float
-    unfrozen_blocks: int
-    epochs: int
-    arm: str
-    seed: int
-    role: Literal["trial", "final"] = "trial"
-    search: int = 0  # which search repeat of a study (its own seeds, its own finals)
+    @classmethod
+    def of(cls, *, arm: str, seed: int, **dims: Any) -> TrialConfig:
+        """A config built in code (a source's pretraining, a test): each dimension not given takes its default
+        from :data:`DIMENSIONS` (a dimension whose default is a range must be given)."""
+        return cls(**{d.name: dims.pop(d.name, d.default) for d in DIMENSIONS}, arm=arm, seed=seed, **dims)
 
     @classmethod
     def from_tune(cls, config: dict[str, Any]) -> TrialConfig:
         """From a Ray Tune trial config (Optuna's sampled values plus constants; or a final's whole config)."""
-        return cls(**{f.name: _cast(f, config[f.name]) for f in _FIELDS if f.name in config})
+        return cls(**{f.name: _cast(f, config[f.name]) for f in dataclasses.fields(cls) if f.name in config})
 
     def to_tune(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,7 +117,7 @@ class TrialConfig:
     @classmethod
     def from_params(cls, params: dict[str, str]) -> TrialConfig:
         """From a trial run's MLflow params (runs logged before ``role`` was a param are search trials)."""
-        return cls(**{f.name: _cast(f, params[f.name]) for f in _FIELDS if f.name in params})
+        return cls(**{f.name: _cast(f, params[f.name]) for f in dataclasses.fields(cls) if f.name in params})
 
     @property
     def final(self) -> bool:
@@ -95,7 +129,7 @@ class TrialConfig:
         return self.arm, self.unfrozen_blocks
 
     def dims(self) -> dict[str, Any]:
-        return {d: getattr(self, d) for d in DIMENSIONS}
+        return {d: getattr(self, d) for d in NAMES}
 
     def name(self, arch: str, several_arms: bool) -> str:
         """A readable run name: ``resnet18·k=2·sgd·bs32`` (``·arm``, ``·seed1000`` where they tell runs apart)."""
@@ -103,15 +137,21 @@ class TrialConfig:
                 + (f"·{self.arm}" if several_arms else "") + (f"·seed{self.seed}" if self.final else ""))
 
 
-_FIELDS = dataclasses.fields(TrialConfig)
-_HINTS = typing.get_type_hints(TrialConfig)
+TrialConfig = dataclasses.make_dataclass(
+    "TrialConfig",
+    [(d.name, d.type) for d in DIMENSIONS]
+    + [("arm", str), ("seed", int), ("role", str, field(default="trial")),  # trial | final
+       ("search", int, field(default=0))],  # which search repeat of a study (its own seeds, its own finals)
+    bases=(_TrialConfigMethods,), frozen=True)
+TrialConfig.__module__ = __name__
+TrialConfig.__doc__ = """One trial's configuration: the search dimensions (:data:`DIMENSIONS`), which arm (weights), the
+seed, the role (``trial`` or ``final``) and the search repeat."""
 
 
 def _cast(f: dataclasses.Field, v: Any) -> Any:
-    kind = _HINTS[f.name]
-    if kind is int:
+    if f.type is int:
         return int(float(v)) if isinstance(v, str) else int(v)
-    if kind is float:
+    if f.type is float:
         return float(v)
     return str(v)
 
@@ -126,24 +166,6 @@ def status(failed: bool, epochs_run: int, epochs: int) -> Status:
     if failed:
         return "FAILED"
     return "EARLY_STOPPED" if stopped_early(epochs_run, epochs) else "FINISHED"
-
-
-def min_epochs(space) -> int:
-    """The shortest schedule of a search space: ``progress`` is in its epochs."""
-    from tl_sweep.spec import values_of
-
-    return int(min(values_of(space.epochs)))
-
-
-def rungs(s) -> tuple[float, ...]:
-    """The ASHA milestones of a spec (``progress`` values), as Ray's ASHA computes them; () without ASHA."""
-    import math
-
-    sch, max_t = s.scheduler, min_epochs(s.search.space)
-    if sch.kind != "asha" or sch.grace_period >= max_t:
-        return ()
-    n = int(math.log(max_t / sch.grace_period) / math.log(sch.reduction_factor) + 1)
-    return tuple(r for k in range(n) if (r := float(sch.grace_period * sch.reduction_factor ** k)) < max_t)
 
 
 def rung_steps(rungs: tuple[float, ...], min_epochs: int, total_steps: int) -> dict[int, float]:
@@ -265,32 +287,3 @@ class TrialContext:
     def data_for(self, search: int):
         """The splits a trial of search repeat ``search`` trains, validates and tests on."""
         return self.repeats[search] if search < len(self.repeats) else self.data
-
-    @classmethod
-    def from_config(cls, cfg, data, arms: dict[str, tuple[str, str | None]], *, tracking_uri: str = "",
-                    experiment_id: str = "", parent_run_id: str = "", repeats: tuple = (),
-                    run_tags: dict[str, str] | None = None) -> TrialContext:
-        """The one place a context is built: from a resolved :class:`~tl_sweep.spec.Config`."""
-        from tl_sweep.data import split_digests
-
-        s = cfg.spec
-        gpu = s.resources.gpu  # "auto" before the runner planned it (estimates on the driver): its own GPU, if any
-        if gpu == "auto":
-            import torch
-
-            gpu = 1.0 if torch.cuda.is_available() else 0.0
-        return cls(
-            arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
-            head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
-            augment=s.data.augment.model_dump(), data=data, seed=s.seed,
-            min_epochs=min_epochs(s.search.space), use_gpu=gpu > 0,
-            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-            feature_cache=s.data.feature_cache, gpu_share=gpu, precision=s.resources.precision,
-            memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
-            checkpoint_every=s.failures.checkpoint_every, rungs=rungs(s), repeats=tuple(repeats),
-            worker_growth=s.resources.worker_growth,
-            run_tags=dict(run_tags or {}),
-            dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
-            digests=tuple(split_digests(p) for p in (repeats or (data,))),
-            log_checkpoints=s.tracking.checkpoints == "all",
-            keep_search_weights=s.study is None or s.tracking.checkpoints == "all")

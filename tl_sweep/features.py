@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from tl_sweep import cachefile, models
+from tl_sweep import cachefile, internals, models
 
 MAX_BYTES = 2 << 30  # per split: larger features (early cuts at high resolution) are recomputed instead
 
@@ -46,11 +46,16 @@ class Split:
     cut: str  # the graph node whose output is cached, e.g. ``layer3`` or ``flatten``
 
 
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d)  # each normalises with batch statistics in training mode (when it tracks them)
+
+
 def _random_in_training(m: nn.Module) -> bool:
-    if isinstance(m, nn.modules.dropout._DropoutNd):
+    if isinstance(m, _DROPOUT):
         return m.p > 0
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        return True  # batch statistics in training mode
+    if isinstance(m, _NORMS):
+        return True
     return type(m).__name__ == "StochasticDepth" and getattr(m, "p", 0) > 0
 
 
@@ -64,9 +69,9 @@ def _trace(model: nn.Module) -> fx.Graph | str:
            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
     if key not in _TRACED:
         try:  # torchvision's tracer settings (its ops as leaf modules), as create_feature_extractor uses them
-            from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+            from torchvision.models.feature_extraction import NodePathTracer
 
-            _TRACED[key] = NodePathTracer(**_set_default_tracer_kwargs(None)).trace(model)
+            _TRACED[key] = NodePathTracer(**internals.fx_tracer_settings()).trace(model)
         except Exception as e:  # noqa: BLE001 - a model fx cannot trace simply runs without the cache
             _TRACED[key] = f"torch.fx cannot trace it ({type(e).__name__})"
         while len(_TRACED) > 8:
@@ -236,6 +241,37 @@ def load_or_compute(folder: Path, name: str, compute: Callable[[], torch.Tensor]
         except OSError as e:  # no room: train on the in-memory copy, store nothing
             log(f"feature cache not stored ({e.strerror or e}); this trial keeps its copy in memory")
         return arr, False
+
+
+def of_split(prefix: fx.GraphModule, images, transform: Callable, autocast: Callable, *, notes: list[str],
+             label: str, folder: Path | None = None, name: str | None = None) -> np.ndarray | None:
+    """The frozen prefix's output for every image of a split, in the split's row order: from ``folder`` (the
+    store) when ``name`` is there, else computed now (and stored when ``folder`` and ``name`` are given).
+
+    ``images`` yields the split's uint8 batches (a ``train.Batches``: ``images(batch_size, shuffle=False)``, its
+    ``device``, its length), ``transform`` is the evaluation transform, ``autocast()`` the trial's precision.
+    ``None`` where the split's features would be larger than :data:`MAX_BYTES` (they are recomputed instead).
+    What happened goes to ``notes`` (``label`` names the split there).
+    """
+    dev = images.device
+    with torch.no_grad(), autocast():
+        one = prefix(transform(next(images(1, shuffle=False))[0].to(dev)))
+    size = one.element_size() * one.numel() * len(images)
+    if size > MAX_BYTES:
+        notes.append(f"{label} not cached ({size / 2**30:.1f} GiB > {MAX_BYTES / 2**30:.0f} GiB)")
+        return None
+
+    @torch.no_grad()
+    def compute() -> torch.Tensor:
+        with autocast():
+            return torch.cat([prefix(transform(x.to(dev, non_blocking=True))) for x, _ in images(256, shuffle=False)])
+
+    if folder is None or name is None:
+        notes.append(f"{label} {tuple(one.shape[1:])} computed, not stored")
+        return as_array(compute())
+    arr, reused = load_or_compute(folder, name, compute, log=notes.append)
+    notes.append(f"{label} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
+    return arr
 
 
 def as_array(t: torch.Tensor) -> np.ndarray:

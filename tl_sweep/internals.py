@@ -41,3 +41,34 @@ def keep_from_reuse(tune_controller: Any, trial: Any) -> bool:
         return False
     tune_controller._started_actors.discard(actor)
     return True
+
+
+def forget_checkpoints(trial: Any) -> None:
+    """Make Tune start ``trial`` over instead of restoring it: its checkpoint manager forgets every checkpoint,
+    and Tune's next saved state says so.
+
+    Why: on ``--resume`` Tune restores a trial from the checkpoint its saved state names; when none of the
+    trial's checkpoints is whole any more it would fail the trial three times (ray-project/ray#27790) and there is
+    no public way to say "start over". Tune's own PBT resets the same two fields
+    (``_CheckpointManager._latest_checkpoint_result`` and ``_checkpoint_results``).
+    """
+    manager = trial.run_metadata.checkpoint_manager
+    manager._latest_checkpoint_result, manager._checkpoint_results = None, []
+    trial.run_metadata.invalidate_cache()  # as Trial.on_checkpoint does
+    trial.invalidate_json_state()
+
+
+# ----------------------------------------------------------------------------------------- torchvision, torch
+
+
+def fx_tracer_settings() -> dict[str, Any]:
+    """The torch.fx tracer settings of torchvision's ``create_feature_extractor`` (torchvision's ops as leaf
+    modules, ``math`` autowrapped).
+
+    Why: tl-sweep cuts a model after its frozen prefix with the same tracer torchvision's public feature
+    extractor uses, so any torchvision model traces as it would there; torchvision exposes the settings only
+    through the private ``_set_default_tracer_kwargs``.
+    """
+    from torchvision.models.feature_extraction import _set_default_tracer_kwargs
+
+    return _set_default_tracer_kwargs(None)

@@ -40,11 +40,11 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.logger import JsonLoggerCallback
 
-from tl_sweep import cluster, cohort, contract, data, limits, models, redact, sources, space, tracking, train, \
+from tl_sweep import cluster, cohort, contract, data, internals, limits, models, redact, sources, space, tracking, train, \
     trainable, transferability
 from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialReport, TrialResult
 from tl_sweep.errors import UserError
-from tl_sweep.spec import Config, to_yaml, values_of
+from tl_sweep.spec import Config, min_epochs, to_yaml, values_of
 
 log_fn = Callable[[str], None]
 
@@ -194,10 +194,7 @@ class StaleCheckpoints(tune.Callback):
             self.log(f"ray: trial {trial.trial_id}: Tune's saved state named {missing.name}, replaced before the "
                      f"driver stopped; continuing from the newest complete checkpoint ({newest.name})")
             return
-        manager = trial.run_metadata.checkpoint_manager  # nothing to restore from: Tune would fail the trial
-        manager._latest_checkpoint_result, manager._checkpoint_results = None, []  # as Tune's own PBT does
-        trial.run_metadata.invalidate_cache()  # the next saved state says so too (as Trial.on_checkpoint does)
-        trial.invalidate_json_state()
+        internals.forget_checkpoints(trial)  # nothing to restore from: Tune would fail the trial
         self.log(f"ray: trial {trial.trial_id}: no complete checkpoint is left in {missing.parent}; it starts "
                  f"over (its MLflow run keeps the epochs it logged)")
 
@@ -249,7 +246,8 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
     dataset does not fix them) and, per arm, its weights and checkpoint file (``source:`` models pretrained).
     """
     s = cfg.spec
-    tracking.check(s.tracking.uri)
+    sources.check(cfg)
+    tracking.check(tracking.normalise_uri(s.tracking.uri))
 
     def prepare(seed: int, log: log_fn) -> data.Prepared:
         return data.prepare(s.data.dataset, size=cfg.input["resize"], seed=seed, split=s.data.split,
@@ -317,6 +315,29 @@ def resumable(cfg: Config) -> str:
         raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) already "
                         f"finished; run without --resume to start a new one")
     return run.info.run_id
+
+
+def trial_context(cfg: Config, data_: data.Prepared, arms: dict[str, tuple[str, str | None]], *,
+                  tracking_uri: str = "", experiment_id: str = "", parent_run_id: str = "", repeats: tuple = (),
+                  run_tags: dict[str, str] | None = None) -> TrialContext:
+    """The one place a trial's context is built: from a resolved (and planned: :func:`plan_gpus`) config."""
+    s = cfg.spec
+    gpu = s.resources.gpu  # "auto" where nothing planned it (estimates on the driver): its own GPU, if any
+    if gpu == "auto":
+        gpu = 1.0 if torch.cuda.is_available() else 0.0
+    return TrialContext(
+        arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
+        head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
+        augment=s.data.augment.model_dump(), data=data_, seed=s.seed, min_epochs=min_epochs(s.search.space),
+        use_gpu=gpu > 0, tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+        feature_cache=s.data.feature_cache, gpu_share=gpu, precision=s.resources.precision,
+        memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
+        checkpoint_every=s.failures.checkpoint_every, rungs=space.rungs(s), repeats=tuple(repeats),
+        worker_growth=s.resources.worker_growth, run_tags=dict(run_tags or {}),
+        dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
+        digests=tuple(data.split_digests(p) for p in (repeats or (data_,))),
+        log_checkpoints=s.tracking.checkpoints == "all",
+        keep_search_weights=s.study is None or s.tracking.checkpoints == "all")
 
 
 def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, run_tags: dict[str, str],
@@ -611,7 +632,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     reused and each phase's Tuner is restored from storage with the searcher's state.
     """
     t0 = time.perf_counter()
-    uri = cfg.spec.tracking.uri
+    uri = tracking.normalise_uri(cfg.spec.tracking.uri)  # a password moves to MLflow's own variables
+    cfg = cfg.model_copy(update={"spec": cfg.spec.model_copy(
+        update={"tracking": cfg.spec.tracking.model_copy(update={"uri": uri})})})
     tracking.check(uri)  # the quick refusals first: tracking, --resume, the Ray address
     resumed = resumable(cfg) if resume else None
     address = cluster.ray_address(address)
@@ -630,8 +653,8 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
     summary = Summary(exp_id, parent)
-    ctx = TrialContext.from_config(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id,
-                                   parent_run_id=parent, repeats=tuple(repeats), run_tags=run_tags)
+    ctx = trial_context(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent,
+                        repeats=tuple(repeats), run_tags=run_tags)
     if nodes > 1:  # checkpoint files travel with the context: other nodes have no source cache
         ctx = dataclasses.replace(ctx, blobs={arm: Path(f).read_bytes() for arm, (_, f) in ctx.arms.items() if f})
     monitors = []

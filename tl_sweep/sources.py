@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl_sweep import cachefile, data, models
 from tl_sweep.errors import UserError
 
 VERSION = 1  # bump when the pretraining recipe changes, so old caches are not reused
@@ -57,9 +56,19 @@ def task(name: str) -> SourceTask:
     return SOURCES[name]
 
 
+def check(cfg) -> None:
+    """Every ``source:<name>`` a resolved config names exists (one line naming the spec file otherwise)."""
+    for weights in cfg.arms.values():
+        if weights.startswith("source:"):
+            try:
+                task(weights.removeprefix("source:"))
+            except UserError as e:
+                raise UserError(f"{cfg.spec_file or 'spec'}: {e}") from None
+
+
 def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False, log=print) -> Path:
     """The cached checkpoint of source ``name`` for ``arch`` at the input size; pretrain it if missing."""
-    from tl_sweep import checkpoint, spec, train
+    from tl_sweep import cachefile, checkpoint, data, models, train
     from tl_sweep.contract import TrialConfig, TrialContext
 
     t = task(name)
@@ -79,16 +88,13 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
     prepared = data.prepare(t.dataset, size=inp["resize"], seed=seed, split=(0.9, 0.1, 0.0),
                             classes=list(t.classes), log=log)
     n = models.num_blocks(arch, inp["crop"])
-    pretrain = spec.Spec(name=f"source-{name}", seed=seed, model={"arch": arch, "weights": "none"},
-                         data={"dataset": t.dataset, "classes": list(t.classes),
-                               "augment": {"scale": (0.7, 1.0), "hflip": False}},
-                         resources={"gpu": 1 if use_gpu else 0})
-    cfg = spec.Config(spec=pretrain, spec_text="", spec_dir="", experiment=pretrain.name, arms={"scratch": "none"},
-                      input=inp, max_blocks=n)
-    ctx = TrialContext.from_config(cfg, prepared, {"scratch": ("none", None)})
-    trial = TrialConfig(batch_size=t.batch_size, optimizer=t.optimizer, lr_mult=t.lr_mult, head_lr_mult=1.0,
-                        weight_decay=5e-4, layer_decay=1.0, unfrozen_blocks=n, epochs=t.epochs, arm="scratch",
-                        seed=seed)
+    # from scratch, every block trained, a linear head; the digits' mild crops and no flips
+    ctx = TrialContext(arch=arch, arms={"scratch": ("none", None)}, head="linear", head_hidden=1024,
+                       head_dropout=0.5, regime={"kind": "fixed"}, input=inp,
+                       augment={"enabled": True, "scale": (0.7, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": False},
+                       data=prepared, seed=seed, min_epochs=t.epochs, use_gpu=use_gpu)
+    trial = TrialConfig.of(arm="scratch", seed=seed, batch_size=t.batch_size, optimizer=t.optimizer,
+                           lr_mult=t.lr_mult, weight_decay=5e-4, unfrozen_blocks=n, epochs=t.epochs)
     model, acc = train.fit_plain(ctx, trial, log=log)
     ckpt = checkpoint.make(model.cpu().state_dict(), arch=arch, classes=list(prepared.classes),
                            head={"kind": "linear"}, input=inp, trial=trial.to_tune(), epoch=t.epochs, val_acc=acc)

@@ -9,22 +9,21 @@ too: every trial config carries every dimension, under the same names as the MLf
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
 import math
 import pickle
+from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search import Searcher as TuneSearcher
-from ray.tune.search.optuna import OptunaSearch
 
 from tl_sweep import contract, internals
-from tl_sweep.contract import DIMENSIONS, TrialReport
-from tl_sweep.spec import Range, Space, Spec
+from tl_sweep.contract import NAMES, TrialReport
+from tl_sweep.spec import Range, Space, Spec, min_epochs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "new study created" line per cell buries the progress
 
@@ -38,7 +37,7 @@ class DefineByRun:
     """
 
     def __init__(self, space: Space, depths: list[int] | None = None, extra: dict[str, Any] | None = None):
-        self.dims = {name: getattr(space, name) for name in DIMENSIONS}
+        self.dims = {name: getattr(space, name) for name in NAMES}
         self.depths, self.extra = depths, dict(extra or {})
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
@@ -62,45 +61,66 @@ class DefineByRun:
 # ------------------------------------------------------------------------------------ searcher, scheduler
 
 
-class Searcher(OptunaSearch):
-    """OptunaSearch that tells Optuna how a trial really ended, and keeps a copy of its study where
-    optuna-dashboard and ``optuna.load_study`` open it.
+class Searcher(TuneSearcher):
+    """A seeded TPE over one search space, through Optuna's public ask-and-tell API.
 
-    A trial that ran all its epochs is COMPLETE with its best-epoch ``val_acc`` (the checkpoint it keeps).
-    A trial ASHA stopped is PRUNED, not COMPLETE with a mid-schedule value: TPE then ranks it below complete
-    trials by how far it got, instead of mistaking a half-annealed score for a final one. A trial that
-    failed deterministically (NaN loss, out of memory) is FAIL.
+    Each Tune trial is one Optuna trial: :meth:`suggest` asks Optuna for one and samples the space through it
+    (define-by-run: ranges may depend on the resolved model), each report's metric is an intermediate value, and
+    at its end Optuna is told how the trial really ended. A trial that ran all its epochs is COMPLETE with its
+    best-epoch ``val_acc`` (the checkpoint it keeps). A trial ASHA stopped is PRUNED, not COMPLETE with a
+    mid-schedule value: TPE then ranks it below complete trials by how far it got, instead of mistaking a
+    half-annealed score for a final one. A trial that failed (NaN loss, out of memory, an exception) is FAIL.
 
-    The search itself runs on an in-memory study, whose state Ray Tune checkpoints with the experiment (so
-    ``--resume`` restores exactly what the sampler knew); each ended trial is then copied into the persistent
-    study ``mirror = (storage, name)``, once (its Tune trial id is a user attribute).
+    The search runs on an in-memory study, whose state Ray Tune checkpoints with the experiment (so ``--resume``
+    restores exactly what the sampler knew); each ended trial is then copied into the persistent study
+    ``mirror = (storage, name)``, once (its Tune trial id is a user attribute), where optuna-dashboard and
+    ``optuna.load_study`` open it.
     """
 
-    mirror: tuple | None = None
+    def __init__(self, space: DefineByRun, sampler: optuna.samplers.BaseSampler, mirror: tuple | None = None):
+        super().__init__(metric=contract.METRIC, mode=contract.MODE)
+        self.space, self.mirror = space, mirror
+        self.study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(), direction="maximize")
+        self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial
+        self.ended: set[str] = set()
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        ot_trial = self._ot_trials.get(trial_id)
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the space, metric and mode are this searcher's own
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        if trial_id not in self.trials:
+            self.trials[trial_id] = self.study.ask()
+        trial = self.trials[trial_id]
+        constants = self.space(trial)
+        return {**trial.params, **constants}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.trials and trial_id not in self.ended:
+            self.trials[trial_id].report(result[self.metric], result["training_iteration"])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self.trials.get(trial_id)
+        if trial is None or trial_id in self.ended:
+            return
         report = TrialReport.of(result)
-        if ot_trial is None or trial_id in self._completed_trials or error or not result:
-            out = super().on_trial_complete(trial_id, result, error)
-        elif report.trial_error:
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            self._completed_trials.add(trial_id)
-            out = None
         # Tune hands searchers the flattened result ("config/epochs"); a constant epochs is only there
-        elif contract.stopped_early(report.epochs_run,
-                                    int(result.get("config/epochs", ot_trial.params.get("epochs", 0)))):
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
-            out = None
+        epochs = int((result or {}).get("config/epochs", trial.params.get("epochs", 0)))
+        if error or report.trial_error:
+            state, value = TrialState.FAIL, None
+        elif not result or contract.stopped_early(report.epochs_run, epochs):
+            state, value = TrialState.PRUNED, None
         else:
-            out = super().on_trial_complete(trial_id, {**result, self.metric: report.best_val_acc}, error)
-        if ot_trial is not None and self.mirror:
-            self._copy(trial_id, ot_trial)
-        return out
+            state, value = TrialState.COMPLETE, report.best_val_acc
+        try:
+            self.study.tell(trial, value, state=state)
+        except ValueError as e:  # a NaN value: Optuna refuses it, the trial stays unfinished for the sampler
+            print(f"optuna: trial {trial_id}: {e}")
+        self.ended.add(trial_id)
+        if self.mirror:
+            self._copy(trial_id, trial)
 
-    def _copy(self, trial_id: str, ot_trial) -> None:
-        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+    def _copy(self, trial_id: str, trial: optuna.Trial) -> None:
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
         if not frozen.state.is_finished():
             return
         study, copied = self._mirrored()
@@ -128,6 +148,14 @@ class Searcher(OptunaSearch):
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__getstate__(), f)
 
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        if "_ot_study" in state:  # saved by tl-sweep <= 0.1's OptunaSearch subclass: the same study, other names
+            state = {**state, "study": state["_ot_study"], "trials": state["_ot_trials"],
+                     "ended": state["_completed_trials"], "space": state["_space"]}
+        self.__dict__.update(state)
+
 
 def optuna_storage(url: str | None):
     """An Optuna RDB storage (sqlite waits up to a minute for another sweep's write), or in-memory (None)."""
@@ -142,10 +170,8 @@ def _tpe(space: Space, budget: int, seed: int, depths: list[int] | None, extra: 
     """Seeded TPE (``constant_liar`` so concurrent trials do not collide), its study in ``storage`` as ``name``."""
     n_startup = min(10, max(2, budget // 3))
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=n_startup)
-    searcher = Searcher(space=DefineByRun(space, depths=depths, extra=extra), metric=contract.METRIC,
-                        mode=contract.MODE, sampler=sampler)
-    searcher.mirror = (storage, name) if storage is not None and name else None
-    return searcher
+    return Searcher(DefineByRun(space, depths=depths, extra=extra), sampler,
+                    mirror=(storage, name) if storage is not None and name else None)
 
 
 def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=None,
@@ -178,6 +204,29 @@ def halving_budgets(trials_per_cell: int, cells: int, eta: int, first: int | Non
     return rungs + [trials_per_cell]
 
 
+@dataclass(eq=False)
+class CellSearch:
+    """One cell's search in one search repeat: its seeded TPE, how many trials it was given, how they ended."""
+
+    index: int  # its place in the round-robin (and the order ties are kept in)
+    search: int
+    arm: str
+    depth: int
+    tpe: Searcher
+    issued: int = 0
+    scores: list[tuple[bool, float]] = field(default_factory=list)  # ended trials: (whole schedule, best val)
+
+    @property
+    def cell(self) -> tuple[str, int]:
+        return self.arm, self.depth
+
+    def rank(self) -> tuple[float, float, float]:
+        """Its standing at a rung: its best and second best validation among trials that ran their whole
+        schedule (the finals' selection rule), then its best of any trial (-1: none)."""
+        whole = sorted((v for done, v in self.scores if done), reverse=True) + [-1.0, -1.0]
+        return whole[0], whole[1], max((v for _, v in self.scores), default=-1.0)
+
+
 class StudySearcher(TuneSearcher):
     """A study's searches behind one Tune searcher: one seeded TPE per (cell, search repeat).
 
@@ -199,33 +248,29 @@ class StudySearcher(TuneSearcher):
                  prior: dict[tuple[str, int], float] | None = None):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         st = s.study
-        self.searches = []  # [searcher, trials issued], one per (search repeat, cell)
-        self.keys: list[tuple[int, str, int]] = []  # (search repeat, arm, depth) of each search
+        self.searches: list[CellSearch] = []
         for r in range(st.search_repeats):
             for arm, depth in cells:
                 extra = {"arm": arm, "seed": s.seed + r, "role": "trial", "search": r}
                 tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra,
                            storage, f"{prefix}{arm}@k={depth}/search{r}")
-                self.searches.append([tpe, 0])
-                self.keys.append((r, arm, depth))
-        self.budget, self.owner, self.next = st.trials_per_cell, {}, 0
+                self.searches.append(CellSearch(len(self.searches), r, arm, depth, tpe))
+        self.budget, self.next = st.trials_per_cell, 0
+        self.owner: dict[str, CellSearch] = {}  # running trial -> its search
+        self.epochs: dict[str, int] = {}  # running trial -> its schedule
         self.halving = st.allocate == "halving"
-        pretrained = [j for j, (_, arm, _) in enumerate(self.keys) if arm != "scratch"]
-        n_cells = len({(a, d) for _, a, d in (self.keys[j] for j in pretrained)})
+        pretrained = [c for c in self.searches if c.arm != "scratch"]
+        n_cells = len({c.cell for c in pretrained})
         self.rungs = halving_budgets(self.budget, n_cells, st.eta, st.first_rung) if self.halving else [self.budget]
         self.eta, self.prior = st.eta, dict(prior or {})
-        self.rung = dict.fromkeys(range(st.search_repeats), 0)
-        self.alive = {r: {j for j in pretrained if self.keys[j][0] == r} for r in range(st.search_repeats)}
-        self.scores: dict[int, list[tuple[bool, float]]] = {j: [] for j in range(len(self.keys))}  # ended
-        # trials' (ran their whole schedule, best val)
-        self.epochs: dict[str, int] = {}  # each running trial's schedule
+        self.rung = dict.fromkeys(range(st.search_repeats), 0)  # search repeat -> its current rung
+        self.alive = {r: [c for c in pretrained if c.search == r] for r in range(st.search_repeats)}  # not cut yet
         self.cuts: list[dict] = []
 
-    def _quota(self, j: int) -> int:
-        r, arm, _ = self.keys[j]
-        if not self.halving or arm == "scratch":
+    def _quota(self, c: CellSearch) -> int:
+        if not self.halving or c.arm == "scratch":
             return self.budget
-        return self.rungs[self.rung[r]] if j in self.alive[r] else 0
+        return self.rungs[self.rung[c.search]] if c in self.alive[c.search] else 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # each cell's searcher has its own space, metric and mode
@@ -234,13 +279,12 @@ class StudySearcher(TuneSearcher):
         for _ in range(2):  # a second pass after a rung's promotion
             n = len(self.searches)
             for i in range(n):
-                j = (self.next + i) % n
-                entry = self.searches[j]
-                if entry[1] < self._quota(j):
-                    config = entry[0].suggest(trial_id)
-                    entry[1] += 1
+                c = self.searches[(self.next + i) % n]
+                if c.issued < self._quota(c):
+                    config = c.tpe.suggest(trial_id)
+                    c.issued += 1
                     self.epochs[trial_id] = int((config or {}).get("epochs", 0))
-                    self.owner[trial_id], self.next = j, j + 1
+                    self.owner[trial_id], self.next = c, c.index + 1
                     return config
             if not (self.halving and self._promote()):
                 break
@@ -255,45 +299,37 @@ class StudySearcher(TuneSearcher):
             alive = self.alive[r]
             if rung >= len(self.rungs) - 1 or not alive:
                 continue
-            if any(len(self.scores[j]) < self.rungs[rung] for j in alive):
+            if any(len(c.scores) < self.rungs[rung] for c in alive):
                 continue  # trials of this rung still running
-            rank = {j: self._rank(j) for j in alive}
-            best = {j: rank[j][2] for j in alive}
-            order = sorted(alive, key=lambda j: (rank[j], self.prior.get(self.keys[j][1:], -math.inf)),
-                           reverse=True)
-            keep = {next(j for j in order if self.keys[j][1] == arm) for arm in {self.keys[j][1] for j in alive}}
-            for j in order:  # every source's best cell, then the best of the rest up to 1/eta of the cells
+            rank = {c: c.rank() for c in alive}
+            order = sorted(alive, key=lambda c: (rank[c], self.prior.get(c.cell, -math.inf)), reverse=True)
+            keep = [next(c for c in order if c.arm == arm) for arm in dict.fromkeys(c.arm for c in alive)]
+            for c in order:  # every source's best cell, then the best of the rest up to 1/eta of the cells
                 if len(keep) >= math.ceil(len(order) / self.eta):
                     break
-                keep.add(j)
-            last = order[max(order.index(j) for j in keep)]
-            keep |= {j for j in alive if rank[j] == rank[last] and (self.keys[j][1:] not in self.prior
-                                                                    or self.keys[last][1:] not in self.prior)}
-            for j in sorted(alive - keep):
-                _, arm, depth = self.keys[j]
-                self.cuts.append({"search": r, "cell": f"{arm}@k={depth}", "after_trials": self.rungs[rung],
-                                  "best_val_acc": best[j], "rung": rung})
-            self.alive[r], self.rung[r], moved = keep, rung + 1, True
+                if c not in keep:
+                    keep.append(c)
+            last = order[max(order.index(c) for c in keep)]
+            keep += [c for c in alive if c not in keep and rank[c] == rank[last]
+                     and (c.cell not in self.prior or last.cell not in self.prior)]
+            for c in alive:
+                if c not in keep:
+                    self.cuts.append({"search": r, "cell": f"{c.arm}@k={c.depth}", "after_trials": self.rungs[rung],
+                                      "best_val_acc": rank[c][2], "rung": rung})
+            self.alive[r], self.rung[r], moved = [c for c in alive if c in keep], rung + 1, True
         return moved
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.owner:
-            self.searches[self.owner[trial_id]][0].on_trial_result(trial_id, result)
+            self.owner[trial_id].tpe.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.owner:
-            j = self.owner.pop(trial_id)
-            self.searches[j][0].on_trial_complete(trial_id, result, error)
+            c = self.owner.pop(trial_id)
+            c.tpe.on_trial_complete(trial_id, result, error)
             report, epochs = TrialReport.of(result), self.epochs.pop(trial_id, 0)
-            score = report.best_val_acc
             whole = not error and not contract.stopped_early(report.epochs_run, epochs)
-            self.scores[j].append((whole, -1.0 if error or score is None else float(score)))
-
-    def _rank(self, j: int) -> tuple[float, float, float]:
-        """A cell's standing at a rung: its best and second best validation among trials that ran their whole
-        schedule (the finals' selection rule), then its best of any trial (-1: none)."""
-        whole = sorted((v for done, v in self.scores[j] if done), reverse=True) + [-1.0, -1.0]
-        return whole[0], whole[1], max((v for _, v in self.scores[j]), default=-1.0)
+            c.scores.append((whole, -1.0 if error or report.best_val_acc is None else float(report.best_val_acc)))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -301,9 +337,15 @@ class StudySearcher(TuneSearcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-        # a state saved before scores said whether the trial ran its whole schedule: count it as having run
-        self.scores = {j: [v if isinstance(v, tuple) else (True, v) for v in vs] for j, vs in self.scores.items()}
+            state = pickle.load(f)
+        if "keys" in state:  # saved by an earlier tl-sweep: parallel lists indexed by search
+            cells = [CellSearch(j, r, arm, depth, tpe, issued, [v if isinstance(v, tuple) else (True, v)
+                                                                for v in state["scores"][j]])
+                     for j, ((tpe, issued), (r, arm, depth)) in enumerate(zip(state["searches"], state["keys"]))]
+            state = {**{k: v for k, v in state.items() if k not in ("keys", "scores")}, "searches": cells,
+                     "owner": {t: cells[j] for t, j in state["owner"].items()},
+                     "alive": {r: [cells[j] for j in sorted(js)] for r, js in state["alive"].items()}}
+        self.__dict__.update(state)
 
 
 def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
@@ -314,15 +356,24 @@ def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: 
                               max_concurrent=s.trials_at_once)
 
 
+def rungs(s: Spec) -> tuple[float, ...]:
+    """The ASHA milestones of a spec (``progress`` values), as Ray's ASHA computes them; () without ASHA."""
+    sch, max_t = s.scheduler, min_epochs(s.search.space)
+    if sch.kind != "asha" or sch.grace_period >= max_t:
+        return ()
+    n = int(math.log(max_t / sch.grace_period) / math.log(sch.reduction_factor) + 1)
+    return tuple(r for k in range(n) if (r := float(sch.grace_period * sch.reduction_factor ** k)) < max_t)
+
+
 def make_scheduler(s: Spec, log=None, finals: bool = False) -> Scheduler:
     """ASHA on ``progress`` (the fraction of each trial's own schedule, in epochs of the shortest one), or FIFO
     (``scheduler.kind: fifo``, no rung before the shortest schedule ends, a study's finals); in a study, one ASHA
     per cell and search repeat. See docs/search.md."""
-    if finals or not contract.rungs(s):
+    if finals or not rungs(s):
         return Scheduler(None, log=log)
     sch = s.scheduler
     asha = functools.partial(ASHAScheduler, time_attr="progress", metric=contract.METRIC, mode=contract.MODE,
-                             max_t=contract.min_epochs(s.search.space), grace_period=sch.grace_period,
+                             max_t=min_epochs(s.search.space), grace_period=sch.grace_period,
                              reduction_factor=sch.reduction_factor)
     return Scheduler(asha, per_cell=s.study is not None, log=log)
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from tl_sweep import models
+from tl_sweep.contract import DIMENSIONS
 from tl_sweep.errors import UserError
 
 Scalar = Union[bool, int, float, str]
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 BUILTIN = ("builtin:digits", "builtin:digits-shuffled", "builtin:mnist-5k", "builtin:mnist-5k-shuffled")
 
 
@@ -64,17 +64,8 @@ def values_of(dim: Dim) -> list:
     return list(dim) if isinstance(dim, list) else [dim]
 
 
-class Space(_Strict):
-    """The search space. Each dimension is a constant, a list of choices or a ``{low, high, log}`` range."""
-
-    batch_size: Dim = 32
-    optimizer: Dim = "sgd"
-    lr_mult: Dim = 1.0
-    head_lr_mult: Dim = 1.0
-    weight_decay: Dim = 1e-4
-    layer_decay: Dim = 1.0
-    unfrozen_blocks: Dim = Range(low=0, high="max")
-    epochs: Dim = 5
+class _SpaceChecks(_Strict):
+    """What every search space checks, for each row of :data:`tl_sweep.contract.DIMENSIONS`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -87,31 +78,40 @@ class Space(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _ranges(self):
-        def check(name: str, ok, rule: str, kinds=(int, float)):
-            for v in values_of(getattr(self, name)):
-                if v == "max" and name == "unfrozen_blocks":
+    def _values(self):
+        for d in DIMENSIONS:
+            dim = getattr(self, d.name)
+            if isinstance(dim, Range) and dim.high == "max" and not d.up_to_max:
+                raise ValueError(f"{d.name}.high: max only applies to unfrozen_blocks; give a number")
+            for v in values_of(dim):
+                if v == "max" and d.up_to_max:
                     continue
-                if isinstance(v, bool) or not isinstance(v, kinds) or not ok(v):
-                    raise ValueError(f"{name}: {v!r} is not allowed; {rule}")
-
-        check("lr_mult", lambda v: v > 0, "it must be a number > 0 (it multiplies the optimizer's reference LR)")
-        check("head_lr_mult", lambda v: v > 0, "it must be a number > 0")
-        check("weight_decay", lambda v: v >= 0, "it must be a number >= 0")
-        check("layer_decay", lambda v: 0 < v <= 1, "it must be in (0, 1]; 1 turns layer decay off")
-        check("batch_size", lambda v: v >= 1, "it must be a whole number >= 1", (int,))
-        check("epochs", lambda v: v >= 1, "it must be a whole number >= 1", (int,))
-        check("unfrozen_blocks", lambda v: v >= 0, "it must be a whole number >= 0 or max", (int,))
-        for v in values_of(self.optimizer):
-            if v not in OPTIMIZERS:
-                close = difflib.get_close_matches(str(v), OPTIMIZERS, n=1)
-                hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(OPTIMIZERS)}"
-                raise ValueError(f"optimizer: unknown optimizer {v!r}; {hint}")
-        for name in ("lr_mult", "head_lr_mult", "weight_decay", "layer_decay"):
-            dim = getattr(self, name)
-            if isinstance(dim, Range) and dim.high == "max":
-                raise ValueError(f"{name}.high: max only applies to unfrozen_blocks; give a number")
+                if d.choices:
+                    if v not in d.choices:
+                        close = difflib.get_close_matches(str(v), d.choices, n=1)
+                        raise ValueError(f"{d.name}: unknown {d.name} {v!r}; "
+                                         + (f"did you mean {close[0]}?" if close else d.rule))
+                    continue
+                kinds = (int,) if d.type is int else (int, float)
+                if isinstance(v, bool) or not isinstance(v, kinds) or not d.check(v):
+                    raise ValueError(f"{d.name}: {v!r} is not allowed; {d.rule}")
         return self
+
+
+def _default(d) -> Any:
+    return Range(**d.default) if isinstance(d.default, dict) else d.default
+
+
+# The search space: one key per row of contract.DIMENSIONS, each a constant, a list of choices or a
+# {low, high, log} range.
+Space = create_model("Space", __base__=_SpaceChecks, __doc__="The search space: each dimension a constant, a list "
+                     "of choices or a {low, high, log} range (tl_sweep.contract.DIMENSIONS).",
+                     **{d.name: (Dim, _default(d)) for d in DIMENSIONS})
+
+
+def min_epochs(space) -> int:
+    """The shortest schedule of a search space: ``progress`` is in its epochs."""
+    return int(min(values_of(space.epochs)))
 
 
 class ModelCfg(_Strict):
@@ -500,10 +500,9 @@ def _weights(w: str, arch: str, spec_dir: Path) -> str:
     """A weights value checked and resolved: enum names and ``source:``/``none`` as is, paths absolute."""
     if w == "none" or models.torchvision_weights(arch, w) is not None:
         return w
-    if w.startswith("source:"):
-        from tl_sweep import sources
-
-        sources.task(w.removeprefix("source:"))
+    if w.startswith("source:"):  # which sources exist is checked by runner.preflight (and validate)
+        if not w.removeprefix("source:"):
+            raise UserError("model.weights: source: needs a name, e.g. source:mnist-5k")
         return w
     candidate = Path(_abs(w, spec_dir))
     if candidate.suffix in (".pt", ".pth", ".ckpt", ".bin") or candidate.exists():
@@ -550,14 +549,17 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         space.unfrozen_blocks = Range(low=ub.low, high=n, log=ub.log)
     elif ub == "max":
         space.unfrozen_blocks = n
-    from tl_sweep.tracking import normalise_uri  # tracking reads the trial contract, which reads this module
-
     # the environment MLflow users already have, where the spec does not say
     if "uri" not in spec.tracking.model_fields_set and os.environ.get("MLFLOW_TRACKING_URI"):
         spec.tracking.uri = os.environ["MLFLOW_TRACKING_URI"]
     if spec.tracking.experiment is None and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         spec.tracking.experiment = os.environ["MLFLOW_EXPERIMENT_NAME"]
-    spec.tracking.uri = normalise_uri(spec.tracking.uri)
+    uri = spec.tracking.uri
+    if "://" not in uri:
+        raise UserError(f"tracking.uri: {uri!r} is not a tracking URI; use sqlite:///mlflow.db or "
+                        f"http://host:port (MLflow 3 refuses a plain ./mlruns folder)")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # as MLflow reads it: the working dir
+        spec.tracking.uri = "sqlite:///" + _abs(uri.removeprefix("sqlite:///"), Path.cwd())
     if "://" not in spec.storage:  # written in the spec: relative to it; the default: the working directory
         spec.storage = _abs(spec.storage, spec_dir if "storage" in spec.model_fields_set else Path.cwd())
     cells = []

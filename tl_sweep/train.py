@@ -169,6 +169,11 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tup
     return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A GPU batch of images in channels-last order, as the model is (cuDNN's fastest convolutions); else ``x``."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.is_cuda else x
+
+
 class LossSum:
     """An epoch's summed training loss, kept on the device: reading it makes the host wait for the GPU, so it
     is read only where a decision needs it (the epoch's end, a rung), not after every step."""
@@ -320,9 +325,6 @@ class Fit:
             self.batches[split] = Batches.of(self.data, split, self.device)
         return self.batches[split]
 
-    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.is_cuda else x
-
     def view(self, split: str) -> tuple[Batches, Callable, Callable]:
         """``(batches, transform, forward)`` for ``split`` under the deterministic (eval) transform.
 
@@ -333,34 +335,20 @@ class Fit:
             if split not in self.cached:
                 self.cached[split] = self._features(split)
             if self.cached[split] is not None:
-                return self.cached[split], self._channels_last, self.split.suffix
-        return self._batches(split), lambda x: self._channels_last(self.aug.eval(x)), self.model
+                return self.cached[split], channels_last, self.split.suffix
+        return self._batches(split), lambda x: channels_last(self.aug.eval(x)), self.model
 
     def _features(self, split: str) -> Batches | None:
         """The frozen prefix's output for every image of ``split``: from the node's store, or computed now."""
-        src, dev, prefix, c = self._batches(split), self.device, self.split.prefix, self.ctx
+        src, dev, c = self._batches(split), self.device, self.ctx
         self.model.eval()
-        with torch.no_grad(), autocast(dev, c.precision):
-            one = prefix(self.aug.eval(next(src(1, shuffle=False))[0].to(dev)))
-        size = one.element_size() * one.numel() * len(src)
-        if size > features.MAX_BYTES:
-            self.notes.append(f"{split} not cached ({size / 2**30:.1f} GiB > {features.MAX_BYTES / 2**30:.0f} GiB)")
-            return None
-
-        @torch.no_grad()
-        def compute() -> torch.Tensor:
-            with autocast(dev, c.precision):
-                return torch.cat([prefix(self._channels_last(self.aug.eval(x.to(dev, non_blocking=True))))
-                                  for x, _ in src(256, shuffle=False)])
-
-        if not self.store_features:
-            self.notes.append(f"{split} {tuple(one.shape[1:])} computed, not stored")
-            return Batches(features.as_array(compute()), src.y.cpu().numpy(), dev)
-        name = features.key_for(c.arch, features.weights_id(*self.weights, arch=c.arch), len(self.part) - self.depth,
-                                self.split.cut, self.data, split, c.input, dev.type, precision_of(dev, c.precision))
-        arr, reused = features.load_or_compute(features.folder(self.data), name, compute, log=self.notes.append)
-        self.notes.append(f"{split} {tuple(one.shape[1:])} {'reused' if reused else 'computed'}")
-        return Batches(arr, src.y.cpu().numpy(), dev)
+        name = None if not self.store_features else features.key_for(
+            c.arch, features.weights_id(*self.weights, arch=c.arch), len(self.part) - self.depth, self.split.cut,
+            self.data, split, c.input, dev.type, precision_of(dev, c.precision))
+        arr = features.of_split(self.split.prefix, src, lambda x: channels_last(self.aug.eval(x)),
+                                lambda: autocast(dev, c.precision), notes=self.notes, label=split,
+                                folder=features.folder(self.data) if name else None, name=name)
+        return None if arr is None else Batches(arr, src.y.cpu().numpy(), dev)
 
     def evaluate(self, split: str) -> tuple[float, float]:
         """Loss and accuracy on ``split`` (eval mode, deterministic transform, stored features when cut)."""
@@ -392,7 +380,7 @@ class Fit:
             batches, transform, forward = self.view("train")
         else:
             batches, forward = self.batches["train"], self.model
-            transform = lambda x: self._channels_last(self.aug.train(x))  # noqa: E731
+            transform = lambda x: channels_last(self.aug.train(x))  # noqa: E731
         self.frozen.train_mode(self.model)
         start = self.step_count
         hook = None if after_step is None else (lambda i: after_step(start + i))
@@ -441,7 +429,7 @@ def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | Non
     state = [dict(losses=LossSum(dev), steps=0, error=None) for _ in fits]
     t0 = time.perf_counter()
     for x, y in lead.batches["train"](bs, shuffle=True, gen=lead.gen):
-        x, y = lead._channels_last(lead.aug.train(x.to(dev, non_blocking=True))), y.to(dev, non_blocking=True)
+        x, y = channels_last(lead.aug.train(x.to(dev, non_blocking=True))), y.to(dev, non_blocking=True)
         with torch.no_grad(), autocast(dev, precision):
             feats = lead.split.prefix(x)
         for f, st, hook, at in zip(fits, state, after_step, at_steps):

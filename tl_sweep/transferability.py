@@ -20,7 +20,6 @@ datasets.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -155,15 +154,12 @@ def cells_of(cfg) -> list[tuple[str, int]]:
     return [(arm, d) for arm in cfg.arms for d in space_depths(cfg.spec.search.space, cfg.max_blocks)]
 
 
-def _pooled(batches) -> np.ndarray:
-    """A split's stored prefix features (a ``train.Batches``), globally average-pooled where spatial, float64."""
-    import torch
-
+def _pooled(x: np.ndarray) -> np.ndarray:
+    """A split's stored prefix features, globally average-pooled where spatial, float64."""
     from tl_sweep import features
 
-    x = batches.x if torch.is_tensor(batches.x) else features.to_tensor(batches.x[batches.rows])
-    x = x.float().cpu()
-    return (x.flatten(2).mean(-1) if x.dim() > 2 else x).numpy().astype(np.float64)
+    t = features.to_tensor(np.asarray(x)).float()
+    return (t.flatten(2).mean(-1) if t.dim() > 2 else t).numpy().astype(np.float64)
 
 
 def _source_probabilities(arch: str, weights: str, file: str | None, images, aug, device) -> np.ndarray | None:
@@ -191,16 +187,21 @@ def _source_probabilities(arch: str, weights: str, file: str | None, images, aug
 
 
 def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) -> list[CellEstimate]:
-    """Every cell's estimates. The prefix features come from (and go to) the feature store the trials read,
-    so what is computed here is not computed again by training; with ``data.feature_cache: false`` they are
-    computed for the estimates alone and nothing is stored."""
-    from tl_sweep import data
-    from tl_sweep.contract import TrialConfig, TrialContext
-    from tl_sweep.train import Batches, Fit, device_for
+    """Every cell's estimates. The prefix features come from (and go to) the feature store the trials read
+    (:func:`tl_sweep.features.of_split`, under the same key), so what is computed here is not computed again by
+    training; with ``data.feature_cache: false`` they are computed for the estimates alone and nothing is
+    stored."""
+    import torch
 
-    ctx = TrialContext.from_config(cfg, prepared, arms)
-    store, ctx = ctx.feature_cache, dataclasses.replace(ctx, feature_cache=True)  # the cut, stored or not
-    device = device_for(ctx.use_gpu)
+    from tl_sweep import data, features, models
+    from tl_sweep.train import Batches, autocast, channels_last, device_for, precision_of
+
+    s = cfg.spec
+    gpu = s.resources.gpu
+    device = device_for(torch.cuda.is_available() if gpu == "auto" else gpu > 0)
+    precision, crop = s.resources.precision, cfg.input["crop"]
+    images = Batches.of(prepared, "train", device)
+    aug = data.Augmenter(crop=crop, mean=cfg.input["mean"], std=cfg.input["std"], device=device)
     out, probs = [], {}
     for arm, depth in cells_of(cfg):
         weights, file = arms[arm]
@@ -209,39 +210,45 @@ def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) 
         if depth >= cfg.max_blocks:
             est.note = "every block trains: no frozen prefix to score"
             continue
-        trial = TrialConfig(batch_size=32, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
-                            layer_decay=1.0, unfrozen_blocks=depth, epochs=1, arm=arm, seed=cfg.spec.seed)
         t0 = time.perf_counter()
-        fit = Fit(ctx, trial, device)
-        fit.store_features = store
-        fit.set_depth(depth)
-        if fit.split is None:
-            est.note = "the model cannot be cut at this depth"
+        # the model a trial of this cell builds (search repeat 0's seed), cut after its frozen prefix
+        model = models.build_seeded(s.model.arch, len(prepared.classes), s.seed, weights=weights, weights_file=file,
+                                    head=s.model.head, image_size=crop, hidden=s.model.head_hidden,
+                                    dropout=s.model.head_dropout).to(device).eval()
+        if device.type == "cuda":  # as a trial's model (train.Fit)
+            model.to(memory_format=torch.channels_last)
+        part = models.partition(model, s.model.arch)
+        cut = features.split(model, models.freeze(model, part, depth))
+        if not isinstance(cut, features.Split):
+            est.note = f"the model cannot be cut at this depth ({cut})"
             continue
-        batches, _, _ = fit.view("train")
-        if fit.cached.get("train") is None:
-            est.note = "; ".join(fit.notes) or "the prefix features could not be stored"
+        name = features.key_for(s.model.arch, features.weights_id(weights, file, s.seed, arch=s.model.arch),
+                                len(part) - depth, cut.cut, prepared, "train", cfg.input, device.type,
+                                precision_of(device, precision)) if s.data.feature_cache else None
+        notes: list[str] = []
+        notes.append(f"k={depth}: cut after {cut.cut}")
+        x = features.of_split(cut.prefix, images, lambda b: channels_last(aug.eval(b)),
+                              lambda: autocast(device, precision), notes=notes, label="train",
+                              folder=features.folder(prepared) if name else None, name=name)
+        est.note = "; ".join(notes)
+        if x is None:
             continue
-        f = _pooled(batches)
-        y = batches.y.cpu().numpy()
+        f, y = _pooled(x), images.y.cpu().numpy()
         est.seconds["features"] = time.perf_counter() - t0
         est.shape = f.shape
-        est.note = "; ".join(fit.notes)
-        for name, fn in (("logme", logme), ("hscore", hscore)):
+        for key, fn in (("logme", logme), ("hscore", hscore)):
             t = time.perf_counter()
-            est.values[name] = fn(f, y)
-            est.seconds[name] = time.perf_counter() - t
+            est.values[key] = fn(f, y)
+            est.seconds[key] = time.perf_counter() - t
         if arm not in probs:
             t = time.perf_counter()
-            images = Batches.of(prepared, "train", device)
-            aug = data.Augmenter(crop=cfg.input["crop"], mean=cfg.input["mean"], std=cfg.input["std"], device=device)
-            probs[arm] = (_source_probabilities(cfg.spec.model.arch, weights, file, images, aug, device),
-                          images.y.cpu().numpy(), time.perf_counter() - t)
-        p, py, secs = probs[arm]
+            probs[arm] = (_source_probabilities(s.model.arch, weights, file, images, aug, device),
+                          time.perf_counter() - t)
+        p, secs = probs[arm]
         if p is not None:
             t = time.perf_counter()
-            est.values["leep"] = leep(p, py)
-            est.values["nce"] = nce(p.argmax(1), py)
+            est.values["leep"] = leep(p, y)
+            est.values["nce"] = nce(p.argmax(1), y)
             est.seconds["source_labels"] = secs + time.perf_counter() - t
         log(f"estimate: {est.cell}: " + ", ".join(f"{ESTIMATES[k]} {v:.4f}" for k, v in est.values.items())
             + f" ({f.shape[0]}×{f.shape[1]} features, {sum(est.seconds.values()):.1f}s)")

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tl_sweep.contract import DIMENSIONS, TrialResult
+from tl_sweep.contract import NAMES, TrialResult
 from tl_sweep.report import stats
 from tl_sweep.report.stats import Analysis, Gap
 from tl_sweep.report.stats import mean_ci as _mean_ci
@@ -109,7 +109,7 @@ def depth_table(a: Analysis) -> list[list[str]]:
 
 
 def trials_csv(results: list[TrialResult]) -> str:
-    cols = ["run_id", "name", "role", "arm", "seed", *DIMENSIONS, "best_val_acc", "test_acc", "epochs_run", "status"]
+    cols = ["run_id", "name", "role", "arm", "seed", *NAMES, "best_val_acc", "test_acc", "epochs_run", "status"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()

@@ -22,7 +22,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from tl_sweep.contract import DIMENSIONS, TrialResult
+from tl_sweep.contract import NAMES, TrialResult
 
 ALPHA = 0.05
 
@@ -309,7 +309,7 @@ def search_study(results: list[TrialResult]):
 
     done = [r for r in results if not r.config.final and r.status == "FINISHED" and r.best_val_acc is not None]
     dists = {}
-    for d in DIMENSIONS:
+    for d in NAMES:
         vals = sorted({getattr(r.config, d) for r in done}, key=str)
         if len(vals) < 2:
             continue
