@@ -38,3 +38,29 @@ def test_status_and_early_stop_rules():
     assert contract.status(False, 2, 5) == "EARLY_STOPPED" and contract.stopped_early(2, 5)
     assert contract.status(True, 5, 5) == "FAILED"
     assert contract.progress(3, 6, 2) == 1.0 and contract.progress(6, 6, 2) == 2.0
+
+
+def test_one_table_of_dimensions_makes_the_spec_space_and_the_trial_config():
+    from tl_sweep import spec
+
+    names = [d.name for d in contract.DIMENSIONS]
+    assert list(spec.Space.model_fields) == names == list(contract.NAMES)
+    assert [f.name for f in dataclasses.fields(TrialConfig)] == names + ["arm", "seed", "role", "search"]
+    assert {d.name: d.type for d in contract.DIMENSIONS} == {f.name: f.type for f in dataclasses.fields(TrialConfig)
+                                                            if f.name in names}
+    built = TrialConfig.of(arm="a", seed=3, unfrozen_blocks=2)  # the rest from the table's defaults
+    assert built.lr_mult == 1.0 and built.optimizer == "sgd" and built.epochs == 5 and built.role == "trial"
+    from tl_sweep import train
+
+    assert set(train.REFERENCE_LR) == set(contract.OPTIMIZERS)  # every optimizer a spec allows is built
+
+
+def test_a_trial_report_is_what_tune_gets_and_reads_back():
+    r = contract.TrialReport(0.8, 0.85, 3, 1.5, "run", steps=12, total_steps=20, metrics={"train_loss": 0.4})
+    tune = r.to_tune()
+    assert tune == {"train_loss": 0.4, "val_acc": 0.8, "best_val_acc": 0.85, "epoch": 3, "progress": 1.5,
+                    "mlflow_run_id": "run", "steps": 12, "total_steps": 20}
+    back = contract.TrialReport.of({**tune, "training_iteration": 7})  # Tune adds its own keys
+    assert back.val_acc == 0.8 and back.epochs_run == 3 and back.replace_worker is None
+    assert back.metrics == {"train_loss": 0.4, "training_iteration": 7}
+    assert contract.TrialReport.of(None).epochs_run == 0

@@ -31,3 +31,31 @@ def test_every_out_of_memory_error_is_recognised():
     assert limits.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
     assert limits.is_out_of_memory(limits.TrialOutOfMemory()) and limits.is_out_of_memory(MemoryError())
     assert not limits.is_out_of_memory(RuntimeError("worker lost"))
+
+
+def test_a_worker_whose_memory_grew_past_its_bound_asks_to_be_replaced():
+    """Real measurements of this process: the first trial's figure is the bound's base; memory a trial left
+    behind (here 200 MiB still referenced) trips it, once, with the figures in words."""
+    cpu = torch.device("cpu")
+    w = limits.WorkerMemory(growth=0.1)
+    assert w.after_trial(limits.WorkerMemory.measure(cpu)) is None  # the first trial: the base
+    assert w.after_trial(limits.WorkerMemory.measure(cpu)) is None  # nothing left behind
+    leaked = [torch.ones(200 << 20, dtype=torch.uint8)]  # what a trial left referenced
+    why = w.after_trial(limits.WorkerMemory.measure(cpu))
+    assert why and "over its bound" in why and "+ 10% + 64 MiB" in why, why
+    kept = leaked[0].nbytes  # what a worker keeps on purpose is not growth
+    assert limits.WorkerMemory.measure(cpu, kept) < w.last - kept // 2
+    off = limits.WorkerMemory(growth=None)  # resources.worker_growth: null
+    off.after_trial(1)
+    assert off.after_trial(10 << 30) is None
+    leaked.clear()
+
+
+def test_trials_per_gpu_by_memory_and_by_cpus():
+    n, why = limits.trials_per_gpu(3 << 30, 140 << 30, cpus_per_gpu=15, cpu_per_trial=1)
+    assert n == 15 and "31 by memory" in why and "15 by CPUs" in why  # 0.9 × 140 / (3 + 1) GiB = 31
+    n, _ = limits.trials_per_gpu(30 << 30, 80 << 30, cpus_per_gpu=15, cpu_per_trial=1)
+    assert n == 2  # 0.9 × 80 / 31 = 2.3
+    n, why = limits.trials_per_gpu(None, None, cpus_per_gpu=8, cpu_per_trial=1)
+    assert n == limits.PER_GPU_UNMEASURED == 4 and "no GPU on the driver" in why
+    assert limits.trials_per_gpu(None, None, cpus_per_gpu=3, cpu_per_trial=2)[0] == 1  # never none

@@ -4,7 +4,7 @@ runner runs in the scenario tests: test_sweep, test_faults, test_resume, test_cl
 from __future__ import annotations
 
 from conftest import SPEC
-from tl_sweep import runner, space, spec
+from tl_sweep import data, runner, space, spec
 from tl_sweep.contract import TrialConfig, TrialResult
 
 
@@ -40,3 +40,21 @@ def test_finalists_pick_best_finished_per_cell_with_the_same_seeds_in_every_arm(
         (0, "s", 0, 2, 1000), (0, "s", 0, 2, 1001), (0, "s", 1, 4, 1000), (0, "s", 1, 4, 1001),
         (0, "scratch", 5, 6, 1000), (0, "scratch", 5, 6, 1001), (1, "scratch", 5, 7, 1100), (1, "scratch", 5, 7, 1101)]
     assert all(c.final for c in out)
+
+
+def test_a_trials_context_comes_from_the_resolved_config():
+    cfg = spec.load(SPEC)  # the default study: resources.gpu auto, no GPU here
+    prepared = data.prepare("builtin:digits", size=cfg.input["resize"], seed=0, split=(0.6, 0.2, 0.2),
+                            classes=[5, 6, 7, 8, 9], log=lambda m: None)
+    ctx = runner.trial_context(cfg, prepared, {"scratch": ("none", None)}, repeats=(prepared, prepared))
+    assert not ctx.use_gpu and ctx.gpu_share == 0  # auto on a machine without a GPU
+    assert ctx.min_epochs == 2 and ctx.rungs == (1.0,) == space.rungs(cfg.spec)  # epochs 2..6, grace 1
+    assert not ctx.keep_search_weights  # a study publishes its finals only
+    assert len(ctx.digests) == 2 and set(ctx.digests[0]) == {"train", "val", "test"}
+    assert ctx.worker_growth == 0.1 and ctx.checkpoint_every == 1
+
+
+def test_the_spec_hash_is_of_the_spec_as_written():
+    a, b = spec.load(SPEC), spec.load(SPEC, ["resources.gpu=auto"])
+    assert runner.spec_hash(a) == runner.spec_hash(b)  # auto is the default
+    assert runner.spec_hash(a) != runner.spec_hash(spec.load(SPEC, ["resources.gpu=0.5"]))
