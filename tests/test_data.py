@@ -77,15 +77,17 @@ def test_idx_files_are_read_as_they_are(tmp_path):
         head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
         (raw / f"{name}.gz").write_bytes(gzip.compress(head + arr.astype(np.uint8).tobytes()))
 
-    for split, n in (("train", 60), ("t10k", 20)):
+    test_labels = np.array([0] * 6 + [1] * 3 + list(range(2, 10)) + [2, 3, 4])  # 6 of 20 are class 0
+    for split, n, labels in (("train", 60, np.arange(60) % 10), ("t10k", 20, test_labels)):
         idx(f"{split}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
-        idx(f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+        idx(f"{split}-labels-idx1-ubyte", labels)
     p = data.prepare("torchvision:FashionMNIST", size=32, seed=0, split=(0.5, 0.5, 0.0), root=str(tmp_path),
                      log=lambda m: None)
     assert p.classes[0] == "T-shirt/top" and p.counts() == {"train": 30, "val": 30, "test": 20}
     x, y, _ = p.split("test")
-    assert x.shape[1:] == (3, 32, 32) and sorted(y.tolist()) == sorted((np.arange(20) % 10).tolist())
-    assert data.chance(p) == 0.1
+    assert x.shape[1:] == (3, 32, 32) and sorted(y.tolist()) == sorted(test_labels.tolist())
+    assert data.chance(p) == 0.3 and data.chance(p, "val") == 0.1  # the majority class's share, not 1/classes
+    assert p.fixed == ("test",)  # the official test set in every search repeat; val carved from train by seed
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 50]) + b"\0" * 20))
     with pytest.raises(UserError, match="is truncated"):
         data.read_idx(raw / "t10k-labels-idx1-ubyte.gz")

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 def tiny_study(tmp_path_factory, mlflow_server):
     """A tiny real study logged to an MLflow server on 127.0.0.1: returns (tmp dir, run output)."""
     tmp_path = tmp_path_factory.mktemp("study")
-    sets = ["study.trials_per_cell=2", "study.depths=[4, 5]", "study.search_repeats=2",
+    sets = ["study.trials_per_cell=2", "study.min_candidates=2", "study.selection_seeds=1", "study.depths=[4, 5]",
+            "study.search_repeats=2",
             "search.space.epochs={low: 1, high: 2}", "search.space.batch_size=32", "search.space.optimizer=sgd",
             "scheduler.kind=fifo", "study.sources=[source:digits-0-4]", "study.repeats=2",
             f"tracking.uri={mlflow_server}", "tracking.experiment=study", "tracking.register_as=digits-study"]
@@ -37,9 +38,12 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep")
     search = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
+    selection = [r for r in runs if r.data.tags.get("tl_sweep.role") == "candidate"]
     finals = [r for r in runs if r.data.tags.get("tl_sweep.role") == "final"]
-    # 3 cells (source k=4, source k=5, scratch) × 2 search repeats × 2 trials; finals: 2 seeds per cell and repeat
-    assert len(search) == 12 and len(finals) == 3 * 2 * 2
+    # 3 cells (source k=4, source k=5, scratch) × 2 search repeats × 2 trials; each cell's 2 configurations
+    # re-trained with 1 new seed; finals: 2 seeds per cell and repeat
+    assert len(search) == 12 and len(selection) == 12 and len(finals) == 3 * 2 * 2
+    assert all(not any(k.startswith("test_") for k in r.data.metrics) for r in selection)  # validation only
     cells = {}
     for r in search:  # equal budget per cell and search repeat, read back from MLflow
         key = (r.data.tags["tl_sweep.arm"], r.data.params["unfrozen_blocks"], r.data.params["search"])
@@ -66,7 +70,19 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     study = optuna.load_study(study_name=f"study/{parent.info.run_id}/source:digits-0-4@k=4/search0", storage=url)
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     dashboard_lists(url, f"study/{parent.info.run_id}/scratch@k=5/search1")
-    assert parent.data.metrics["study/source_digits-0-4/depth"] in (4, 5)  # the study's results on the parent
+    # the study's results on the parent: each repeat's depth is the one whose best selection mean is highest
+    # (ties to the shallower), read back from the candidates' own runs
+    means = {}
+    for r in selection:
+        p = r.data.params
+        key = (p["search"], r.data.tags["tl_sweep.arm"], int(p["unfrozen_blocks"]), p["lr_mult"], p["epochs"])
+        means.setdefault(key, []).append(r.data.metrics["best_val_acc"])
+    for rep in ("0", "1"):
+        cell = {d: max(sum(v) / len(v) for k, v in means.items() if k[:3] == (rep, "source:digits-0-4", d))
+                for d in (4, 5)}
+        chosen = max(sorted(cell), key=lambda d: (cell[d], -d))
+        history = client.get_metric_history(parent.info.run_id, "study/source_digits-0-4/depth")
+        assert [m.value for m in history if m.step == int(rep)] == [chosen], (rep, cell, history)
     # transferability estimates, logged before training (k=5 trains every block: nothing to score)
     assert math.isfinite(parent.data.metrics["estimate/source_digits-0-4/k4/logme"])
     assert not any(k.startswith("estimate/source_digits-0-4/k5/") for k in parent.data.metrics)

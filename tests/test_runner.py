@@ -20,25 +20,47 @@ def test_a_study_gives_every_cell_the_same_budget():
     assert len(counts) == len(cfg.cells) * 2 == 10 and set(counts.values()) == {3}
     assert {c.unfrozen_blocks for c in configs if c.arm == "scratch"} == {5}
     assert {c.seed for c in configs if c.search == 1} == {cfg.spec.seed + 1}
-    assert cfg.trainings() == (30, 10 * cfg.spec.study.repeats)
+    st = cfg.spec.study  # 10 cells × (3 candidates × 2 seeds) selection re-trainings, × repeats finals
+    assert cfg.trainings() == (30, 10 * st.min_candidates * st.selection_seeds, 10 * st.repeats) == (30, 60, 50)
     # concurrent suggestions go to different cells: the first ten are one per cell and repeat
     assert len({(c.arm, c.unfrozen_blocks, c.search) for c in configs[:10]}) == 10
 
 
-def test_finalists_pick_best_finished_per_cell_with_the_same_seeds_in_every_arm():
-    def result(arm, depth, acc, status, bs, search=0):
-        c = TrialConfig(batch_size=bs, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
-                        layer_decay=1.0, unfrozen_blocks=depth, epochs=3, arm=arm, seed=0, search=search)
-        return TrialResult(c, status, 3, best_val_acc=acc)
+def result(arm, depth, acc, status, bs, search=0, role="trial", seed=0):
+    c = TrialConfig.of(batch_size=bs, unfrozen_blocks=depth, epochs=3, arm=arm, seed=seed, role=role, search=search)
+    return TrialResult(c, status, 3, best_val_acc=acc)
 
-    results = [result("s", 0, 0.9, "EARLY_STOPPED", 1), result("s", 0, 0.8, "FINISHED", 2),
-               result("s", 1, 0.7, "FINISHED", 3), result("s", 1, 0.75, "FINISHED", 4),
-               result("s", 1, None, "FAILED", 5),
-               result("scratch", 5, 0.6, "FINISHED", 6), result("scratch", 5, 0.7, "FINISHED", 7, search=1)]
-    out = runner.finalists(results, seed=0, repeats=2)
+
+def test_candidates_are_each_cells_best_configurations_full_schedules_first_with_new_seeds():
+    results = [result("s", 0, 0.95, "EARLY_STOPPED", 1), result("s", 0, 0.8, "FINISHED", 2),
+               result("s", 0, 0.7, "FINISHED", 3), result("s", 0, 0.9, "FINISHED", 4),
+               result("s", 1, 0.7, "FINISHED", 5), result("s", 1, None, "FAILED", 6),
+               result("scratch", 5, 0.6, "FINISHED", 7), result("scratch", 5, 0.7, "FINISHED", 8, search=1)]
+    out = runner.candidates(results, seed=0, n=2, seeds=2)
     assert [(c.search, c.arm, c.unfrozen_blocks, c.batch_size, c.seed) for c in out] == [
-        (0, "s", 0, 2, 1000), (0, "s", 0, 2, 1001), (0, "s", 1, 4, 1000), (0, "s", 1, 4, 1001),
-        (0, "scratch", 5, 6, 1000), (0, "scratch", 5, 6, 1001), (1, "scratch", 5, 7, 1100), (1, "scratch", 5, 7, 1101)]
+        (0, "s", 0, 4, 2000), (0, "s", 0, 4, 2001), (0, "s", 0, 2, 2000), (0, "s", 0, 2, 2001),  # finished first
+        (0, "s", 1, 5, 2000), (0, "s", 1, 5, 2001),  # a failed trial is no candidate
+        (0, "scratch", 5, 7, 2000), (0, "scratch", 5, 7, 2001), (1, "scratch", 5, 8, 2100), (1, "scratch", 5, 8, 2101)]
+    assert all(c.candidate and not c.searched for c in out)
+    three = runner.candidates(results, seed=0, n=3, seeds=1)  # fewer full schedules than n: a stopped one fills in
+    assert [c.batch_size for c in three if (c.arm, c.unfrozen_blocks) == ("s", 0)] == [4, 2, 3]
+    assert [c.batch_size for c in runner.candidates(results, 0, 4, 1) if (c.arm, c.unfrozen_blocks) == ("s", 0)] \
+        == [4, 2, 3, 1]
+
+
+def test_finalists_are_each_cells_best_selection_mean_with_the_same_seeds_in_every_arm():
+    selection = [result("s", 0, acc, "FINISHED", bs, role="candidate", seed=sd)
+                 for bs, accs in ((4, (0.95, 0.70)), (2, (0.85, 0.84))) for sd, acc in zip((2000, 2001), accs)]
+    # a lucky single run (0.95) is not the pick: bs 2's mean 0.845 beats bs 4's 0.825
+    selection += [result("s", 1, 0.8, "FINISHED", 5, role="candidate", seed=sd) for sd in (2000, 2001)]
+    selection += [result("scratch", 5, 0.9, "FAILED", 6, role="candidate", seed=2000),  # failed: counts 0
+                  result("scratch", 5, 0.9, "FINISHED", 6, role="candidate", seed=2001),
+                  result("scratch", 5, 0.5, "FINISHED", 7, role="candidate", seed=2000),
+                  result("scratch", 5, 0.5, "FINISHED", 7, role="candidate", seed=2001)]
+    out = runner.finalists(selection, seed=0, repeats=2)
+    assert [(c.search, c.arm, c.unfrozen_blocks, c.batch_size, c.seed) for c in out] == [
+        (0, "s", 0, 2, 1000), (0, "s", 0, 2, 1001), (0, "s", 1, 5, 1000), (0, "s", 1, 5, 1001),
+        (0, "scratch", 5, 7, 1000), (0, "scratch", 5, 7, 1001)]
     assert all(c.final for c in out)
 
 

@@ -215,3 +215,26 @@ def test_a_halving_rung_ranks_by_whole_schedules_and_keeps_a_tie_no_estimate_can
     assert searcher.suggest("u0") is not None
     assert {c["cell"] for c in searcher.cuts} == {f"{a}@k=2"}  # its 95% trial was stopped early
     assert searcher.cuts[0]["after_trials"] == 2
+
+
+def test_asha_never_leaves_a_cell_fewer_than_min_candidates_full_schedules():
+    """A cell of 4 trials and min_candidates 3: ASHA may stop one trial at its rung; a second stop would leave
+    the cell 2 configurations that can run their whole schedule, so that trial goes on."""
+    from types import SimpleNamespace
+
+    cfg = spec.load(SPEC, ["study.trials_per_cell=4", "study.min_candidates=3", "scheduler.reduction_factor=2"])
+    sched = space.make_scheduler(cfg.spec)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"arm": "src", "unfrozen_blocks": 0, "search": 0})
+              for i in range(4)]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    rung = lambda acc: {"progress": 1.0, "val_acc": acc}  # noqa: E731 (half of every schedule: epochs 2..6)
+    got = [sched.on_trial_result(None, t, rung(acc)) for t, acc in zip(trials, (0.9, 0.2, 0.1, 0.05))]
+    assert got == [sched.CONTINUE, sched.STOP, sched.CONTINUE, sched.CONTINUE], got
+    assert sched.on_trial_result(None, trials[0], {"progress": 2.0, "val_acc": 0.95}) == sched.STOP  # its end
+    plain = space.make_scheduler(spec.load(SPEC, ["study.trials_per_cell=4", "study.min_candidates=1",
+                                                  "scheduler.reduction_factor=2"]).spec)
+    for t in trials:
+        plain.on_trial_add(None, t)
+    assert [plain.on_trial_result(None, t, rung(acc)) for t, acc in zip(trials, (0.9, 0.2, 0.1, 0.05))] == [
+        plain.CONTINUE, plain.STOP, plain.STOP, plain.STOP]  # ASHA alone, with no floor

@@ -4,6 +4,7 @@ the depth tie rule, budget curves, and the verdicts a study can give."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
@@ -38,9 +39,17 @@ def test_welch_keeps_the_exact_degrees_of_freedom():
 
 
 def test_no_spread_gives_no_interval_and_no_verdict():
-    g = stats.paired([0.8, 0.8, 0.8], [0.9, 0.9, 0.9])
-    assert math.isnan(g.lo) and math.isnan(g.p)
+    """Per-seed accuracies out of 179 test images with a constant gap of 6 images: the differences are equal,
+    but their floating-point values are not bit-identical (their stdev is ~1e-17, not 0)."""
+    x = [150 / 179, 160 / 179, 171 / 179, 144 / 179, 157 / 179]
+    y = [(k * 179 + 6) / 179 for k in x]
+    assert statistics.stdev([b - a for a, b in zip(x, y)]) != 0  # what an exact == 0 test would miss
+    g = stats.paired(x, y)
+    assert math.isnan(g.lo) and math.isnan(g.p) and g.gap == pytest.approx(6 / 179)
     assert stats.verdict(g, corrected=False).startswith("not resolved")
+    assert math.isnan(stats.mean_ci([0.3 + 0.6 - 0.6] * 3 + [0.3])[1] - 0.3) is False  # equal values: no width
+    m, lo, hi = stats.mean_ci([0.1 + 0.2, 0.3, 0.3])  # 0.30000000000000004 and 0.3
+    assert lo == hi == m
 
 
 def test_holm_on_known_p_values():
@@ -49,15 +58,26 @@ def test_holm_on_known_p_values():
     assert got[0] == pytest.approx(0.2) and math.isnan(got[1])
 
 
-def test_chance_and_the_verdicts():
-    assert not stats.beats_chance([0.50, 0.52, 0.49], 0.5)  # the interval reaches the majority-class rate
-    assert stats.beats_chance([0.80, 0.82, 0.81], 0.5)
-    gain = stats.Gap(-0.1, -0.15, -0.05, 0.01, 4, True, 0.02)
-    assert stats.verdict(gain) == "transfer gain"
-    assert stats.verdict(gain, trained=False) == "did not train"
-    assert stats.verdict(gain, baseline_trained=False) == "baseline did not train"
+def test_above_chance_is_a_one_sided_t_test_over_seeds():
+    from scipy import stats as sp
+
+    tests = [0.55, 0.60, 0.58, 0.62, 0.57]
+    assert stats.above_chance_p(tests, 0.5) == pytest.approx(sp.ttest_1samp(tests, 0.5, alternative="greater").pvalue)
+    assert stats.above_chance_p([0.50, 0.52, 0.49], 0.5) > 0.05  # at the majority-class rate: not shown above
+    assert stats.above_chance_p([0.6, 0.6, 0.6], 0.5) == 0 and stats.above_chance_p([0.4] * 3, 0.5) == 1
+    assert math.isnan(stats.above_chance_p([0.9], 0.5))
+
+
+def test_the_verdict_is_given_whenever_one_side_is_above_chance_and_says_which_is_not():
+    harm = stats.Gap(0.057, 0.007, 0.107, 0.039, 2, True, 0.039)  # hymenoptera's repeat 1: source at chance
+    assert stats.verdict(harm) == "negative transfer"
+    assert stats.verdict(harm, source_above=False) == "negative transfer (source not above chance)"
+    gain = stats.Gap(-0.35, -0.45, -0.25, 0.002, 2, True, 0.004)  # ImageNet weights vs a scratch arm at chance
+    assert stats.verdict(gain, baseline_above=False) == "transfer gain (scratch did not learn within its budget)"
+    assert stats.verdict(gain, source_above=False, baseline_above=False) == "no verdict: neither above chance"
+    unsure = stats.Gap(0.02, -0.03, 0.07, 0.3, 4, True, 0.3)  # a claim of harm needs the paired test too
+    assert stats.verdict(unsure, source_above=False) == "no significant difference (source not above chance)"
     assert stats.verdict(stats.Gap(0.1, 0.05, 0.15, 0.01, 4, True, 0.06)) == "no significant difference"
-    assert stats.verdict(stats.Gap(0.1, 0.05, 0.15, 0.01, 4, True, 0.02)) == "negative transfer"
 
 
 def test_expected_best_of_n_trials():
@@ -68,29 +88,73 @@ def test_expected_best_of_n_trials():
     assert stats.expected_max(vals, 50) == pytest.approx(0.4, abs=1e-3)
 
 
-def _r(arm, depth, search, seed, val, test=None, role="trial"):
-    c = TrialConfig(batch_size=32, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
-                    layer_decay=1.0, unfrozen_blocks=depth, epochs=2, arm=arm, seed=seed, role=role, search=search)
-    return TrialResult(c, "FINISHED", 2, best_val_acc=val, test_acc=test, seconds=1.0)
+def _r(arm, depth, search, seed, val, test=None, role="trial", status="FINISHED", bs=32):
+    c = TrialConfig.of(batch_size=bs, weight_decay=0.0, unfrozen_blocks=depth, epochs=2, arm=arm, seed=seed,
+                       role=role, search=search)
+    return TrialResult(c, status, 2, best_val_acc=val, test_acc=test, seconds=1.0)
 
 
-def test_analysis_chooses_depth_on_validation_ties_shallow_and_pairs_by_seed():
+def test_analysis_chooses_depth_on_the_selection_not_the_finals_ties_shallow_and_pairs_by_seed():
     results = [_r("src", 0, 0, 0, 0.7), _r("src", 3, 0, 0, 0.8), _r("scratch", 5, 0, 0, 0.6)]
-    seeds = (1000, 1001, 1002)
-    for s, (a, b, c) in zip(seeds, [(0.80, 0.95, 0.70), (0.82, 0.93, 0.71), (0.81, 0.94, 0.69)]):
-        # depth 0 and 3 tie on finals' validation (0.9): the shallower is chosen, though depth 3 tests higher
-        results += [_r("src", 0, 0, s, 0.9, a, "final"), _r("src", 3, 0, s, 0.9, b, "final"),
+    # selection: depth 0 and 3 tie on their candidates' mean validation (0.85): the shallower is chosen
+    results += [_r("src", d, 0, sd, v, role="candidate") for d in (0, 3) for sd, v in ((2000, 0.8), (2001, 0.9))]
+    results += [_r("scratch", 5, 0, sd, 0.8, role="candidate") for sd in (2000, 2001)]
+    for s, (a, b, c) in zip((1000, 1001, 1002), [(0.80, 0.95, 0.70), (0.82, 0.93, 0.71), (0.81, 0.94, 0.69)]):
+        # depth 3's finals validate and test higher: the finals choose nothing, so depth 0 stays chosen
+        results += [_r("src", 0, 0, s, 0.80, a, "final"), _r("src", 3, 0, s, 0.99, b, "final"),
                     _r("scratch", 5, 0, s, 0.85, c, "final")]
     a = stats.analyze(results, chance={0: 0.2})
     assert a.chosen[("src", 0)] == 0 and a.chosen[("scratch", 0)] == 5
+    assert a.cells[("src", 0, 0)].select_val == pytest.approx(0.85)
     (primary,) = a.primary
     assert primary.depth == 0 and primary.gap.paired
     assert primary.gap.gap == pytest.approx(0.70 - 0.81)  # scratch acc − source acc = source err − scratch err
-    assert primary.verdict == "transfer gain" and primary.gap.p_holm == primary.gap.p  # one source
+    assert primary.verdict == "transfer gain"
     assert {c.depth for c in a.per_depth} == {0, 3}
     assert a.stability("src") == {"transfer gain": 1}
-    assert stats.budget_curves(results)[("src", 0)] == [0.7]
-    assert stats.cost(results)[("src", 3)] == 4.0  # one search trial + three finals
+    assert all(c.above_chance for c in a.cells.values() if c.final_test)
+    assert stats.cost(results)[("src", 3)] == 6.0  # one search trial + two candidates + three finals
+
+
+def test_holm_corrects_the_verdict_across_sources():
+    results = [_r(a, d, 0, 0, 0.7) for a, d in (("a", 0), ("b", 0), ("scratch", 5))]
+    finals = {"a": (0.84, 0.85, 0.80, 0.86), "b": (0.78, 0.82, 0.86, 0.81), "scratch": (0.80, 0.81, 0.79, 0.80)}
+    for i, s in enumerate((1000, 1001, 1002, 1003)):
+        results += [_r(arm, 5 if arm == "scratch" else 0, 0, s, 0.8, t[i], "final") for arm, t in finals.items()]
+    a = stats.analyze(results, chance={0: 0.2})
+    p = {c.arm: c.gap for c in a.primary}
+    assert p["a"].p < p["b"].p  # Holm: the smaller p times 2, the larger as is (but never below the first)
+    assert p["a"].p_holm == pytest.approx(min(1, 2 * p["a"].p)) and p["b"].p_holm == pytest.approx(max(p["b"].p,
+                                                                                                       2 * p["a"].p))
+
+
+def test_chance_is_tested_per_cell_and_holm_corrected_across_the_study():
+    results = [_r(a, d, 0, 0, 0.5) for a, d in (("src", 0), ("src", 2), ("src", 3), ("scratch", 5))]
+    finals = {("src", 0): (0.21, 0.24, 0.19, 0.25, 0.23), ("src", 2): (0.60, 0.65, 0.62, 0.61, 0.66),
+              ("src", 3): (0.21, 0.25, 0.19, 0.26, 0.23), ("scratch", 5): (0.63, 0.58, 0.61, 0.64, 0.60)}
+    for i, s in enumerate((1000, 1001, 1002, 1003, 1004)):
+        results += [_r(arm, d, 0, s, 0.6, t[i], "final") for (arm, d), t in finals.items()]
+    a = stats.analyze(results, chance={0: 0.2})
+    probe = a.cells[("src", 0, 0)]
+    raw = stats.above_chance_p(list(finals[("src", 0)]), 0.2)
+    # 0.045 alone; the third smallest of four p-values, Holm multiplies it by 2
+    assert raw < 0.05 and probe.p_chance == pytest.approx(2 * raw) and probe.p_chance > 0.05
+    assert not probe.above_chance and a.cells[("src", 2, 0)].above_chance
+    comp = next(c for c in a.per_depth if c.depth == 0)
+    assert comp.verdict == "negative transfer (source not above chance)"
+
+
+def test_budget_curves_use_full_schedules_per_search_repeat_with_a_band():
+    results = [_r("src", 0, r, 0, v, status=st) for r, rows in enumerate([
+        [(0.5, "FINISHED"), (0.9, "EARLY_STOPPED"), (0.7, "FINISHED"), (0.6, "FINISHED")],
+        [(0.8, "FINISHED"), (0.4, "EARLY_STOPPED"), (0.2, "EARLY_STOPPED"), (0.3, "EARLY_STOPPED")]])
+        for v, st in rows]
+    (c,) = stats.budget_curves(results)  # repeat 1 has one full-schedule trial: no curve
+    assert (c.search, c.started, c.finished) == (0, 4, 3)
+    assert c.mean[0] == pytest.approx(0.6) and c.mean[-1] == pytest.approx(stats.expected_max([0.5, 0.7, 0.6], 4))
+    assert max(c.mean) < 0.9  # the stopped trial's partial 0.9 is no full run
+    assert all(lo <= m <= hi for lo, m, hi in zip(c.lo, c.mean, c.hi)) and c.lo[-1] < c.hi[-1]
+    assert c.last_gain == pytest.approx(c.mean[3] - c.mean[2])
 
 
 def test_parent_metrics_carry_the_study_per_search_repeat():
@@ -110,8 +174,9 @@ def test_halving_cut_cells_get_no_finals_and_the_report_says_which_and_when():
 
     search = ([_r("src", 0, 0, i, 0.6 + i / 100) for i in range(2)] + [_r("src", 3, 0, i, 0.8) for i in range(4)]
               + [_r("scratch", 5, 0, i, 0.7) for i in range(4)])
-    configs = runner.finalists(search, seed=0, repeats=2, full_budget=4)
-    assert {(c.arm, c.unfrozen_blocks) for c in configs} == {("src", 3), ("scratch", 5)}  # src@k=0 was cut
+    chosen = runner.candidates(search, seed=0, n=1, seeds=1, full_budget=4)
+    assert {(c.arm, c.unfrozen_blocks) for c in chosen} == {("src", 3), ("scratch", 5)}  # src@k=0 was cut
+    configs = runner.finalists([TrialResult(c, "FINISHED", 2, best_val_acc=0.8) for c in chosen], 0, 2)
     finals = [_r(c.arm, c.unfrozen_blocks, 0, c.seed, 0.8, 0.8 if c.arm == "src" else 0.7, "final")
               for c in configs]
     a = stats.analyze(search + finals, {0: 0.2})

@@ -66,11 +66,12 @@ def cmd_run(args) -> int:
     if summary.report is not None and "\n" in summary.report.key:  # a study's key table (it has rows)
         print(summary.report.key)
     print()
-    finals = f" + {len(summary.finals)} final re-trainings" if summary.finals else ""
+    finals = (f" + {len(summary.selection)} selection re-trainings + {len(summary.finals)} final re-trainings"
+              if summary.finals else "")
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
           f"best by validation:")
     print(runner.table(summary.trials))
-    failed = [r for r in summary.trials + summary.finals if r.status == "FAILED"]
+    failed = [r for r in summary.trials + summary.selection + summary.finals if r.status == "FAILED"]
     for r in failed:
         print(f"failed: trial {r.trial} ({r.config.arm}, k={r.config.unfrozen_blocks}, lr_mult={r.config.lr_mult}): "
               f"{r.error}")

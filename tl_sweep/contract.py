@@ -120,7 +120,18 @@ class _TrialConfigMethods:
         return cls(**{f.name: _cast(f, params[f.name]) for f in dataclasses.fields(cls) if f.name in params})
 
     @property
+    def searched(self) -> bool:
+        """A search trial (the others re-train a chosen configuration with new seeds)."""
+        return self.role == "trial"
+
+    @property
+    def candidate(self) -> bool:
+        """A study's selection re-training: one of a cell's best configurations, a new seed, validation only."""
+        return self.role == "candidate"
+
+    @property
     def final(self) -> bool:
+        """A study's final re-training: a cell's chosen configuration, scored once on the test split."""
         return self.role == "final"
 
     @property
@@ -134,7 +145,7 @@ class _TrialConfigMethods:
     def name(self, arch: str, several_arms: bool) -> str:
         """A readable run name: ``resnet18·k=2·sgd·bs32`` (``·arm``, ``·seed1000`` where they tell runs apart)."""
         return (f"{arch}·k={self.unfrozen_blocks}·{self.optimizer}·bs{self.batch_size}"
-                + (f"·{self.arm}" if several_arms else "") + (f"·seed{self.seed}" if self.final else ""))
+                + (f"·{self.arm}" if several_arms else "") + (f"·seed{self.seed}" if not self.searched else ""))
 
 
 TrialConfig = dataclasses.make_dataclass(
@@ -142,6 +153,7 @@ TrialConfig = dataclasses.make_dataclass(
     [(d.name, d.type) for d in DIMENSIONS]
     + [("arm", str), ("seed", int), ("role", str, field(default="trial")),  # trial | final
        ("search", int, field(default=0))],  # which search repeat of a study (its own seeds, its own finals)
+    # role: trial (a search trial), candidate (a study's selection re-training), final (scored on the test split)
     bases=(_TrialConfigMethods,), frozen=True)
 TrialConfig.__module__ = __name__
 TrialConfig.__doc__ = """One trial's configuration: the search dimensions (:data:`DIMENSIONS`), which arm (weights), the

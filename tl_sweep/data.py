@@ -62,6 +62,7 @@ class Prepared:
     skipped: tuple[str, ...] = ()
     reused: bool = False
     recipe: tuple = ()  # the prepare() arguments, so another node can build its own copy of the cache
+    fixed: tuple[str, ...] = ()  # splits whose images do not depend on the seed (the dataset's own folders, sets)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The images (a memory-mapped view, not a copy), labels and cache rows of one split.
@@ -364,7 +365,10 @@ def _select(all_classes: list[str], wanted: list | None, where: str) -> list[int
 
 
 def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: list[str], keep: list[int],
-            train_per_class: int | None, seed: int, fingerprint: str, skipped, reused: bool) -> Prepared:
+            train_per_class: int | None, seed: int, fingerprint: str, skipped, reused: bool,
+            fixed: tuple[str, ...] = ()) -> Prepared:
+    """The prepared splits. ``fixed``: the splits the dataset itself fixes (``train_per_class`` draws from
+    train with the seed, so train is then not fixed)."""
     remap = {old: new for new, old in enumerate(keep)}
     mapped = [remap.get(y, -1) for y in labels]
     index = {k: [r for r in v if mapped[r] >= 0] for k, v in rows.items()}
@@ -381,8 +385,9 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
     for k, v in index.items():
         if not v and k != "test":
             raise UserError(f"data: the {k} split is empty; add images or change data.split")
+    fixed = tuple(k for k in fixed if index.get(k) and not (k == "train" and train_per_class))
     return Prepared(str(cache), tuple(mapped), {k: tuple(v) for k, v in index.items() if v},
-                    tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused)
+                    tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused, fixed=fixed)
 
 
 def _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log) -> Prepared:
@@ -459,16 +464,19 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
     if len(present) < len(names):
         lost = [names[c] for c in range(len(names)) if c not in present]
         raise UserError(f"{where}: class {lost[0]!r} has no readable image; fix its files")
+    fixed: tuple[str, ...] = ()
     if subs:
         rows = {s: [i for i, w in enumerate(where_from) if w == s] for s in SPLITS}
-        if holdout and not rows["test"]:
+        fixed = ("train", "val", "test")
+        if holdout and not rows["test"]:  # val/ split in two with the seed: neither part is fixed
             val = rows["val"]
             keep, test = _stratified([labels[i] for i in val], (1 - holdout, holdout), seed)
             rows["val"], rows["test"] = [val[i] for i in keep], [val[i] for i in test]
+            fixed = ("train",)
     else:
         rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
     keep = _select(names, classes, where)
-    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused)
+    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused, fixed)
 
 
 # torchvision datasets: how each names its official splits (constructor kwarg → value per split). Datasets
@@ -591,13 +599,15 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
         _write_meta(meta_path, meta)
     labels, origin, names = meta["labels"], meta["split"], meta["classes"]
     rows = {s: [i for i, o in enumerate(origin) if o == s] for s in SPLITS}
+    fixed = ("train", "val", "test")  # the dataset's official splits
     if not rows["val"]:  # carve validation out of train, stratified, in the spec's train:val proportion
         train = rows["train"]
         keep, val = _stratified([labels[i] for i in train], (split[0] / (split[0] + split[1]),
                                                                split[1] / (split[0] + split[1])), seed)
         rows["train"], rows["val"] = [train[i] for i in keep], [train[i] for i in val]
+        fixed = ("test",)
     keep_classes = _select(names, classes, f"torchvision:{name}")
-    return _finish(cache, labels, rows, names, keep_classes, train_per_class, seed, fp, (), reused)
+    return _finish(cache, labels, rows, names, keep_classes, train_per_class, seed, fp, (), reused, fixed)
 
 
 # ------------------------------------------------------------------------------------- augmentation
@@ -674,5 +684,6 @@ def chance(p: Prepared, split: str = "test") -> float | None:
 def describe(p: Prepared) -> dict[str, Any]:
     c = p.counts()
     return {"classes": list(p.classes), "fingerprint": p.fingerprint, "chance": chance(p),
+            "val_chance": chance(p, "val"), "fixed_splits": ",".join(p.fixed),
             **{f"n_{k}": c.get(k, 0) for k in SPLITS}, "skipped_files": len(p.skipped),
             "test_split": "held out" if c.get("test") else "none (this dataset has no test split)"}

@@ -54,6 +54,7 @@ class Summary:
     experiment_id: str
     parent_run_id: str
     trials: list[TrialResult] = field(default_factory=list)  # one per search trial, best first
+    selection: list[TrialResult] = field(default_factory=list)  # a study's candidates re-trained on validation
     finals: list[TrialResult] = field(default_factory=list)  # a study's re-trainings scored on test
     status: str = "FINISHED"
     report: Any = None
@@ -552,45 +553,86 @@ def final_seeds(seed: int, search: int, repeats: int) -> list[int]:
     return [seed + 1000 + 100 * search + i for i in range(repeats)]
 
 
-def finalists(results: list[TrialResult], seed: int, repeats: int, full_budget: int | None = None
-              ) -> list[TrialConfig]:
-    """The declared selection rule: per cell (arm, depth) and search repeat, the trial with the best validation
-    accuracy among those that ran their whole schedule (an early-stopped trial's score is mid-schedule; a cell
-    where none did falls back to its stopped trials), ties to the earlier trial; one config per final seed.
-    With ``full_budget`` (``study.allocate: halving``), only cells that got it: the others were cut.
-    """
+def selection_seeds(seed: int, search: int, n: int) -> list[int]:
+    """The seeds of a search repeat's selection re-trainings: new to the search and to the finals."""
+    return [seed + 2000 + 100 * search + i for i in range(n)]
+
+
+def _cell(c: TrialConfig) -> tuple[int, str, int]:
+    return c.search, c.arm, c.unfrozen_blocks
+
+
+def candidates(results: list[TrialResult], seed: int, n: int, seeds: int, full_budget: int | None = None
+               ) -> list[TrialConfig]:
+    """The declared selection rule, step one: per cell (arm, depth) and search repeat, its ``n`` best
+    configurations by search validation accuracy, those that ran their whole schedule first (an early-stopped
+    trial's score is mid-schedule), ties to the earlier trial; each re-trained with ``seeds`` new seeds (role
+    ``candidate``: validation only). With ``full_budget`` (``study.allocate: halving``), only cells that got it:
+    the others were cut."""
     count: dict[tuple, int] = {}
     for r in results:
-        key = (r.config.search, r.config.arm, r.config.unfrozen_blocks)
-        count[key] = count.get(key, 0) + 1
-    if full_budget is not None:
-        results = [r for r in results if count[(r.config.search, r.config.arm, r.config.unfrozen_blocks)]
-                   >= full_budget]
-    best: dict[tuple, TrialResult] = {}
-    rank = lambda r: (r.status == "FINISHED", r.best_val_acc)  # noqa: E731
+        count[_cell(r.config)] = count.get(_cell(r.config), 0) + 1
+    ranked: dict[tuple, list[TrialResult]] = {}
     for r in results:
-        if r.status == "FAILED" or r.best_val_acc is None:
+        if r.status == "FAILED" or r.best_val_acc is None or (full_budget and count[_cell(r.config)] < full_budget):
             continue
-        key = (r.config.search, r.config.arm, r.config.unfrozen_blocks)
-        if key not in best or rank(r) > rank(best[key]):
-            best[key] = r
-    return [dataclasses.replace(r.config, seed=s, role="final")
-            for key, r in sorted(best.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2]))
-            for s in final_seeds(seed, key[0], repeats)]
+        ranked.setdefault(_cell(r.config), []).append(r)
+    out = []
+    for key in sorted(ranked, key=lambda k: (k[0], str(k[1]), k[2])):
+        best = sorted(ranked[key], key=lambda r: (r.status != "FINISHED", -r.best_val_acc))[:n]  # stable: ties
+        out += [dataclasses.replace(r.config, seed=s, role="candidate") for r in best
+                for s in selection_seeds(seed, key[0], seeds)]
+    return out
 
 
-def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
-                      resume: bool = False) -> list[TrialResult]:
+def finalists(selection: list[TrialResult], seed: int, repeats: int) -> list[TrialConfig]:
+    """The declared selection rule, step two: per cell and search repeat, the candidate configuration with the
+    best mean validation accuracy over its selection seeds (a seed that failed counts 0), ties to the better
+    search rank; one config per final seed (the same seeds in every arm)."""
+    scores: dict[tuple, dict[tuple, list[float]]] = {}
+    order: dict[tuple, TrialConfig] = {}
+    for r in selection:
+        key = tuple(sorted(r.config.dims().items()))
+        scores.setdefault(_cell(r.config), {}).setdefault(key, []).append(
+            0.0 if r.status == "FAILED" or r.best_val_acc is None else r.best_val_acc)
+        order.setdefault(key + _cell(r.config), r.config)
+    out = []
+    for cell in sorted(scores, key=lambda k: (k[0], str(k[1]), k[2])):
+        means = {k: sum(v) / len(v) for k, v in scores[cell].items()}  # in search-rank order (dicts keep it)
+        chosen = order[max(means, key=means.get) + cell]
+        out += [dataclasses.replace(chosen, seed=s, role="final") for s in final_seeds(seed, cell[0], repeats)]
+    return out
+
+
+def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: list[TrialConfig], log: log_fn,
+             resume: bool) -> list[TrialResult]:
+    """A phase that re-trains given configurations (a study's selection, its finals): one Tuner over them."""
     s = cfg.spec
-    configs = finalists(trials, s.seed, s.study.repeats,
-                        s.study.trials_per_cell if s.study.allocate == "halving" else None)
-    log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
-        f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
     points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
                                    max_concurrent=s.trials_at_once)
     keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
-    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "final"), len(configs), log, points, param_space=keys,
+    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, param_space=keys,
                        scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
+
+
+def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
+           resume: bool = False) -> list[TrialResult]:
+    """A study's selection: each cell's best configurations re-trained with new seeds, on validation only."""
+    st = cfg.spec.study
+    configs = candidates(trials, cfg.spec.seed, st.min_candidates, st.selection_seeds,
+                         st.trials_per_cell if st.allocate == "halving" else None)
+    log(f"ray: selection: {len(configs)} re-trainings (each cell's {st.min_candidates} best configurations × "
+        f"{st.selection_seeds} new seeds, validation only; the best mean is the cell's choice)")
+    return _retrain(cfg, ctx, parent, "select", configs, log, resume)
+
+
+def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, selection: list[TrialResult], log: log_fn,
+                      resume: bool = False) -> list[TrialResult]:
+    s = cfg.spec
+    configs = finalists(selection, s.seed, s.study.repeats)
+    log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
+        f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
+    return _retrain(cfg, ctx, parent, "final", configs, log, resume)
 
 
 def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
@@ -604,7 +646,7 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
             log(f"mlflow: {summary.delayed} writes held back by a tracking outage were delivered now")
     if summary.status != "KILLED" and online:  # a resumed sweep reopens its unfinished runs itself
         if resume:  # trials a killed driver started after its last saved state: the search never saw them
-            known = {r.trial for r in summary.trials + summary.finals}
+            known = {r.trial for r in summary.trials + summary.selection + summary.finals}
             n_gone = tracking.retire_unknown(uri, exp_id, parent, known)
             if n_gone:
                 log(f"mlflow: {n_gone} unfinished runs of trials started after the killed driver's last "
@@ -612,7 +654,8 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
         tracking.close_orphans(uri, exp_id, parent)
     best = summary.best
     metrics = {"best_val_acc": best.best_val_acc} if best and best.best_val_acc is not None else {}
-    metrics.update(n_trials=len(summary.trials), n_final=len(summary.finals), sweep_seconds=summary.seconds)
+    metrics.update(n_trials=len(summary.trials), n_selection=len(summary.selection), n_final=len(summary.finals),
+                   sweep_seconds=summary.seconds)
     tags = {"tl_sweep.best_trial": best.trial, "tl_sweep.best.arm": best.config.arm} if best else {}
     if best:
         tags.update({f"tl_sweep.best.{k}": str(v) for k, v in best.config.dims().items()})
@@ -644,10 +687,11 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     cfg = plan_gpus(cfg, repeats[0], log)
     s = cfg.spec
     nodes = check_cluster(cfg)  # a refusal here still comes before any MLflow run
-    search_n, final_n = cfg.trainings()
+    search_n, select_n, final_n = cfg.trainings()
     most = "at most " if s.study is not None and s.study.allocate == "halving" else ""
-    log(f"plan: {most}{search_n} search trials + {most}{final_n} final re-trainings = {most}{search_n + final_n} "
-        f"trainings")
+    log(f"plan: {most}{search_n} search trials"
+        + (f" + {most}{select_n} selection re-trainings + {most}{final_n} final re-trainings" if s.study else "")
+        + f" = {most}{search_n + select_n + final_n} trainings")
     run_tags = tracking.source_tags(cfg.spec_file)
     exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
@@ -675,8 +719,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         summary.trials = search(cfg, ctx, parent, log, resume, prior)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
         if s.study is not None:
-            summary.finals = retrain_finalists(cfg, ctx, parent, summary.trials, log, resume)
-        everything = summary.trials + summary.finals
+            summary.selection = select(cfg, ctx, parent, summary.trials, log, resume)
+            summary.finals = retrain_finalists(cfg, ctx, parent, summary.selection, log, resume)
+        everything = summary.trials + summary.selection + summary.finals
         if everything and all(r.status == "FAILED" for r in everything):
             summary.status = "FAILED"
     except KeyboardInterrupt:
@@ -702,7 +747,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
             except Exception as e:  # noqa: BLE001 - every trial and the report are in MLflow already
                 log(f"mlflow: the winners could not be logged as models ({type(e).__name__}: "
                     f"{_plain(str(e))}); the sweep's runs and report are complete")
-        for r in summary.trials + summary.finals:  # published (or not wanted): Tune's copies go
+        for r in summary.trials + summary.selection + summary.finals:  # published or not wanted: Tune's copies go
             drop_checkpoint(r.checkpoint)
     return summary
 

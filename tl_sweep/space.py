@@ -372,10 +372,13 @@ def make_scheduler(s: Spec, log=None, finals: bool = False) -> Scheduler:
     if finals or not rungs(s):
         return Scheduler(None, log=log)
     sch = s.scheduler
+    max_t = min_epochs(s.search.space)
     asha = functools.partial(ASHAScheduler, time_attr="progress", metric=contract.METRIC, mode=contract.MODE,
-                             max_t=min_epochs(s.search.space), grace_period=sch.grace_period,
-                             reduction_factor=sch.reduction_factor)
-    return Scheduler(asha, per_cell=s.study is not None, log=log)
+                             max_t=max_t, grace_period=sch.grace_period, reduction_factor=sch.reduction_factor)
+    if s.study is None:
+        return Scheduler(asha, log=log)
+    return Scheduler(asha, per_cell=True, log=log, max_t=max_t,
+                     keep=(s.study.trials_per_cell, min(s.study.min_candidates, s.study.trials_per_cell)))
 
 
 class Scheduler(FIFOScheduler):
@@ -383,14 +386,22 @@ class Scheduler(FIFOScheduler):
     search repeat: a trial is compared only with trials of its own search, never across depths or arms), or
     FIFO (``make`` None).
 
+    ``keep = (budget, n)`` (a study's cells): ASHA never stops a trial early where that would leave its cell
+    fewer than ``n`` trials that can run their whole schedule out of its ``budget``, so every cell's selection
+    has at least ``n`` full-schedule configurations to choose from (``study.min_candidates``).
+
     It also keeps a worker from taking another trial when the trial's report asks for it (its memory grew past
     its bound, or it ran out of memory: ``TrialReport.replace_worker``), and says so in one line.
     """
 
-    def __init__(self, make=None, per_cell: bool = False, log=None):
+    def __init__(self, make=None, per_cell: bool = False, log=None, keep: tuple[int, int] | None = None,
+                 max_t: float = math.inf):
         super().__init__()
         self.make, self.per_cell, self.cells, self.of = make, per_cell, {}, {}
         self.log, self.replaced = log, set()
+        self.keep, self.max_t = keep, max_t
+        self.stopped: dict[Any, int] = {}  # cell -> trials ASHA stopped before the end of their schedule
+        self.key: dict[str, Any] = {}  # trial -> its cell
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
@@ -402,7 +413,7 @@ class Scheduler(FIFOScheduler):
         key = (c.get("arm"), c.get("unfrozen_blocks"), c.get("search", 0)) if self.per_cell else None
         if key not in self.cells:
             self.cells[key] = self.make()
-        self.of[trial.trial_id] = self.cells[key]
+        self.of[trial.trial_id], self.key[trial.trial_id] = self.cells[key], key
         self.of[trial.trial_id].on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -412,7 +423,15 @@ class Scheduler(FIFOScheduler):
             if internals.keep_from_reuse(tune_controller, trial) and self.log:
                 self.log(f"ray: the worker of trial {trial.trial_id} takes no further trial and is replaced: {why}")
         sub = self.of.get(trial.trial_id)
-        return sub.on_trial_result(tune_controller, trial, result) if sub else self.CONTINUE
+        if sub is None:
+            return self.CONTINUE
+        decision = sub.on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP and (TrialReport.of(result).progress or 0) < self.max_t and self.keep:
+            key, (budget, n) = self.key[trial.trial_id], self.keep
+            if budget - self.stopped.get(key, 0) - 1 < n:  # its cell would end with fewer than n to choose from
+                return self.CONTINUE
+            self.stopped[key] = self.stopped.get(key, 0) + 1
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         sub = self.of.pop(trial.trial_id, None)

@@ -228,10 +228,14 @@ class Study(_Strict):
     """A transfer study: a grid of cells, one per (source, depth), plus the tuned from-scratch cell.
 
     Every cell gets its own search with the same budget, ``trials_per_cell`` (TPE over the searched dimensions
-    other than depth, seeded per cell and per search repeat; ASHA inside the cell, never across depths). The
-    whole study is searched ``search_repeats`` times with independent seeds, so each verdict comes with its
-    stability. The chosen configuration of each cell is re-trained with ``repeats`` seeds, the same seeds in
-    every arm (pairing), and scored once on the test split. ``search.num_trials`` does not apply to a study.
+    other than depth, seeded per cell and per search repeat; ASHA inside the cell, never across depths, and never
+    leaving a cell fewer than ``min_candidates`` configurations that ran their whole schedule). The whole study
+    is searched ``search_repeats`` times with independent seeds, so each verdict comes with its stability. A
+    cell's ``min_candidates`` best configurations are re-trained with ``selection_seeds`` new seeds each, and the
+    one with the best mean validation accuracy is the cell's choice (a lucky single run cannot be it); each arm's
+    depth is chosen on those same re-trainings. The chosen configuration of each cell is then re-trained with
+    ``repeats`` seeds, the same seeds in every arm (pairing), and scored once on the test split: those finals
+    choose nothing. ``search.num_trials`` does not apply to a study.
     """
 
     baseline: Literal["scratch"] | None = "scratch"
@@ -240,6 +244,8 @@ class Study(_Strict):
     trials_per_cell: int = Field(6, ge=1)
     search_repeats: int = Field(3, ge=1)
     repeats: int = Field(5, ge=2)  # final seeds per chosen configuration (paired across arms)
+    min_candidates: int = Field(3, ge=1)  # full-schedule configurations each cell keeps; the best this many re-trained
+    selection_seeds: int = Field(2, ge=1)  # new seeds per candidate before a cell's configuration is chosen
     estimates: bool = True  # transferability estimates per cell before training, checked against the finals
     allocate: Literal["grid", "halving"] = "grid"  # grid: equal budgets; halving: successive halving of cells
     eta: int = Field(2, ge=2)  # halving: the share of cells each rung keeps is 1/eta
@@ -335,6 +341,9 @@ class Spec(_Strict):
         if self.regime.kind == "lp_ft" and self.regime.probe_epochs >= min(values_of(self.search.space.epochs)):
             raise ValueError(f"regime.probe_epochs: {self.regime.probe_epochs} leaves no fine-tuning epoch for "
                              f"the shortest schedule; make it smaller than search.space.epochs")
+        if self.study is not None and self.study.min_candidates > self.study.trials_per_cell:
+            raise ValueError(f"study.min_candidates: {self.study.min_candidates} is more than the "
+                             f"{self.study.trials_per_cell} trials a cell gets; at most study.trials_per_cell")
         if self.study is not None and self.study.depths is not None:
             bad = [d for d in self.study.depths if d != "max" and not 0 <= d <= n]
             if bad or not self.study.depths:
@@ -472,22 +481,26 @@ class Config(BaseModel):
     max_blocks: int
     cells: list[tuple[str, int]] = []  # a study's grid: (arm, unfrozen blocks); scratch trains every block
 
-    def trainings(self) -> tuple[int, int]:
-        """(search trials, final re-trainings) this config will run."""
+    def trainings(self) -> tuple[int, int, int]:
+        """(search trials, selection re-trainings, final re-trainings) this config will run (at most, where a
+        cell ends with fewer than ``min_candidates`` configurations that ran their whole schedule)."""
         s = self.spec
         if s.study is None:
-            return s.search.num_trials, 0
-        n = len(self.cells) * s.study.search_repeats
-        return n * s.study.trials_per_cell, n * s.study.repeats
+            return s.search.num_trials, 0, 0
+        st = s.study
+        n = len(self.cells) * st.search_repeats
+        return n * st.trials_per_cell, n * min(st.min_candidates, st.trials_per_cell) * st.selection_seeds, \
+            n * st.repeats
 
     def dump(self) -> dict[str, Any]:
         """The resolved config as plain data (YAML/JSON/MLflow params)."""
         d = self.spec.model_dump(mode="json")
-        search, finals = self.trainings()
+        search, selection, finals = self.trainings()
         d["resolved"] = {"experiment": self.experiment, "arms": self.arms,
                          "input": {k: list(v) if isinstance(v, tuple) else v for k, v in self.input.items()},
                          "max_blocks": self.max_blocks, "cells": [f"{a}@k={k}" for a, k in self.cells],
-                         "trainings": {"search": search, "final": finals, "total": search + finals}}
+                         "trainings": {"search": search, "selection": selection, "final": finals,
+                                       "total": search + selection + finals}}
         return d
 
 

@@ -35,7 +35,7 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     matplotlib.use("Agg")
     sweep = collect.sweep(uri, exp_id, parent_id)
     results = sweep.results
-    if not any(not r.config.final for r in results):
+    if not any(r.config.searched for r in results):
         raise UserError(f"run {parent_id} has no trial runs to report on")
     out = Path(out_dir or Path("reports") / f"{sweep.experiment}-{parent_id[:8]}")
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,8 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")))
     plots = set()
     render.plot_freeze_depth(a, out / "freeze_depth.png")
-    if render.plot_budget(stats.budget_curves(results), out / "budget_curves.png"):
+    budget = stats.budget_curves(results)
+    if render.plot_budget(budget, out / "budget_curves.png"):
         plots.add("budget")
     if render.plot_cost(a, stats.cost(results), out / "cost.png"):
         plots.add("cost")
@@ -59,7 +60,7 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     est = transferability.read_metrics(sweep.metrics, a.arms)
     est_md = render.estimates_section(est, truth := stats.truth_per_cell(a), stats.agreement(est, truth)) \
         if est else None
-    markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md)
+    markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md, render.budget_summary(budget))
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(render.trials_csv(results))
     # the resolved spec beside the report, so the folder reproduces the study on its own

@@ -40,8 +40,9 @@ def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:
     """The parent run's params and tags and one result per child run, in a stable order."""
     parent = tracking.get_run(uri, parent_id)
     results = [result(r) for r in tracking.children(uri, exp_id, parent_id)]
+    # the same sweep gives the same order (and report) whatever ids its runs got: ties go by configuration
     results.sort(key=lambda r: (r.config.role, r.config.arm, r.config.unfrozen_blocks, -(r.best_val_acc or -1),
-                                r.config.seed, r.run_id))
+                                r.config.seed, r.config.search, repr(sorted(r.config.dims().items())), r.run_id))
     return Sweep(tracking.experiment(uri, exp_id).name, parent_id, parent.data.params, parent.data.tags, results,
                  dict(parent.data.metrics))
 
@@ -66,4 +67,5 @@ def describe(s: Sweep) -> dict[str, Any]:
     return {"arch": p.get("model.arch"), "dataset": p.get("data.dataset"), "crop": p.get("resolved.input.crop", "?"),
             "seed": p.get("seed"), **{k: t.get(f"tl_sweep.data.{k}", "?") for k in ("classes", "n_train", "n_val",
                                                                                        "n_test", "chance")},
+            "fixed_splits": t.get("tl_sweep.data.fixed_splits"), "val_chance": t.get("tl_sweep.data.val_chance"),
             "chance_by_search": t.get("tl_sweep.data.chance_by_search")}

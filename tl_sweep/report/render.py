@@ -36,9 +36,14 @@ def _gap(g: Gap | None, label: str = "") -> str:
     return txt + (f" ({label})" if label else "")
 
 
+def _test(c) -> str:
+    """A cell's finals' test accuracy with its interval, and whether it is above chance."""
+    return _ci(c.test) + ("" if c.above_chance else " (not above chance)")
+
+
 def key_table(a: Analysis) -> list[list[str]]:
     """Per source and search repeat: chosen depth, test accuracy, NTG with its paired interval and Holm p."""
-    head = ["arm", "search", "chosen depth", "finals val %", "test % [95% CI]", "NTG pts [95% CI]", "Holm p",
+    head = ["arm", "search", "chosen depth", "selection val %", "test % [95% CI]", "NTG pts [95% CI]", "Holm p",
             "verdict"]
     body = []
     for arm in a.arms:
@@ -48,12 +53,12 @@ def key_table(a: Analysis) -> list[list[str]]:
                 continue
             cell = a.cells[(arm, depth, s)]
             comp = next((c for c in a.primary if c.arm == arm and c.search == s), None)
-            test = _ci(cell.test) + ("" if cell.trained else " (did not train)")
+            chose = _pct(cell.select_val if cell.selection else cell.val)
             if arm == a.scratch:
-                body.append([arm, str(s), str(depth), _pct(cell.val), test, "(baseline)", "", ""])
+                body.append([arm, str(s), str(depth), chose, _test(cell), "(baseline)", "", ""])
             elif comp:
                 p = "–" if math.isnan(comp.gap.p_holm) else f"{comp.gap.p_holm:.3g}"
-                body.append([arm, str(s), str(depth), _pct(cell.val), test, _gap(comp.gap), p, comp.verdict])
+                body.append([arm, str(s), str(depth), chose, _test(cell), _gap(comp.gap), p, comp.verdict])
     return [head] + body
 
 
@@ -68,43 +73,47 @@ def text_table(table: list[list[str]]) -> str:
 
 
 def findings(a: Analysis) -> list[str]:
-    """Plain sentences on what the numbers show, including when they show nothing."""
+    """Plain sentences on what the numbers show, including when they show nothing: each source's verdicts over
+    the search repeats, and which cells are not above chance, the scratch baseline first."""
     out = []
     n = len(a.searches)
+    at_chance = sorted(c.search for c in a.cells.values() if c.arm == a.scratch and c.final_test and
+                       not c.above_chance)
+    if a.scratch and at_chance:
+        out.append(f"The scratch baseline's finals are **not shown above chance** (the test split's majority-class "
+                   f"rate) in search repeat{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))}: "
+                   f"scratch did not learn within its budget there; a source above chance is compared with it all "
+                   f"the same, and its verdict says so.")
     for arm in a.arms:
         if arm == a.scratch:
             continue
         counts = a.stability(arm)
         if counts:
-            spread = ", ".join(f"{k} in {v} of {n}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            spread = ", ".join(f"{k} in {v} of {n}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
             depths = sorted({d for (x, _), d in a.chosen.items() if x == arm})
             out.append(f"`{arm}` against the tuned scratch baseline, at its chosen depth (k = "
                        f"{', '.join(map(str, depths))}): **{spread}** search repeats.")
-        untrained = sorted((c.depth, c.search) for c in a.cells.values() if c.arm == arm and not c.trained)
-        if untrained:
-            cells = ", ".join(f"k={d} (search repeat {s})" for d, s in untrained)
-            out.append(f"`{arm}`: the finals of {cells} did not beat the test split's majority-class rate: "
-                       f"those cells did not train.")
-    failed = sorted(c.search for c in a.cells.values() if c.arm == a.scratch and not c.trained)
-    if a.scratch and failed:
-        out.append(f"The scratch baseline did not beat the majority-class rate in search repeat"
-                   f"{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}: no transfer verdict there.")
+        below = sorted((c.depth, c.search) for c in a.cells.values() if c.arm == arm and c.final_test
+                       and not c.above_chance)
+        if below:
+            cells = ", ".join(f"k={d} (search repeat {s})" for d, s in below)
+            out.append(f"`{arm}`: the finals of {cells} are not shown above the majority-class rate.")
     if not out:
         out.append("No final evaluation on the test split (not a study): the table shows validation accuracy only.")
     return out
 
 
 def depth_table(a: Analysis) -> list[list[str]]:
-    head = ["arm", "depth", "search", "search trials", "best search val %", "finals val %", "test % [95% CI]",
-            "NTG pts [95% CI] (descriptive, uncorrected)"]
+    head = ["arm", "depth", "search", "trials finished / started", "best search val %", "selection val %",
+            "test % [95% CI]", "above chance (Holm p)", "NTG pts [95% CI] (descriptive, uncorrected)"]
     body = []
     for (arm, depth, s) in sorted(a.cells, key=lambda k: (k[0] == a.scratch, k[0], k[1], k[2])):
         c = a.cells[(arm, depth, s)]
         comp = next((x for x in a.per_depth if (x.arm, x.depth, x.search) == (arm, depth, s)), None)
         mark = " ◀ chosen" if a.chosen.get((arm, s)) == depth else ""
-        body.append([arm, f"{depth}{mark}", str(s), str(c.trials), _pct(c.best_val), _pct(c.val),
-                     _ci(c.test) + ("" if c.trained else " (did not train)"),
-                     _gap(comp.gap, comp.verdict) if comp else "–"])
+        chance = "–" if math.isnan(c.p_chance) else f"{'yes' if c.above_chance else 'no'} ({c.p_chance:.2g})"
+        body.append([arm, f"{depth}{mark}", str(s), f"{c.finished} / {c.trials}", _pct(c.best_val),
+                     _pct(c.select_val), _ci(c.test), chance, _gap(comp.gap, comp.verdict) if comp else "–"])
     return [head] + body
 
 
@@ -163,18 +172,53 @@ def plot_freeze_depth(a: Analysis, path: Path) -> None:
           "Freeze depth (finals of all search repeats, mean ± 95% CI)")
 
 
-def plot_budget(curves: dict[tuple[str, int], list[float]], path: Path) -> bool:
-    """Expected best validation accuracy vs number of trials, per cell (Dodge et al. 2019)."""
+def plot_budget(curves: list[stats.BudgetCurve], path: Path) -> bool:
+    """Expected best validation accuracy vs trials, one panel per cell, one line (and 90% bootstrap band) per
+    search repeat, from full-schedule trials only (Dodge et al. 2019)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not curves:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (arm, depth), ys in sorted(curves.items()):
-        ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker=".", label=f"{arm} k={depth}")
-    _save(fig, ax, path, "trials in one search of the cell", "expected best validation accuracy (%)",
-          "Budget curves: did the budget suffice? (flat = yes)", legend=6, ncol=2)
+    cells = sorted({(c.arm, c.depth) for c in curves}, key=lambda k: (k[0] == "scratch", str(k[0]), k[1]))
+    cols = min(4, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    for ax, (arm, depth) in zip(axes.flat, cells):
+        for c in (c for c in curves if (c.arm, c.depth) == (arm, depth)):
+            n = range(1, len(c.mean) + 1)
+            line, = ax.plot(n, [100 * y for y in c.mean], marker=".", label=f"repeat {c.search} "
+                                                                            f"({c.finished}/{c.started} full)")
+            ax.fill_between(n, [100 * y for y in c.lo], [100 * y for y in c.hi], color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{arm} k={depth}", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("trials in one search", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("expected best val acc (%)", fontsize=8)
+    fig.suptitle("Budget curves (full-schedule trials; band: 90% bootstrap): flat = the budget sufficed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
+
+
+def budget_summary(curves: list[stats.BudgetCurve]) -> str:
+    """What a search's last trial added to its expected best, over every cell and repeat: the basis of any
+    advice to give cells more (or fewer) trials."""
+    if not curves:
+        return ""
+    gains = sorted(100 * c.last_gain for c in curves)
+    median = statistics.median(gains)
+    top = max(curves, key=lambda c: c.last_gain)
+    return (f"The last trial of a search added {median:.1f} points to the expected best validation accuracy "
+            f"(median over {len(curves)} searches; range {gains[0]:.1f} to {gains[-1]:.1f}, the most for "
+            f"{top.arm} k={top.depth} in search repeat {top.search}). Cells with fewer than two full-schedule "
+            f"trials have no curve.")
 
 
 def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bool:
@@ -260,9 +304,24 @@ def estimates_section(estimates: dict[tuple[str, int], dict[str, float]], truth:
     return md + [""]
 
 
+def _redrawn(fixed: str | None) -> str:
+    """What each search repeat redraws, in words (``fixed``: the splits the dataset itself fixes)."""
+    kept = [s for s in (fixed or "").split(",") if s]
+    drawn = [s for s in ("train", "val", "test") if s not in kept]
+    if not kept:
+        return "Each search repeat draws every split (train, val, test) with its own seed."
+    if not drawn:
+        return ("Every split is the dataset's own (train, val and test folders or sets): search repeats redraw "
+                "seeds, not images, so their spread is the training's, not the data's.")
+    return (f"Each search repeat draws {' and '.join(drawn)} with its own seed; {' and '.join(kept)} "
+            f"{'is' if len(kept) == 1 else 'are'} the dataset's own in every repeat.")
+
+
 def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult], a: Analysis,
-             imp: dict[str, dict[str, float]], plots: set[str], estimates: list[str] | None = None) -> str:
-    search = [r for r in results if not r.config.final]
+             imp: dict[str, dict[str, float]], plots: set[str], estimates: list[str] | None = None,
+             budget: str = "") -> str:
+    search = [r for r in results if r.config.searched]
+    selection = [r for r in results if r.config.candidate]
     finals = [r for r in results if r.config.final]
     status = {s: sum(1 for r in search if r.status == s) for s in ("FINISHED", "EARLY_STOPPED", "FAILED")}
     h = header
@@ -272,7 +331,9 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
           f"rate of test {'/'.join(_pct(c) for c in sorted(set(a.chance.values()))) or '–'}%) · input {h['crop']} px · "
           f"seed {h['seed']}", "",
           f"Search: {len(search)} trials ({status['FINISHED']} finished, {status['EARLY_STOPPED']} early-stopped, "
-          f"{status['FAILED']} failed); final evaluation: {len(finals)} re-trainings scored once on the test split."]
+          f"{status['FAILED']} failed); "
+          + (f"selection: {len(selection)} re-trainings on validation; " if selection else "")
+          + f"final evaluation: {len(finals)} re-trainings scored once on the test split."]
     retried = [r for r in results if r.retries]
     if retried:
         md[-1] += (f" {len(retried)} trial{'s' if len(retried) > 1 else ''} lost a worker or node and continued "
@@ -284,14 +345,20 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
                    f"run{'s' if len(delayed) > 1 else ''} on local disk; all were delivered later.")
     if a.scratch or len(a.cells) > len(a.arms):
         trials = sorted({c.trials for c in a.cells.values()})
+        seeds = sorted({len(v) for c in a.cells.values() for v in c.selection.values()})
+        picked = (f"each cell's best configurations by search validation (full-schedule trials first) are "
+                  f"re-trained with {'–'.join(map(str, seeds))} new seeds on validation, and the best mean is the "
+                  f"cell's choice; each arm's depth is chosen on those selection means" if seeds else
+                  "each cell's configuration with the best validation accuracy among trials that ran their whole "
+                  "schedule; each arm's depth by its finals' mean validation accuracy")
         md += ["", f"Design: {len({(c.arm, c.depth) for c in a.cells.values()})} cells (arm × depth) × "
                f"{len(a.searches)} search repeats, {'–'.join(map(str, trials))} search trials per cell and repeat "
-               f"(one seeded TPE and one ASHA per cell). Selection, declared before looking: each cell's "
-               f"configuration with the best validation accuracy among trials that ran their whole schedule; each "
-               f"arm's depth by its finals' mean **validation** accuracy, ties to the shallower depth. Finals use "
-               f"the same seeds in every arm, so NTG (test error of the source − test error of scratch, points) "
-               f"has a paired 95% interval; its p-value is Holm-corrected across sources. A cell whose finals do "
-               f"not beat the majority-class rate did not train. Test figures never choose anything."]
+               f"(one seeded TPE and one ASHA per cell). Selection, declared before looking: {picked}, ties to the "
+               f"shallower depth. Finals use the same seeds in every arm, so NTG (test error of the source − test "
+               f"error of scratch, points) has a paired 95% interval; its p-value is Holm-corrected across "
+               f"sources. Each cell's finals are tested against the test split's majority-class rate (one-sided "
+               f"t-test over seeds, Holm across the study's cells); a verdict says when a cell is not above it. "
+               f"Test figures never choose anything. {_redrawn(h.get('fixed_splits'))}"]
     cut = stats.cut_cells(a)
     if cut:
         full = {r: max(c.trials for c in a.cells.values() if c.search == r) for r in a.searches}
@@ -315,9 +382,11 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
            "![freeze depth](freeze_depth.png)", ""]
     md += estimates or []
     if "budget" in plots:
-        md += ["## Budget", "", "Expected best validation accuracy after n trials of one search of each cell "
-               "(Dodge et al. 2019, from all of the cell's search trials): a curve still rising at the budget "
-               "means more trials would have found better configurations.", "", "![budget](budget_curves.png)", ""]
+        md += ["## Budget", "", "Expected best validation accuracy after n trials of one search (Dodge et al. 2019), "
+               "per cell and search repeat, from the trials that ran their whole schedule (a trial ASHA stopped "
+               "scored half a run); the band is a 90% bootstrap over those trials. A curve still rising at the "
+               "budget means more trials would have found better configurations. " + budget, "",
+               "![budget](budget_curves.png)", ""]
     if "cost" in plots:
         md += ["## Cost", "", "![cost](cost.png)", ""]
     if "curves" in plots:

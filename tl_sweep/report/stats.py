@@ -2,17 +2,23 @@
 
 Declared before looking (docs/search.md):
 
-* a **cell** is (arm, depth) within one search repeat; its chosen configuration is re-trained with the study's
-  final seeds (the same seeds in every arm) and scored once on the test split;
-* an arm's **depth** is chosen on its finals' mean *validation* accuracy; ties go to the shallower (cheaper)
-  depth. No test figure chooses anything;
+* a **cell** is (arm, depth) within one search repeat. Its best configurations (search validation, trials that
+  ran their whole schedule first) are re-trained with new seeds on validation (the *selection*); the one with
+  the best mean is the cell's choice. That choice is re-trained with the study's final seeds (the same seeds in
+  every arm) and scored once on the test split;
+* an arm's **depth** is chosen on its cells' selection means (validation, seeds the finals do not use); ties go
+  to the shallower (cheaper) depth. No test figure, and no final, chooses anything: the chosen depth's test
+  figure is not the best of several noisy finals;
+* **chance** is a property of each cell: a one-sided t-test over its finals' seeds that their mean test accuracy
+  is above the test split's majority-class rate, Holm-corrected across the study's cells: *above chance* or
+  *not shown above chance*;
 * **NTG** (negative transfer gap, Wang et al. 2019) = test error of the source at its chosen depth − test error
   of the tuned scratch cell, in the same search repeat. With the same seeds in both arms the interval is a
   paired t-interval over seeds; otherwise Welch's, with the exact Welch–Satterthwaite degrees of freedom. Its
   p-value is Holm-corrected across sources. NTG > 0 with corrected p < 0.05 is *negative transfer*, < 0 a
-  *transfer gain*; otherwise *no significant difference*;
-* a cell whose finals do not beat the test split's majority-class rate (the lower end of their 95% t-interval
-  is not above it) **did not train**: it is never called negative transfer or gain;
+  *transfer gain*; otherwise *no significant difference*. The verdict is given whenever either cell is above
+  chance, and says when one is not: *(source not above chance)*, or *(scratch did not learn within its budget)*;
+  only when neither is above chance is there none;
 * per-depth gaps are descriptive (uncorrected) and labelled so.
 """
 
@@ -25,6 +31,14 @@ from dataclasses import dataclass, field
 from tl_sweep.contract import NAMES, TrialResult
 
 ALPHA = 0.05
+SAME = 1e-9  # values within this share of their size are equal (float noise of a difference, not a spread)
+
+
+def _spread(values: list[float], scale: list[float] | None = None) -> float:
+    """The standard deviation of ``values``, 0 where it is float noise relative to ``scale`` (the numbers they
+    came from: a constant gap between per-seed accuracies leaves ~1e-17 of noise, not a spread)."""
+    sd = statistics.stdev(values)
+    return 0.0 if sd <= SAME * max((abs(v) for v in (scale or values)), default=0.0) else sd
 
 
 def _t(df: float) -> float:
@@ -44,7 +58,7 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, math.nan, math.nan
-    half = _t(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = _t(len(values) - 1) * _spread(values) / math.sqrt(len(values))
     return m, m - half, m + half
 
 
@@ -65,7 +79,7 @@ def paired(x: list[float], y: list[float]) -> Gap:
     """mean(y − x) over pairs with a paired t-interval (n − 1 df). No spread: no interval, no p."""
     d = [b - a for a, b in zip(x, y)]
     m, n = statistics.fmean(d), len(d)
-    if n < 2 or statistics.stdev(d) == 0:
+    if n < 2 or _spread(d, [*x, *y]) == 0:
         return Gap(m, math.nan, math.nan, math.nan, n - 1, True)
     se = statistics.stdev(d) / math.sqrt(n)
     half = _t(n - 1) * se
@@ -78,7 +92,7 @@ def welch(x: list[float], y: list[float]) -> Gap:
     n1, n2 = len(x), len(y)
     if n1 < 2 or n2 < 2:
         return Gap(m, math.nan, math.nan, math.nan, math.nan, False)
-    v1, v2 = statistics.variance(x) / n1, statistics.variance(y) / n2
+    v1, v2 = _spread(x) ** 2 / n1, _spread(y) ** 2 / n2
     se = math.sqrt(v1 + v2)
     if se == 0:
         return Gap(m, math.nan, math.nan, math.nan, math.nan, False)
@@ -106,25 +120,38 @@ def holm(ps: list[float]) -> list[float]:
     return out
 
 
-def beats_chance(tests: list[float], chance: float | None) -> bool:
-    """Whether finals beat the majority-class rate: the lower end of their 95% interval is above it."""
-    if chance is None:
-        return True
-    m, lo, _ = mean_ci(tests)
-    return (m if math.isnan(lo) else lo) > chance
+def above_chance_p(tests: list[float], chance: float) -> float:
+    """One-sided p-value that the finals' mean test accuracy is above the majority-class rate: a one-sample
+    t-test over seeds (with no spread: 0 when they are all above it, 1 otherwise; NaN for one seed)."""
+    from scipy import stats
+
+    n, m = len(tests), statistics.fmean(tests)
+    if n < 2:
+        return math.nan
+    sd = _spread(tests)
+    if sd == 0:
+        return 0.0 if m > chance else 1.0
+    return float(stats.t.sf((m - chance) / (sd / math.sqrt(n)), n - 1))
 
 
-def verdict(g: Gap, *, trained: bool = True, baseline_trained: bool = True, corrected: bool = True) -> str:
-    if not baseline_trained:
-        return "baseline did not train"
-    if not trained:
-        return "did not train"
+NOT_ABOVE = " (source not above chance)"
+SCRATCH_AT_CHANCE = " (scratch did not learn within its budget)"
+NEITHER = "no verdict: neither above chance"
+
+
+def verdict(g: Gap, *, source_above: bool = True, baseline_above: bool = True, corrected: bool = True) -> str:
+    """The comparison's verdict: from the (Holm-corrected) paired test, and saying when a cell is not above
+    chance; no verdict only when neither is."""
+    if not source_above and not baseline_above:
+        return NEITHER
     p = g.p_holm if corrected else g.p
     if math.isnan(p):
-        return "not resolved (one seed, or no spread)"
-    if p >= ALPHA:
-        return "no significant difference"
-    return "negative transfer" if g.gap > 0 else "transfer gain"
+        out = "not resolved (one seed, or no spread)"
+    elif p >= ALPHA:
+        out = "no significant difference"
+    else:
+        out = "negative transfer" if g.gap > 0 else "transfer gain"
+    return out + ("" if source_above else NOT_ABOVE) + ("" if baseline_above else SCRATCH_AT_CHANCE)
 
 
 def expected_max(values: list[float], n: int) -> float:
@@ -142,11 +169,20 @@ class Cell:
     arm: str
     depth: int
     search: int
-    trials: int = 0
+    trials: int = 0  # search trials started
+    finished: int = 0  # ... that ran their whole schedule
     best_val: float = math.nan
+    selection: dict[tuple, list[float]] = field(default_factory=dict)  # candidate config -> validation per seed
     final_val: dict[int, float] = field(default_factory=dict)  # seed -> best validation accuracy
     final_test: dict[int, float] = field(default_factory=dict)  # seed -> test accuracy
-    trained: bool = True
+    p_chance: float = math.nan  # Holm-corrected one-sided p of "its finals are above chance"
+    above_chance: bool = True
+
+    @property
+    def select_val(self) -> float:
+        """The chosen configuration's mean validation over its selection seeds (NaN without a selection)."""
+        means = [statistics.fmean(v) for v in self.selection.values() if v]
+        return max(means) if means else math.nan
 
     @property
     def val(self) -> float:
@@ -194,12 +230,15 @@ class Analysis:
 
 
 def choose_depth(cells: list[Cell]) -> int:
-    """The declared rule: best mean final validation accuracy; ties to the shallower depth."""
-    return min(cells, key=lambda c: (-(c.val if not math.isnan(c.val) else -1), c.depth)).depth
+    """The declared rule: the best selection mean (validation on seeds the finals do not use; a sweep recorded
+    before the selection existed: its finals' mean validation); ties to the shallower depth."""
+    score = lambda c: c.select_val if c.selection else c.val  # noqa: E731
+    return min(cells, key=lambda c: (-(score(c) if not math.isnan(score(c)) else -1), c.depth)).depth
 
 
 def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) -> Analysis:
-    search = [r for r in results if not r.config.final]
+    search = [r for r in results if r.config.searched]
+    selection = [r for r in results if r.config.candidate]
     finals = [r for r in results if r.config.final and r.test_acc is not None]
     arms = sorted({r.config.arm for r in search}, key=lambda a: (a == "scratch", a))
     a = Analysis(arms, "scratch" if "scratch" in arms else None, sorted({r.config.search for r in search}),
@@ -208,16 +247,23 @@ def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) 
         c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
                                                                                                  r.config.search))
         c.trials += 1
+        c.finished += r.status == "FINISHED"
         if r.best_val_acc is not None and not (c.best_val >= r.best_val_acc):
             c.best_val = r.best_val_acc
+    for r in selection:  # a seed that failed counts 0, as the runner's choice counted it
+        c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
+                                                                                                 r.config.search))
+        c.selection.setdefault(tuple(sorted(r.config.dims().items())), []).append(
+            0.0 if r.status == "FAILED" or r.best_val_acc is None else r.best_val_acc)
     for r in finals:
         c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
                                                                                                  r.config.search))
         c.final_test[r.config.seed] = r.test_acc
         if r.best_val_acc is not None:
             c.final_val[r.config.seed] = r.best_val_acc
-    for c in a.cells.values():
-        c.trained = not c.final_test or beats_chance(list(c.final_test.values()), a.chance.get(c.search))
+    tested = [c for c in a.cells.values() if len(c.final_test) >= 2 and a.chance.get(c.search) is not None]
+    for c, p in zip(tested, holm([above_chance_p(list(c.final_test.values()), a.chance[c.search]) for c in tested])):
+        c.p_chance, c.above_chance = p, p < ALPHA
     for arm in arms:
         for s in a.searches:
             mine = [c for c in a.cells.values() if c.arm == arm and c.search == s and c.final_val]
@@ -236,16 +282,16 @@ def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) 
             for c in sorted((c for c in a.cells.values() if c.arm == arm and c.search == s and c.final_test),
                             key=lambda c: c.depth):
                 g = ntg(c.final_test, base.final_test)
-                a.per_depth.append(Comparison(arm, s, c.depth, g, verdict(g, trained=c.trained,
-                                                                          baseline_trained=base.trained,
+                a.per_depth.append(Comparison(arm, s, c.depth, g, verdict(g, source_above=c.above_chance,
+                                                                          baseline_above=base.above_chance,
                                                                           corrected=False)))
                 if a.chosen.get((arm, s)) == c.depth:
                     primary.append((arm, c, g))
         adjusted = holm([g.p for _, _, g in primary])
         for (arm, c, g), p in zip(primary, adjusted):
             g = Gap(g.gap, g.lo, g.hi, g.p, g.df, g.paired, p)
-            a.primary.append(Comparison(arm, s, c.depth, g, verdict(g, trained=c.trained,
-                                                                    baseline_trained=base.trained)))
+            a.primary.append(Comparison(arm, s, c.depth, g, verdict(g, source_above=c.above_chance,
+                                                                    baseline_above=base.above_chance)))
     return a
 
 
@@ -256,22 +302,45 @@ def cut_cells(a: Analysis) -> list[Cell]:
                    and c.trials < full[c.search]), key=lambda c: (c.search, c.arm, c.depth))
 
 
-def budget_curves(results: list[TrialResult]) -> dict[tuple[str, int], list[float]]:
-    """Per (arm, depth): expected best validation accuracy after n = 1.. trials of one search (Dodge et al.
-    2019), from every search trial of that cell over the repeats that reported a score."""
-    by: dict[tuple[str, int], list[float]] = {}
-    per_search: dict[tuple[str, int, int], int] = {}
+@dataclass
+class BudgetCurve:
+    """One cell's search in one repeat: expected best validation accuracy after n = 1 .. ``started`` trials
+    (Dodge et al. 2019) from the trials that ran their whole schedule, with a 90% bootstrap band."""
+
+    arm: str
+    depth: int
+    search: int
+    started: int
+    finished: int
+    mean: list[float]
+    lo: list[float]
+    hi: list[float]
+
+    @property
+    def last_gain(self) -> float:
+        """What the budget's last trial added to the expected best (0 for a budget of one trial)."""
+        return self.mean[-1] - self.mean[-2] if len(self.mean) > 1 else 0.0
+
+
+def budget_curves(results: list[TrialResult], draws: int = 500, seed: int = 0) -> list[BudgetCurve]:
+    """Per cell and search repeat with at least two full-schedule trials: its expected best validation accuracy
+    after n trials, n up to the trials it was given. Only full-schedule scores count (a trial ASHA stopped at
+    half its schedule scored a partial run); the band resamples those scores."""
+    import numpy as np
+
+    cells: dict[tuple, list[TrialResult]] = {}
     for r in results:
-        if r.config.final:
+        if r.config.searched:
+            cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), []).append(r)
+    rng, out = np.random.default_rng(seed), []
+    for (arm, depth, search), rs in sorted(cells.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
+        done = [r.best_val_acc for r in rs if r.status == "FINISHED" and r.best_val_acc is not None]
+        if len(done) < 2:
             continue
-        key = r.config.cell
-        per_search[(*key, r.config.search)] = per_search.get((*key, r.config.search), 0) + 1
-        if r.best_val_acc is not None and r.status != "FAILED":
-            by.setdefault(key, []).append(r.best_val_acc)
-    out = {}
-    for key, vals in by.items():
-        n = max(v for (a, d, _), v in per_search.items() if (a, d) == key)
-        out[key] = [expected_max(vals, k) for k in range(1, n + 1)]
+        n = range(1, len(rs) + 1)
+        boot = np.array([[expected_max(list(rng.choice(done, len(done))), k) for k in n] for _ in range(draws)])
+        out.append(BudgetCurve(arm, depth, search, len(rs), len(done), [expected_max(done, k) for k in n],
+                               list(np.percentile(boot, 5, axis=0)), list(np.percentile(boot, 95, axis=0))))
     return out
 
 
@@ -289,7 +358,7 @@ def curve_runs(results: list[TrialResult], a: Analysis) -> list[tuple[str, str, 
     (first search repeat). Returns (label, line style, MLflow run id)."""
     out = []
     for arm in a.arms:
-        mine = [r for r in results if not r.config.final and r.config.arm == arm and r.best_val_acc is not None
+        mine = [r for r in results if r.config.searched and r.config.arm == arm and r.best_val_acc is not None
                 and r.config.search == 0]
         if not mine:
             continue
@@ -307,7 +376,7 @@ def search_study(results: list[TrialResult]):
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    done = [r for r in results if not r.config.final and r.status == "FINISHED" and r.best_val_acc is not None]
+    done = [r for r in results if r.config.searched and r.status == "FINISHED" and r.best_val_acc is not None]
     dists = {}
     for d in NAMES:
         vals = sorted({getattr(r.config, d) for r in done}, key=str)
@@ -342,7 +411,7 @@ def importance(study) -> dict[str, float]:
 def importance_per_arm(results: list[TrialResult]) -> dict[str, dict[str, float]]:
     """fANOVA importance within each arm (depth is a dimension of a pretrained arm, never of scratch)."""
     out = {}
-    for arm in sorted({r.config.arm for r in results if not r.config.final}):
+    for arm in sorted({r.config.arm for r in results if r.config.searched}):
         imp = importance(search_study([r for r in results if r.config.arm == arm]))
         if imp:
             out[arm] = imp
@@ -359,6 +428,7 @@ def parent_metrics(a: Analysis) -> dict[int, dict[str, float]]:
                                                                    for ch in arm)
         m = out.setdefault(s, {})
         m[f"{key}/depth"] = depth
+        m[f"{key}/selection_val_acc"] = cell.select_val
         m[f"{key}/val_acc"] = cell.val
         if cell.test:
             m[f"{key}/test_acc"], m[f"{key}/test_acc_lo"], m[f"{key}/test_acc_hi"] = cell.test
