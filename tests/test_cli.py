@@ -88,3 +88,19 @@ def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path):
         raise AssertionError("the server still answers")
     except OSError:
         pass
+
+
+def test_first_contact_imports_neither_torch_nor_ray_nor_mlflow(tmp_path):
+    """``--help``, ``models``, ``validate`` and a spec error of ``run`` answer from the spec and the model
+    catalog alone: none of them imports torch, torchvision, Ray or MLflow (seconds of imports on every call)."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\nschedular: {kind: asha}\n")
+    probe = ("import sys\nfrom tl_sweep import cli\ntry:\n    rc = cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    rc = e.code\nheavy = [m for m in ('torch', 'torchvision', 'ray', 'mlflow') if m in sys.modules]\n"
+             "print('HEAVY', heavy, file=sys.stderr)\nsys.exit(rc)\n")
+    for args, code in ((["--help"], 0), (["models"], 0), (["validate", str(SPEC)], 0), (["run", str(typo)], 2),
+                       (["validate", str(typo)], 2)):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, (args, proc.stderr[-1500:])
+        assert "HEAVY []" in proc.stderr, (args, proc.stderr[-500:])
+    assert "did you mean scheduler?" in proc.stderr

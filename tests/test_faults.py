@@ -67,10 +67,12 @@ def test_a_trial_out_of_memory_fails_with_the_reason_and_the_sweep_goes_on(tmp_p
 
 @pytest.mark.slow
 def test_unreachable_tracking_server_is_refused_before_training(tmp_path):
-    proc = tl("run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    port = free_port()
+    proc = tl("run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{port}", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not reachable" in lines[0] and "ray:" not in proc.stdout
+    assert f"mlflow server --host 127.0.0.1 --port {port})" in lines[0]  # the server it was told, not 5000
 
 
 def start_server(db, port, root):
@@ -315,3 +317,54 @@ def test_resume_refuses_what_it_cannot_resume(cli, tmp_path, monkeypatch):
     assert code == 2 and "ran another spec" in err and "data:" not in err
     code, out, err = cli("run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}", "--resume")
     assert code == 2 and "is not reachable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_before_any_mlflow_run(tmp_path):
+    """RAY_ADDRESS (or --address) where no cluster listens: one line, exit 2, in seconds (Ray itself would retry
+    for minutes), and no MLflow run was created, so none is left RUNNING."""
+    import time
+
+    db = tmp_path / "m.db"
+    t0 = time.perf_counter()
+    proc = tl("run", SPEC, *TINY, *sets(f"tracking.uri=sqlite:///{db}"), cwd=tmp_path,
+              env=dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{free_port()}"), timeout=120)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:" in line and len(proc.stderr.strip().splitlines()) == 1
+    assert took < 30, took
+    assert not db.exists() or not MlflowClient(f"sqlite:///{db}").search_runs(["0", "1"])
+
+
+@pytest.mark.slow
+def test_a_best_trial_at_chance_is_logged_but_not_registered(tmp_path):
+    """Four trials that barely move from their initialisation (lr × 1e-6, one epoch) score about the majority-class
+    rate: the winner is logged as a model, not registered, and the run says why in one line."""
+    db = tmp_path / "m.db"
+    proc = tl("run", SPEC, *TINY, cwd=tmp_path, sets_=(
+        "model.weights=none", "search.num_trials=4", "search.space.lr_mult=1.0e-6", "search.space.head_lr_mult=1.0",
+        "search.space.unfrozen_blocks=5", "tracking.register_as=at-chance", f"tracking.uri=sqlite:///{db}"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NOT above chance" in proc.stdout and "majority-class rate (what always answering" in proc.stdout
+    lines = [x for x in proc.stderr.splitlines() if "not registered as at-chance" in x]
+    assert len(lines) == 1 and "register_below_chance=true" in lines[0], proc.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    assert not client.search_registered_models()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    assert mlflow.search_logged_models(experiment_ids=["1"], output_format="list")  # logged all the same
+
+
+def test_a_class_folder_alone_is_one_line(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "d" / "cats").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "d" / "cats" / f"{i}.png")
+    proc = tl("run", SPEC, cwd=tmp_path, sets_=("study=null", f"data.dataset=imagefolder:{tmp_path / 'd'}",
+                                                "data.classes=null", "data.train_per_class=null",
+                                                f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert "one class (cats); a classifier needs at least 2" in line and "Traceback" not in proc.stderr

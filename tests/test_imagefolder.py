@@ -78,7 +78,8 @@ def test_rerun_reuses_the_cache_and_says_so(tmp_path):
 @pytest.mark.parametrize("case, expected", [
     ("missing_root", "no such folder"),
     ("missing_val", "no val/ folder"),
-    ("empty_class", "is empty"),
+    ("empty_class", "has no images"),
+    ("linked_out_class", "(1 entries there were left out: links outside the data root"),
     ("class_mismatch", "differ from train/"),
     ("no_images", "no readable images"),
     ("no_classes", "has no class folders"),
@@ -87,15 +88,18 @@ def test_bad_layouts_are_one_line(tmp_path, case, expected):
     root = tmp_path / "d"
     if case != "missing_root":
         root.mkdir()
-    if case in ("missing_val", "class_mismatch", "empty_class"):
+    if case in ("missing_val", "class_mismatch", "empty_class", "linked_out_class"):
         for split in ("train",) + (("val",) if case != "missing_val" else ()):
             for cls in ("a", "b"):
                 (root / split / cls).mkdir(parents=True)
                 rgb(0).save(root / split / cls / "x.jpg")
         if case == "class_mismatch":
             (root / "val" / "b").rename(root / "val" / "c")
-        if case == "empty_class":
+        if case in ("empty_class", "linked_out_class"):
             (root / "train" / "a" / "x.jpg").unlink()
+        if case == "linked_out_class":  # its one image is a link out of the data root: left out, and said
+            rgb(1).save(tmp_path / "outside.jpg")
+            (root / "train" / "a" / "x.jpg").symlink_to(tmp_path / "outside.jpg")
     if case == "no_images":
         for cls in ("a", "b"):
             (root / cls).mkdir()
@@ -108,7 +112,7 @@ def test_bad_layouts_are_one_line(tmp_path, case, expected):
 def test_data_error_from_the_cli_is_one_line_before_any_trial(cli, tmp_path):
     code, out, err = cli("run", SPEC, "--set", f"data.dataset=imagefolder:{tmp_path / 'nowhere'}",
                          "--set", "data.classes=null", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "no such folder" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a folder on this machine" in err
     assert "ray:" not in out
 
 

@@ -239,3 +239,23 @@ def test_malicious_checkpoint_does_not_execute(tmp_path, monkeypatch):
 def test_unknown_arch_suggests_close_names():
     with pytest.raises(UserError, match=re.escape("did you mean resnet18")):
         models.family("resnet-18")
+
+
+def test_the_shipped_catalog_is_the_installed_torchvisions():
+    """tl_sweep/catalog.json (what a spec is checked against without importing torch) says what the installed
+    torchvision says, model by model; `python -m tl_sweep.catalog` writes it again after an upgrade."""
+    import json
+
+    import torchvision
+
+    from tl_sweep import catalog
+
+    stored = json.loads(catalog.FILE.read_text())
+    assert stored["torchvision"] == torchvision.__version__.split("+")[0], "python -m tl_sweep.catalog"
+    live = catalog.live()["archs"]
+    assert list(stored["archs"]) == list(live)
+    for arch, row in live.items():
+        assert stored["archs"][arch] == row, arch
+        assert list(stored["archs"][arch]["weights"]) == list(row["weights"])  # torchvision's order
+    assert catalog.input_spec("resnet18", "none") == models.input_spec("resnet18", "none")
+    assert catalog.num_blocks("vit_b_16") == models.num_blocks("vit_b_16", 224) == models.num_blocks("vit_b_16", 384)

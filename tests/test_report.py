@@ -69,6 +69,7 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     assert len(names) == 6 and f"study/{parent.info.run_id}/scratch@k=5/search1" in names
     study = optuna.load_study(study_name=f"study/{parent.info.run_id}/source:digits-0-4@k=4/search0", storage=url)
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert all(t.datetime_start < t.datetime_complete for t in study.trials)  # a dashboard shows their durations
     dashboard_lists(url, f"study/{parent.info.run_id}/scratch@k=5/search1")
     # the study's results on the parent: each repeat's depth is the one whose best selection mean is highest
     # (ties to the shallower), read back from the candidates' own runs
@@ -136,7 +137,10 @@ def mlflow_search_logged_models(uri: str, exp_id: str) -> list:
 
     mlflow.set_tracking_uri(uri)
     found = mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")
-    assert {m.name for m in found} == {"model", "pytorch"} and len(found) == 4  # two arms, two flavours each
+    # two arms, two flavours each, named after the sweep, the arm and the depth, each with its accuracies linked
+    assert len(found) == 4 and all(m.name.startswith("study-") and "-k" in m.name for m in found), found
+    assert {m.name.endswith("-torch") for m in found} == {True, False}
+    assert all({"val_acc", "test_acc"} <= {x.key for x in m.metrics} for m in found), [m.metrics for m in found]
     return found
 
 

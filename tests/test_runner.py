@@ -80,3 +80,36 @@ def test_the_spec_hash_is_of_the_spec_as_written():
     a, b = spec.load(SPEC), spec.load(SPEC, ["resources.gpu=auto"])
     assert runner.spec_hash(a) == runner.spec_hash(b)  # auto is the default
     assert runner.spec_hash(a) != runner.spec_hash(spec.load(SPEC, ["resources.gpu=0.5"]))
+
+
+def test_progress_lines_carry_an_eta_and_a_terminal_gets_a_live_bar():
+    import io
+    from types import SimpleNamespace
+
+    def trial(i, acc, epoch=3):
+        return SimpleNamespace(trial_id=f"t{i}", status="TERMINATED", config={"unfrozen_blocks": 0, "optimizer": "sgd",
+                                                                             "batch_size": 32, "lr_mult": 1.0,
+                                                                             "epochs": 3},
+                               last_result={"val_acc": acc, "best_val_acc": acc, "epoch": epoch})
+
+    lines = []
+    plan = runner.Plan(total=4)
+    plain = runner.Progress(2, lines.append, plan=plan, stream=io.StringIO())  # not a terminal: lines only
+    plain.on_trial_complete(0, [], trial(0, 0.5))
+    assert "[  1/2] t0 k=0 sgd bs=32" in lines[0] and "val_acc 0.500" in lines[0] and "eta ~" in lines[0]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    live = runner.Progress(2, lines.append, plan=plan, stream=term)  # the next phase of the same sweep
+    running = SimpleNamespace(status="RUNNING")
+    live.on_trial_start(0, [running, running], None)
+    live.on_trial_complete(0, [running], trial(1, 0.8, epoch=1))
+    out = term.getvalue()
+    assert "2/4" in out and "1 running" in out and "best 0.800" in out  # trainings of the whole sweep, live
+    assert "[  1/2] t1" in out and "(early-stopped)" in out and len(lines) == 1  # the line above the bar
+    import pickle
+
+    assert pickle.loads(pickle.dumps(live)).bar is None  # Tune pickles its callbacks: the bar is remade

@@ -93,6 +93,50 @@ def test_bad_override_syntax(cli):
     assert "--set key.path=value" in line
 
 
+@pytest.mark.parametrize("item, expected", [
+    ("search.num_trails=3", ["--set search.num_trails=3: search.num_trails: unknown key", "num_trials"]),
+    ("search.space.lr_mult=-1", ["--set search.space.lr_mult=-1: search.space.lr_mult", "> 0"]),
+    ("search.space.epochs={low: 1, high: 3", ["--set search.space.epochs={low: 1, high: 3: the value is not valid "
+                                              "YAML", "e.g. --set search.space.epochs='{low: 1, high: 3}'"]),
+    ("study.trials_per_cell=0", ["--set study.trials_per_cell=0: study.trials_per_cell"]),
+])
+def test_a_set_error_blames_the_set_not_the_spec_file(cli, item, expected):
+    line = one_error_line(*cli("validate", SPEC, "--set", item))
+    assert str(SPEC) not in line, line
+    for piece in expected:
+        assert piece in line, line
+
+
+def test_data_paths_read_the_environment_and_validate_says_when_the_data_is_not_there(cli, tmp_path, monkeypatch):
+    hym = SPEC.parent / "hymenoptera.yaml"
+    monkeypatch.setenv("TL_SWEEP_DATA", str(tmp_path))  # this machine keeps its datasets elsewhere
+    line = one_error_line(*cli("validate", hym))
+    assert f"{tmp_path / 'hymenoptera_data'} is not a folder on this machine" in line
+    assert "set TL_SWEEP_DATA to where your datasets are" in line
+    (tmp_path / "hymenoptera_data").mkdir()
+    code, out, err = cli("validate", hym)
+    assert code == 0 and f"imagefolder:{tmp_path / 'hymenoptera_data'}" in out, err
+
+
+def test_a_checkpoint_arm_is_named_by_its_file_or_by_the_spec(cli, tmp_path):
+    import torch
+    import torchvision
+
+    ckpt = tmp_path / "weights" / "resnet18-mine.pt"
+    ckpt.parent.mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    code, out, err = cli("validate", SPEC, "--set", f"study.sources=[{ckpt}]")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)["resolved"]
+    assert resolved["arms"] == {"resnet18-mine.pt": str(ckpt), "scratch": "none"}  # the whole path stays there
+    assert "resnet18-mine.pt@k=0" in resolved["cells"]
+    code, out, err = cli("validate", SPEC, "--set", f"study.sources=[{{name: mine, weights: {ckpt}}}, "
+                                                     f"source:mnist-5k]")
+    assert code == 0 and set(yaml.safe_load(out)["resolved"]["arms"]) == {"mine", "source:mnist-5k", "scratch"}
+    line = one_error_line(*cli("validate", SPEC, "--set", f"study.sources=[{ckpt}, {ckpt}]"))
+    assert "two arms would be called 'resnet18-mine.pt'; give each a name" in line
+
+
 def test_validate_prints_resolved_config(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("validate", SPEC, "--set", "search.num_trials=18",
@@ -120,7 +164,7 @@ def test_paths_are_relative_to_the_spec(cli, tmp_path):
     assert code == 0, err
     cfg = yaml.safe_load(out)
     assert cfg["data"]["dataset"] == f"imagefolder:{tmp_path / 'imgs'}"
-    assert cfg["resolved"]["arms"] == {"../w.pt": str(tmp_path / "w.pt")}
+    assert cfg["resolved"]["arms"] == {"w.pt": str(tmp_path / "w.pt")}  # an arm named by its file
     assert cfg["storage"] == str(tmp_path / "results")
 
 

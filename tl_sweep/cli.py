@@ -30,7 +30,9 @@ def cmd_validate(args) -> int:
     from tl_sweep import sources, spec
 
     cfg = spec.load(args.spec, args.set)
-    sources.check(cfg)  # the spec names sources that exist
+    sources.check(cfg)  # the spec names sources that exist, and its data is where it says
+    if (problem := spec.data_problem(cfg)) is not None:
+        raise UserError(f"{cfg.spec_file}: {problem}")
     print(spec.to_yaml(cfg), end="")
     return 0
 
@@ -50,7 +52,7 @@ def _ray_job_working_dir() -> str | None:
 
 
 def cmd_run(args) -> int:
-    from tl_sweep import runner, spec, tracking
+    from tl_sweep import spec
 
     # a Ray Job's driver (tl-sweep submit, or `ray job submit --working-dir wd -- tl-sweep run ...`, a KubeRay
     # RayJob): Ray may remove the unpacked working_dir under the running driver; work from a stable copy
@@ -61,9 +63,19 @@ def cmd_run(args) -> int:
         stable = cache_root() / "jobs" / job
         shutil.copytree(os.getcwd(), stable, dirs_exist_ok=True)
         os.chdir(stable)
-    cfg = spec.load(args.spec, args.set)
+    cfg = spec.load(args.spec, args.set)  # a spec error is one line in a fraction of a second: before torch, Ray
+    if (problem := spec.data_problem(cfg)) is not None:
+        raise UserError(f"{cfg.spec_file}: {problem}")
+    from tl_sweep import tracking
+
+    tracking.check_address(tracking.normalise_uri(cfg.spec.tracking.uri))  # before torch, Ray and MLflow load
+    from tl_sweep import cluster
+
+    cluster.ray_address(args.address)  # a cluster that does not answer: one line, seconds at most
+    from tl_sweep import runner
+
     summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
-    if summary.report is not None and "\n" in summary.report.key:  # a study's key table (it has rows)
+    if summary.report is not None and summary.report.key:  # a study's key table, or a sweep's line on chance
         print(summary.report.key)
     print()
     finals = (f" + {len(summary.selection)} selection re-trainings + {len(summary.finals)} final re-trainings"
@@ -71,6 +83,9 @@ def cmd_run(args) -> int:
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
           f"best by validation:")
     print(runner.table(summary.trials))
+    rates = [f"{k} {100 * v:.1f}%" for k, v in summary.chance.items() if v is not None]
+    if rates:
+        print(f"majority-class rate (what always answering the commonest class scores): {', '.join(rates)}")
     failed = [r for r in summary.trials + summary.selection + summary.finals if r.status == "FAILED"]
     for r in failed:
         print(f"failed: trial {r.trial} ({r.config.arm}, k={r.config.unfrozen_blocks}, lr_mult={r.config.lr_mult}): "
@@ -83,18 +98,20 @@ def cmd_run(args) -> int:
         print(f"mlflow: the server is unreachable; {summary.waiting} writes wait on this node (nothing is lost): "
               f"tl-sweep sync --tracking-uri {uri}, then tl-sweep report --run {summary.parent_run_id}")
         return 0 if summary.status == "FINISHED" else 1
+    base = "http://127.0.0.1:5000" if uri.startswith("sqlite:///") else uri
     if uri.startswith("sqlite:///"):
-        print(f"browse: tl-sweep ui --tracking-uri {uri}   (then open "
-              f"{tracking.ui_link('http://127.0.0.1:5000', summary.experiment_id)})")
-    else:
-        print(f"browse: {tracking.ui_link(uri, summary.experiment_id)}")
+        print(f"browse: tl-sweep ui --tracking-uri {uri}   (then open the links below)")
+    print(f"runs:   {tracking.ui_link(base, summary.experiment_id)}")
+    print(f"sweep:  {tracking.ui_link(base, summary.experiment_id, summary.parent_run_id)}")
     return 0 if summary.status == "FINISHED" else 1
 
 
 def cmd_estimate(args) -> int:
-    from tl_sweep import runner, spec, tracking, transferability
+    from tl_sweep import spec
 
-    cfg = spec.load(args.spec, args.set)
+    cfg = spec.load(args.spec, args.set)  # spec errors first, before torch is imported
+    from tl_sweep import runner, tracking, transferability
+
     repeats, arms = runner.preflight(cfg, _log)
     est = transferability.estimate(cfg, repeats[0], arms, log=_log)
     table = transferability.table(est)
@@ -225,13 +242,13 @@ def _grid(paths, predicted, prob, truth, out: Path) -> None:
 
 
 def cmd_models(args) -> int:
-    from tl_sweep import models
+    from tl_sweep import catalog
 
     rows = []
-    for arch in models.list_archs():
-        fam = models.family(arch)
-        rows.append((arch, fam.name, str(models.num_blocks(arch)), str(models.input_spec(arch, "DEFAULT")["crop"]),
-                     ", ".join(n for n in models.weight_names(arch) if n != "DEFAULT")))
+    for arch in catalog.archs():
+        rows.append((arch, catalog.entry(arch)["family"], str(catalog.num_blocks(arch)),
+                     str(catalog.input_spec(arch, "DEFAULT")["crop"]),
+                     ", ".join(n for n in catalog.weight_names(arch) if n != "DEFAULT")))
     heads = ("arch", "family", "blocks", "input", "weights (plus DEFAULT)")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
     for r in [heads, *rows]:

@@ -9,6 +9,7 @@ one line saying what to change.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import shutil
@@ -225,14 +226,15 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
             sets.append(f"data.root={s.data.root}")
         shipped = {}
         for weights in cfg.arms.values():
-            if os.path.isfile(weights):
-                (work / "weights").mkdir(exist_ok=True)
-                name = f"{len(shipped)}-{Path(weights).name}"
-                shutil.copy(weights, work / "weights" / name)
-                shipped[weights] = f"weights/{name}"
+            if os.path.isfile(weights):  # shipped as weights/<i>/<its name>: the arm keeps its name on the cluster
+                copy = work / "weights" / str(len(shipped)) / Path(weights).name
+                copy.parent.mkdir(parents=True)
+                shutil.copy(weights, copy)
+                shipped[weights] = str(copy.relative_to(work))
         if shipped:
             if s.study is not None and s.study.sources:
-                sources = [shipped.get(w, w) for w in cfg.arms.values() if w != "none"]
+                sources = [f"{{name: {json.dumps(arm)}, weights: {json.dumps(shipped.get(w, w))}}}"
+                           for arm, w in cfg.arms.items() if w != "none"]
                 sets.append(f"study.sources=[{', '.join(sources)}]")
             else:
                 sets.append(f"model.weights={shipped[cfg.arms[next(iter(cfg.arms))]]}")

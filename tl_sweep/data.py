@@ -181,7 +181,10 @@ def _scan_classes(folder: Path, where: str, root: Path, skipped: list[str]) -> d
         raise UserError(f"{where}: {folder} has no class folders; put each class's images in {folder}/<class>/")
     empty = [c for c, f in classes.items() if not f]
     if empty:
-        raise UserError(f"{where}: class folder {folder / empty[0]} is empty; add images or remove it")
+        left = [x for x in skipped if x.startswith(str((folder / empty[0]).relative_to(root)) + os.sep)]
+        why = (f" ({len(left)} entries there were left out: links outside the data root, loops or non-files; "
+               f"first: {left[0]})" if left else "")
+        raise UserError(f"{where}: class folder {folder / empty[0]} has no images{why}; add images or remove it")
     return classes
 
 
@@ -366,7 +369,7 @@ def _select(all_classes: list[str], wanted: list | None, where: str) -> list[int
 
 def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: list[str], keep: list[int],
             train_per_class: int | None, seed: int, fingerprint: str, skipped, reused: bool,
-            fixed: tuple[str, ...] = ()) -> Prepared:
+            fixed: tuple[str, ...] = (), where: str = "data") -> Prepared:
     """The prepared splits. ``fixed``: the splits the dataset itself fixes (``train_per_class`` draws from
     train with the seed, so train is then not fixed)."""
     remap = {old: new for new, old in enumerate(keep)}
@@ -385,6 +388,9 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
     for k, v in index.items():
         if not v and k != "test":
             raise UserError(f"data: the {k} split is empty; add images or change data.split")
+    if len(keep) < 2:
+        raise UserError(f"{where}: one class ({', '.join(names[i] for i in keep)}); a classifier needs at least 2: "
+                        f"add a class folder")
     fixed = tuple(k for k in fixed if index.get(k) and not (k == "train" and train_per_class))
     return Prepared(str(cache), tuple(mapped), {k: tuple(v) for k, v in index.items() if v},
                     tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused, fixed=fixed)
@@ -476,7 +482,7 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
     else:
         rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
     keep = _select(names, classes, where)
-    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused, fixed)
+    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused, fixed, where)
 
 
 # torchvision datasets: how each names its official splits (constructor kwarg → value per split). Datasets

@@ -287,5 +287,6 @@ def _save(tmp: str, arr: np.ndarray) -> None:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """A batch of stored features as a tensor (int16 storage is bfloat16 bits)."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # a memory-mapped store is read-only
     return t.view(torch.bfloat16) if t.dtype == torch.int16 else t

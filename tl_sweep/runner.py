@@ -62,6 +62,7 @@ class Summary:
     models: dict[str, str] = field(default_factory=dict)  # arm -> MLflow model URI of its winner
     delayed: int = 0  # writes a tracking outage delayed, delivered late by this driver
     waiting: int = 0  # writes still in this node's outbox (the server is unreachable): tl-sweep sync
+    chance: dict[str, float | None] = field(default_factory=dict)  # split -> its majority-class rate
 
     @property
     def best(self) -> TrialResult | None:
@@ -71,27 +72,85 @@ class Summary:
 # ------------------------------------------------------------------------------------------- callbacks
 
 
-class Progress(tune.Callback):
-    """One line per finished trial with the best so far (it only prints)."""
+@dataclass
+class Plan:
+    """The whole sweep's trainings (every phase), for one progress display and ETA across phases."""
 
-    def __init__(self, total: int, log: log_fn, at_most: bool = False):
+    total: int = 0
+    done: int = 0
+    at_most: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+    best: tuple[float, str] | None = None
+
+    def eta(self) -> str:
+        if not self.done or self.done >= self.total:
+            return ""
+        left = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        return f"eta ~{_duration(left)}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress(tune.Callback):
+    """The sweep's progress on stderr: one line per finished trial (its result, the best so far, the time and an
+    ETA for the whole sweep); on a terminal, also a live bar (tqdm) with trainings done/total, the trials
+    running, the best so far and the ETA, kept below the lines. Tune's own status table stays silent."""
+
+    def __init__(self, total: int, log: log_fn, at_most: bool = False, plan: Plan | None = None, stream=None):
         self.total, self.log = (f"≤{total}" if at_most else total), log  # at most: halving may stop earlier
-        self.done, self.best, self.t0 = 0, None, time.perf_counter()
+        self.plan = plan or Plan(total, at_most=at_most)
+        self.done, self.t0 = 0, self.plan.t0
+        self.stream, self.bar = stream, None  # the bar is made on first use (Tune pickles its callbacks)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "bar": None, "stream": None}
+
+    @property
+    def out(self):
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _bar(self):
+        if self.bar is None and getattr(self.out, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.plan.total, initial=self.plan.done, file=self.out, dynamic_ncols=True,
+                            unit="training", leave=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
+        return self.bar
+
+    def _status(self, trials) -> None:
+        if self._bar() is not None:
+            running = sum(t.status == "RUNNING" for t in trials)
+            best = f" · best {self.plan.best[0]:.3f}" if self.plan.best else ""
+            self.bar.set_postfix_str(f"{running} running{best} · {_duration(time.perf_counter() - self.t0)} "
+                                     f"{self.plan.eta()}".rstrip(), refresh=True)
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
+        self.plan.done += 1
         r, c = TrialReport.of(trial.last_result), trial.config
         acc = r.best_val_acc
-        if acc is not None and (self.best is None or acc > self.best[0]):
-            self.best = (acc, trial.trial_id)
+        if acc is not None and (self.plan.best is None or acc > self.plan.best[0]):
+            self.plan.best = (acc, trial.trial_id)
         if acc is None and r.val_acc is not None:  # stopped at a rung before its first epoch ended
             got = f"{contract.METRIC} {r.val_acc:.3f} at the rung"
         else:
             got = f"{contract.METRIC} {acc:.3f}" if acc is not None else "no result"
-        best = f"best {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
-        self.log(f"[{self.done:>3}/{self.total}] {trial.trial_id} k={c.get('unfrozen_blocks')} {c.get('optimizer')} "
-                 f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.epochs_run}/"
-                 f"{c.get('epochs')} → {got} {how}| {time.perf_counter() - self.t0:.0f}s | {best}")
+        best = f"best {self.plan.best[0]:.3f} ({self.plan.best[1]})" if self.plan.best else ""
+        eta = f" | {self.plan.eta()}" if self.plan.eta() else ""
+        line = (f"[{self.done:>3}/{self.total}] {trial.trial_id} k={c.get('unfrozen_blocks')} {c.get('optimizer')} "
+                f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.epochs_run}/{c.get('epochs')} → "
+                f"{got} {how}| {time.perf_counter() - self.t0:.0f}s{eta} | {best}")
+        if self._bar() is not None:
+            self.bar.write(line, file=self.out)
+            self.bar.update(1)
+        else:
+            self.log(line)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._status(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = TrialReport.of(trial.last_result)
@@ -100,9 +159,15 @@ class Progress(tune.Callback):
         else:
             stopped = contract.stopped_early(r.epochs_run, trial.config.get("epochs", 0))
             self._line(trial, "(early-stopped) " if stopped else "")
+        self._status(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "FAILED ")
+        self._status(trials)
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Recorder(tune.Callback):
@@ -370,6 +435,8 @@ def start_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
+    # Ray says at every start that token authentication is on (its default); it stays on, said once in the docs
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                  configure_logging=True, log_to_driver=True)
@@ -418,7 +485,8 @@ def check_cluster(cfg: Config) -> int:
 
 
 def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, *, scheduler=None,
-           param_space: dict | None = None, resume: bool = False, at_most: bool = False) -> tune.Tuner:
+           param_space: dict | None = None, resume: bool = False, at_most: bool = False,
+           plan: Plan | None = None) -> tune.Tuner:
     """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
@@ -441,7 +509,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   # Tune's own record: result.json per trial (no TensorBoard or CSV, _fit)
-                                  callbacks=[Progress(total, log, at_most),
+                                  callbacks=[Progress(total, log, at_most, plan),
                                              Recorder(s.tracking.uri, s.study is not None, ctx.experiment_id,
                                                       ctx.parent_run_id),
                                              StaleCheckpoints(log), JsonLoggerCallback()],
@@ -514,7 +582,7 @@ def optuna_url(cfg: Config) -> str:
 
 
 def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: bool = False,
-           prior: dict[tuple[str, int], float] | None = None) -> list[TrialResult]:
+           prior: dict[tuple[str, int], float] | None = None, plan: Plan | None = None) -> list[TrialResult]:
     """A plain sweep: each arm's search in turn. A study: every cell's searches in one Tuner (equal budgets,
     one TPE and one ASHA per cell and search repeat). The Optuna studies persist in :func:`optuna_url`, named
     ``<experiment>/<parent run>/...``. Returns every search trial."""
@@ -537,13 +605,13 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior),
                            scheduler=space.make_scheduler(s, log), resume=resume,
-                           at_most=s.study.allocate == "halving"))
+                           at_most=s.study.allocate == "halving", plan=plan))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
         tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log,
                        space.make_searcher(s, arm, storage=storage, name=prefix + arm),
-                       scheduler=space.make_scheduler(s, log), resume=resume)
+                       scheduler=space.make_scheduler(s, log), resume=resume, plan=plan)
         out += _fit(tuner)
     return out
 
@@ -605,34 +673,34 @@ def finalists(selection: list[TrialResult], seed: int, repeats: int) -> list[Tri
 
 
 def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: list[TrialConfig], log: log_fn,
-             resume: bool) -> list[TrialResult]:
+             resume: bool, plan: Plan | None = None) -> list[TrialResult]:
     """A phase that re-trains given configurations (a study's selection, its finals): one Tuner over them."""
     s = cfg.spec
     points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
                                    max_concurrent=s.trials_at_once)
     keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
     return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, param_space=keys,
-                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
+                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume, plan=plan))
 
 
 def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
-           resume: bool = False) -> list[TrialResult]:
+           resume: bool = False, plan: Plan | None = None) -> list[TrialResult]:
     """A study's selection: each cell's best configurations re-trained with new seeds, on validation only."""
     st = cfg.spec.study
     configs = candidates(trials, cfg.spec.seed, st.min_candidates, st.selection_seeds,
                          st.trials_per_cell if st.allocate == "halving" else None)
     log(f"ray: selection: {len(configs)} re-trainings (each cell's {st.min_candidates} best configurations × "
         f"{st.selection_seeds} new seeds, validation only; the best mean is the cell's choice)")
-    return _retrain(cfg, ctx, parent, "select", configs, log, resume)
+    return _retrain(cfg, ctx, parent, "select", configs, log, resume, plan)
 
 
 def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, selection: list[TrialResult], log: log_fn,
-                      resume: bool = False) -> list[TrialResult]:
+                      resume: bool = False, plan: Plan | None = None) -> list[TrialResult]:
     s = cfg.spec
     configs = finalists(selection, s.seed, s.study.repeats)
     log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
         f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
-    return _retrain(cfg, ctx, parent, "final", configs, log, resume)
+    return _retrain(cfg, ctx, parent, "final", configs, log, resume, plan)
 
 
 def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
@@ -689,6 +757,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     nodes = check_cluster(cfg)  # a refusal here still comes before any MLflow run
     search_n, select_n, final_n = cfg.trainings()
     most = "at most " if s.study is not None and s.study.allocate == "halving" else ""
+    plan = Plan(search_n + select_n + final_n, at_most=bool(most))
     log(f"plan: {most}{search_n} search trials"
         + (f" + {most}{select_n} selection re-trainings + {most}{final_n} final re-trainings" if s.study else "")
         + f" = {most}{search_n + select_n + final_n} trainings")
@@ -696,7 +765,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
-    summary = Summary(exp_id, parent)
+    summary = Summary(exp_id, parent, chance={k: data.chance(repeats[0], k) for k in ("val", "test")})
     ctx = trial_context(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent,
                         repeats=tuple(repeats), run_tags=run_tags)
     if nodes > 1:  # checkpoint files travel with the context: other nodes have no source cache
@@ -716,11 +785,13 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
                 tracking.log_estimates(uri, exp_id, parent, transferability.metrics_of(est),
                                        transferability.table(est), {})
                 prior = {(e.arm, e.depth): e.values["logme"] for e in est if "logme" in e.values}
-        summary.trials = search(cfg, ctx, parent, log, resume, prior)
+        summary.trials = search(cfg, ctx, parent, log, resume, prior, plan)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
         if s.study is not None:
-            summary.selection = select(cfg, ctx, parent, summary.trials, log, resume)
-            summary.finals = retrain_finalists(cfg, ctx, parent, summary.selection, log, resume)
+            plan.done = len(summary.trials)  # a halving search ran fewer than its plan
+            plan.total = plan.done + sum(cfg.trainings()[1:])
+            summary.selection = select(cfg, ctx, parent, summary.trials, log, resume, plan)
+            summary.finals = retrain_finalists(cfg, ctx, parent, summary.selection, log, resume, plan)
         everything = summary.trials + summary.selection + summary.finals
         if everything and all(r.status == "FAILED" for r in everything):
             summary.status = "FAILED"
@@ -805,13 +876,22 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
                 path.parent.mkdir()
                 shutil.copy(Path(d) / trainable.CHECKPOINT_FILE, path)
             tracking.log_files(uri, r.run_id, [path])
-            uris[arm] = tracking.log_model(uri, r.run_id, path, example)
-            tracking.log_torch_model(uri, r.run_id, path)
+            name = model_name(cfg.experiment, arm, r.config.unfrozen_blocks)
+            uris[arm] = tracking.log_model(uri, r.run_id, path, example, name=name)
+            torch_uri = tracking.log_torch_model(uri, r.run_id, path, name=f"{name}-torch")
+            # the Models page compares logged models on the metrics linked to them
+            scores = {"val_acc": r.best_val_acc, **({"test_acc": r.test_acc} if r.test_acc is not None else {})}
+            tracking.link_metrics(uri, r.run_id, [uris[arm], torch_uri], scores)
             log(f"mlflow: {arm}: model {uris[arm]} (run {r.run_id}, k={r.config.unfrozen_blocks}, "
                 f"seed {r.config.seed})")
     if s.tracking.register_as and uris:
         winners = stats.winners(a) if a is not None and s.study is not None else {}
         champion = max(uris, key=lambda arm: winners[arm].val) if winners else next(iter(uris))
+        why = _below_chance(summary, winners.get(champion), a)
+        if why and not s.tracking.register_below_chance:
+            log(f"mlflow: {champion}'s winner is logged as a model but not registered as {s.tracking.register_as}: "
+                f"{why}; --set tracking.register_below_chance=true registers it anyway")
+            return uris
         weights, file = arms[champion]
         tags = {"source_weights": weights if file is None else f"sha256:{_sha256(file)}", "arm": champion,
                 "data_fingerprint": repeats[0].fingerprint, "spec_hash": spec_hash(cfg),
@@ -822,6 +902,32 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
         version = tracking.register(uri, uris[champion], s.tracking.register_as, tags)
         log(f"mlflow: registered {champion} as models:/{s.tracking.register_as}@champion (version {version})")
     return uris
+
+
+def model_name(experiment: str, arm: str, depth: int) -> str:
+    """A logged model's name: the sweep, the arm and the depth it was trained at (``freeze-depth-mnist-5k-k5``)."""
+    raw = f"{experiment}-{arm.removeprefix('source:')}-k{depth}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).strip("-")[:100]
+
+
+def _below_chance(summary: Summary, cell, a) -> str | None:
+    """Why the winner is not above the majority-class rate (a study: its cell's finals on test, Holm-corrected;
+    a plain sweep: its validation accuracy, exact binomial test over the trials it is the best of); ``None``
+    when it is above it."""
+    from tl_sweep.report import stats
+
+    if cell is not None:
+        if cell.above_chance:
+            return None
+        mean, rate = cell.test[0] if cell.test else float("nan"), a.chance.get(cell.search, float("nan"))
+        return (f"its finals' test accuracy {100 * mean:.1f}% is not shown above the test split's majority-class "
+                f"rate {100 * rate:.1f}% (one-sided t-test, Holm p {cell.p_chance:.2g})")
+    best = summary.report.best_chance if summary.report else None
+    if best is None or best[2] < stats.ALPHA:
+        return None
+    acc, rate, p, tries = best
+    return (f"its validation accuracy {100 * acc:.1f}% is not above the validation split's majority-class rate "
+            f"{100 * rate:.1f}% (exact one-sided binomial p {p:.2g}, over the {tries} trials it is the best of)")
 
 
 def table(results: list[TrialResult], limit: int = 8) -> str:

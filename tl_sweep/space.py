@@ -9,6 +9,7 @@ too: every trial config carries every dimension, under the same names as the MLf
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import pickle
@@ -126,10 +127,9 @@ class Searcher(TuneSearcher):
         study, copied = self._mirrored()
         if trial_id in copied:
             return  # copied before a --resume
-        study.add_trial(optuna.trial.create_trial(
-            state=frozen.state, value=frozen.value if frozen.state == TrialState.COMPLETE else None,
-            params=frozen.params, distributions=frozen.distributions, intermediate_values=frozen.intermediate_values,
-            user_attrs={**frozen.user_attrs, "tune_trial_id": trial_id}))
+        kept = copy.deepcopy(frozen)  # with its start and end times (a dashboard's durations and timeline)
+        kept.user_attrs = {**frozen.user_attrs, "tune_trial_id": trial_id}
+        study.add_trial(kept)
         copied.add(trial_id)
 
     def _mirrored(self) -> tuple[optuna.Study, set[str]]:

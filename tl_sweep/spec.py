@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from tl_sweep import models
+from tl_sweep import catalog
 from tl_sweep.contract import DIMENSIONS
 from tl_sweep.errors import UserError
 
@@ -125,7 +125,7 @@ class ModelCfg(_Strict):
     @classmethod
     def _arch(cls, v: str) -> str:
         try:
-            models.family(v)
+            catalog.entry(v)
         except UserError as e:
             raise ValueError(str(e)) from None
         return v
@@ -224,6 +224,13 @@ def space_depths(space, n: int) -> list[int]:
     return sorted({n if v == "max" else int(v) for v in values_of(ub)})
 
 
+class Source(_Strict):
+    """A study source with a name of its own: ``{name: imagenet, weights: ckpt/resnet18.pt}``."""
+
+    name: str = Field(min_length=1)
+    weights: str = Field(min_length=1)
+
+
 class Study(_Strict):
     """A transfer study: a grid of cells, one per (source, depth), plus the tuned from-scratch cell.
 
@@ -239,7 +246,9 @@ class Study(_Strict):
     """
 
     baseline: Literal["scratch"] | None = "scratch"
-    sources: list[str] | None = None  # default: [model.weights]
+    # default: [model.weights]; each a weights value, or {name, weights} (a checkpoint file's arm is otherwise
+    # named by the file's name)
+    sources: list[Union[str, Source]] | None = None
     depths: list[Union[int, Literal["max"]]] | None = None  # default: every unfrozen_blocks value of the space
     trials_per_cell: int = Field(6, ge=1)
     search_repeats: int = Field(3, ge=1)
@@ -305,6 +314,7 @@ class Tracking(_Strict):
     uri: str = "sqlite:///mlflow.db"  # default: $MLFLOW_TRACKING_URI, else this
     experiment: str | None = None  # default: $MLFLOW_EXPERIMENT_NAME, else the spec's name
     register_as: str | None = None  # register the winner in the model registry under this name (alias champion)
+    register_below_chance: bool = False  # register it even when it is not above the majority-class rate
     log_models: bool = True  # log the winner (per arm, in a study) as an MLflow Model
     # winners: best.pt (and the MLflow Model) of the published winners only; all: every trial's best.pt too
     # (a ResNet18 checkpoint is 45 MB: the default study's 231 trainings would store 10 GB)
@@ -333,7 +343,7 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _fits_model(self):
-        n = models.num_blocks(self.model.arch, self.data.image_size)
+        n = catalog.num_blocks(self.model.arch)
         for v in values_of(self.search.space.unfrozen_blocks):
             if v != "max" and v > n:
                 raise ValueError(f"search.space.unfrozen_blocks: {v} is above the {n} blocks of "
@@ -413,11 +423,16 @@ def _set(raw: dict, dotted: str, value: str, where: str) -> None:
             raise UserError(f"--set {dotted}: {k} is not a section of {where}; check the key path")
     try:
         node[keys[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[keys[-1]] = value
+    except yaml.YAMLError as e:
+        if value.lstrip().startswith(("{", "[", "'", '"')):  # meant as YAML: a list, a mapping, a quoted string
+            problem = getattr(e, "problem", None) or "not valid YAML"
+            raise UserError(f"--set {dotted}={value}: the value is not valid YAML ({problem}); e.g. --set "
+                            f"search.space.epochs='{{low: 1, high: 3}}' or --set search.space.optimizer=[sgd, adam]"
+                            ) from None
+        node[keys[-1]] = value  # a plain string YAML cannot read as one (a colon in it, say): taken as it is
 
 
-def _first_error(err: ValidationError, where: str) -> UserError:
+def _first_error(err: ValidationError, where: str, overrides: list[str] = ()) -> UserError:
     e = err.errors()[0]
     loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))]
     # Union members show up as loc entries (e.g. 'Range', 'list[...]'); keep only real keys and indices.
@@ -431,9 +446,18 @@ def _first_error(err: ValidationError, where: str) -> UserError:
     if msg.startswith(tuple(f"{f}:" for f in Space.model_fields)) and path.endswith("space"):
         path += "." + msg.split(":", 1)[0]
         msg = msg.split(":", 1)[1].strip()
-    elif msg.startswith(("search.", "model.", "data.")):
+    elif msg.startswith(("search.", "model.", "data.", "study.")):
         path, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
-    return UserError(f"{where}: {path + ': ' if path else ''}{msg}")
+    return UserError(f"{_blamed(path, where, overrides)}: {path + ': ' if path else ''}{msg}")
+
+
+def _blamed(path: str, where: str, overrides: list[str]) -> str:
+    """Who set the key at ``path``: the last ``--set`` that wrote it (or a section around it), else the file."""
+    for item in reversed(overrides):
+        key = item.partition("=")[0].strip()
+        if path and (path == key or path.startswith(key + ".") or key.startswith(path + ".")):
+            return f"--set {item}"
+    return where
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> "Config":
@@ -447,16 +471,17 @@ def load(path: str | Path, overrides: list[str] = ()) -> "Config":
     except OSError as e:
         raise UserError(f"{where}: cannot read the spec ({e.strerror})") from None
     raw = _parse_yaml(text, where)
+    _check_keys(raw, Spec, "", where)  # the file's own keys: a wrong one is the file's
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: write --set key.path=value, e.g. --set search.num_trials=4")
         _set(raw, key.strip(), value, where)
-    _check_keys(raw, Spec, "", where)
+        _check_keys(raw, Spec, "", f"--set {item}")  # a key this override added
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as err:
-        raise _first_error(err, where) from None
+        raise _first_error(err, where, list(overrides)) from None
     try:
         return resolve(spec, path.resolve().parent, text).model_copy(update={"spec_file": str(path.resolve())})
     except UserError as e:
@@ -504,14 +529,42 @@ class Config(BaseModel):
         return d
 
 
+def _expand(p: str) -> str:
+    """``$NAME``, ``${NAME}`` and ``${NAME:-default}`` from the environment (so one spec finds its data on any
+    machine: ``imagefolder:${TL_SWEEP_DATA:-../data}/ants``); ``~`` as the home folder."""
+    import re
+
+    def value(m: re.Match) -> str:
+        name, default = m.group(1) or m.group(3), m.group(2)
+        return os.environ.get(name) or (default if default is not None else m.group(0))
+
+    return os.path.expanduser(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", value, p))
+
+
 def _abs(p: str, base: Path) -> str:
-    q = Path(p).expanduser()
+    q = Path(_expand(p))
     return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def data_problem(cfg: "Config") -> str | None:
+    """What is missing on this machine for the spec's data (a folder that is not there), in one line; ``None``
+    when every path it names exists. (``tl-sweep submit`` does not ask: the data is the cluster's.)"""
+    d = cfg.spec.data
+    folder = d.dataset.removeprefix("imagefolder:") if d.dataset.startswith("imagefolder:") else d.root
+    if folder is None or Path(folder).is_dir():
+        return None
+    key = "data.dataset" if d.dataset.startswith("imagefolder:") else "data.root"
+    import re
+
+    names = sorted(set(re.findall(r"\$\{?(\w+)", cfg.spec_text)))
+    hint = f" (or set {', '.join(names)} to where your datasets are)" if names else ""
+    return (f"{key}: {folder} is not a folder on this machine; put the data there or point {key} at it{hint}; "
+            f"relative paths are relative to the spec file")
 
 
 def _weights(w: str, arch: str, spec_dir: Path) -> str:
     """A weights value checked and resolved: enum names and ``source:``/``none`` as is, paths absolute."""
-    if w == "none" or models.torchvision_weights(arch, w) is not None:
+    if w == "none" or catalog.is_weights(arch, w):
         return w
     if w.startswith("source:"):  # which sources exist is checked by runner.preflight (and validate)
         if not w.removeprefix("source:"):
@@ -521,25 +574,34 @@ def _weights(w: str, arch: str, spec_dir: Path) -> str:
     if candidate.suffix in (".pt", ".pth", ".ckpt", ".bin") or candidate.exists():
         return str(candidate)
     raise UserError(f"model.weights: {w!r} is neither a weights name of {arch} "
-                    f"({', '.join(models.weight_names(arch))}) nor an existing checkpoint file; "
+                    f"({', '.join(catalog.weight_names(arch))}) nor an existing checkpoint file; "
                     f"use one of those, source:<name> or none")
 
 
 def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
     spec = spec.model_copy(deep=True)
     m, d = spec.model, spec.data
-    weights = [m.weights] if spec.study is None else list(spec.study.sources or [m.weights])
-    if spec.study is not None and "none" in weights:
+    given = [m.weights] if spec.study is None else list(spec.study.sources or [m.weights])
+    if spec.study is not None and "none" in given:
         raise UserError("study.sources: none is the scratch baseline (study.baseline), not a source; list the "
                         "pretrained weights to compare, e.g. sources: [source:mnist-5k, IMAGENET1K_V1]")
-    arms = {w: _weights(w, m.arch, spec_dir) for w in weights}
+    arms = {}
+    for g in given:
+        w = _weights(g.weights if isinstance(g, Source) else g, m.arch, spec_dir)
+        # an arm is named by the spec's name for it, else a checkpoint file's name, else its weights value; the
+        # whole path stays in its trials' params (weights)
+        name = g.name if isinstance(g, Source) else (Path(w).name if Path(w).is_absolute() else w)
+        if name in arms or name == "scratch":
+            raise UserError(f"study.sources: two arms would be called {name!r}; give each a name, e.g. "
+                            f"- {{name: mine, weights: {g.weights if isinstance(g, Source) else g}}}")
+        arms[name] = w
     if spec.study is not None and spec.study.baseline == "scratch":
         arms["scratch"] = "none"
-    inp = models.input_spec(m.arch, m.weights)
+    inp = catalog.input_spec(m.arch, m.weights)
     if d.image_size is None:
         d.image_size = inp["crop"]
     elif d.image_size != inp["crop"]:
-        if models.family(m.arch).size_kwarg and models.torchvision_weights(m.arch, m.weights) is not None:
+        if catalog.size_kwarg(m.arch) and catalog.is_weights(m.arch, m.weights):
             raise UserError(f"data.image_size: {m.arch} with {m.weights} takes exactly {inp['crop']} px (its "
                             f"pretrained position embedding / window grid is fixed); set image_size: {inp['crop']}")
         inp = dict(inp, crop=d.image_size, resize=round(d.image_size / 0.875))
@@ -555,7 +617,7 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
             raise UserError(f"data.root: torchvision:{d.dataset.split(':', 1)[1]} needs data.root, the folder "
                             f"that holds its files")
         d.root = _abs(d.root, spec_dir)
-    n = models.num_blocks(m.arch, d.image_size)
+    n = catalog.num_blocks(m.arch)
     space = spec.search.space
     ub = space.unfrozen_blocks
     if isinstance(ub, Range) and ub.high == "max":

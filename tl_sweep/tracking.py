@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -82,6 +82,22 @@ def normalise_uri(uri: str) -> str:
 
 def check(uri: str) -> None:
     """Refuse, in one line and before any work, a tracking URI that cannot be used."""
+    check_address(uri)
+    try:
+        from filelock import FileLock
+
+        # two sweeps creating one sqlite database at once race in its migrations
+        sqlite = uri.startswith("sqlite:///")
+        with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300) if sqlite else nullcontext():
+            _retry(client(uri).search_experiments, max_results=1)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"tracking.uri: cannot use {redact.uri(uri)}: {redact.text(first)}") from None
+
+
+def check_address(uri: str) -> None:
+    """The part of :func:`check` that needs no MLflow (so a wrong address is one line in a fraction of a second):
+    a sqlite file's folder exists and is writable, a server answers."""
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir():
@@ -97,21 +113,15 @@ def check(uri: str) -> None:
             with urllib.request.urlopen(redact.strip_userinfo(uri).rstrip("/") + "/health", timeout=10) as r:
                 r.read()
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
+            from urllib.parse import urlsplit
+
+            reason, at = getattr(e, "reason", e), urlsplit(redact.strip_userinfo(uri))
+            port = at.port or (443 if at.scheme == "https" else 80)
             raise UserError(f"tracking.uri: MLflow server {redact.uri(uri)} is not reachable ({reason}); start it "
-                            f"(mlflow server --host 127.0.0.1 --port 5000) or fix the address") from None
+                            f"(mlflow server --host {at.hostname or '127.0.0.1'} --port {port}) or fix the "
+                            f"address") from None
     elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
         raise UserError(f"tracking.uri: unsupported URI {redact.uri(uri)!r}; use sqlite:///mlflow.db or http://host:port")
-    try:
-        from filelock import FileLock
-
-        # two sweeps creating one sqlite database at once race in its migrations
-        sqlite = uri.startswith("sqlite:///")
-        with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300) if sqlite else nullcontext():
-            _retry(client(uri).search_experiments, max_results=1)
-    except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"tracking.uri: cannot use {redact.uri(uri)}: {redact.text(first)}") from None
 
 
 def artifact_root(uri: str) -> str | None:
@@ -268,9 +278,11 @@ def retire_unknown(uri: str, exp_id: str, parent_id: str, known_trials: set[str]
     return n
 
 
-def ui_link(uri_or_base: str, exp_id: str) -> str:
-    """The MLflow UI page of an experiment's training runs (the UI opens in GenAI mode otherwise)."""
-    return f"{uri_or_base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+def ui_link(uri_or_base: str, exp_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's training runs, or of one run (``workflowType``: the UI opens in GenAI
+    mode otherwise)."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{redact.strip_userinfo(uri_or_base).rstrip('/')}/#/experiments/{exp_id}/{page}?workflowType=machine_learning"
 
 
 class TrialRun:
@@ -597,12 +609,23 @@ def log_model(uri: str, run_id: str, ckpt_path: Path, example, *, name: str = "m
     output = pd.DataFrame([{"label": r["label"], "probability": r["probability"], **r["probabilities"]} for r in rows])
     package = Path(__file__).resolve().parent
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _open_input():
         info = _retry(mlflow.pyfunc.log_model, name=name, python_model=str(package / "mlflow_model.py"),
                       artifacts={"checkpoint": str(ckpt_path)}, code_paths=[str(package)],
                       signature=infer_signature(None, output), input_example=example,
                       pip_requirements=_requirements())
     return info.model_uri
+
+
+@contextmanager
+def _open_input():
+    """MLflow asks for a type hint on ``predict`` to validate inputs; the classifier's input is deliberately open
+    (file paths or uint8 arrays of any size: see :func:`log_model`), so that advice is not for it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        yield
 
 
 def log_torch_model(uri: str, run_id: str, ckpt_path: Path, *, name: str = "pytorch") -> str:
@@ -621,6 +644,17 @@ def log_torch_model(uri: str, run_id: str, ckpt_path: Path, *, name: str = "pyto
         info = _retry(mlflow.pytorch.log_model, model, name=name, serialization_format="pt2",
                       input_example=torch.zeros(2, 3, crop, crop).numpy(), pip_requirements=_requirements())
     return info.model_uri
+
+
+def link_metrics(uri: str, run_id: str, model_uris: list[str], metrics: dict[str, float]) -> None:
+    """``metrics`` of ``run_id`` linked to each logged model (MLflow 3): its Models page then shows and compares
+    them (a logged model's own metrics are only those logged with its id)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0, model_id=u.removeprefix("models:/")) for u in model_uris
+             for k, v in metrics.items() if v is not None]
+    _retry(client(uri).log_batch, run_id, metrics=batch)
 
 
 def _requirements() -> list[str]:
@@ -645,7 +679,8 @@ def load_pyfunc(uri: str, model_uri: str):
 
     mlflow.set_tracking_uri(uri)
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        with _open_input():
+            return mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow raises several types for a missing model or version
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"MODEL: cannot load {model_uri} from {uri} ({first}); give runs:/<run id>/model, "

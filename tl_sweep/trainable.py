@@ -343,10 +343,12 @@ def _open_run(ctx: TrialContext, trial: TrialConfig, run_id: str | None, device:
         where[Tag.WARNING] = (f"resources.gpu {ctx.gpu_share:g}: Ray gave GPU {gpus or '(none)'} but torch "
                               f"{torch.__version__} sees no CUDA device here; trained on the CPU")
         print(f"tl-sweep: trial {tune.get_context().get_trial_id()}: {where[Tag.WARNING]}", flush=True)
-    run = tracking.TrialRun.open(
-        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, name=trial.name(ctx.arch, len(ctx.arms) > 1),
+    trial_id = tune.get_context().get_trial_id()
+    run = tracking.TrialRun.open(  # a run name tells trials apart at a glance; its trial id makes it unique
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
+        name=f"{trial.name(ctx.arch, len(ctx.arms) > 1)}·{trial_id}",
         params={**trial.to_params(), "arch": ctx.arch, "weights": weights},
-        tags={**ctx.run_tags, Tag.TRIAL_ID: tune.get_context().get_trial_id(), Tag.ROLE: trial.role,
+        tags={**ctx.run_tags, Tag.TRIAL_ID: trial_id, Tag.ROLE: trial.role,
               Tag.NODE: node, Tag.WORKER: f"{node[:8]}:{os.getpid()}", Tag.ARM: trial.arm, Tag.SOURCE: weights,
               Tag.DEPTH: str(trial.unfrozen_blocks), **where}, run_id=run_id)
     splits = ctx.digests[trial.search] if trial.search < len(ctx.digests) else {}

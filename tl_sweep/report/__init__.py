@@ -23,8 +23,9 @@ __all__ = ["Report", "build"]
 class Report:
     out_dir: Path
     markdown: str
-    key: str
-    analysis: stats.Analysis | None = None
+    key: str  # what the CLI prints: a study's key table, a plain sweep's line on chance
+    analysis: stats.Analysis | None = None  # a study's
+    best_chance: tuple[float, float, float, int] | None = None  # a plain sweep's (val_acc, rate, p, trials)
 
 
 def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = None, log=print,
@@ -40,6 +41,8 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     out = Path(out_dir or Path("reports") / f"{sweep.experiment}-{parent_id[:8]}")
     out.mkdir(parents=True, exist_ok=True)
     header = {"experiment": sweep.experiment, **collect.describe(sweep)}
+    if "study.baseline" not in sweep.params and not any(r.config.final for r in results):
+        return _sweep(uri, parent_id, sweep, header, out, log, log_artifacts)
     a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")))
     plots = set()
     render.plot_freeze_depth(a, out / "freeze_depth.png")
@@ -73,3 +76,49 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     key_text = render.text_table(render.key_table(a))
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
     return Report(out, markdown, key_text, a)
+
+
+def best_chance(results, header) -> tuple[float, float, float, int] | None:
+    """A plain sweep's best trial (of those that ran their schedule) against the validation split's majority-class
+    rate: (its val_acc, the rate, the Bonferroni-corrected binomial p, the trials it is the best of)."""
+    scored = [r for r in results if r.config.searched and r.best_val_acc is not None]
+    done = [r for r in scored if r.status == "FINISHED"]
+    chance, n = render._num(header.get("val_chance")), render._num(header.get("n_val"))
+    if not done or chance is None or not n:
+        return None
+    acc = max(r.best_val_acc for r in done)
+    return acc, chance, stats.best_above_chance(acc, int(n), chance, len(scored)), len(scored)
+
+
+def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -> Report:
+    """A plain sweep's report (no study sections)."""
+    results, plots = sweep.results, set()
+    top = sorted((r for r in results if r.config.searched and r.status == "FINISHED" and r.best_val_acc is not None),
+                 key=lambda r: -r.best_val_acc)[:5]
+    history = collect.histories(uri, [r.run_id for r in top], contract.METRIC)
+    curves = [(f"{r.trial} k={r.config.unfrozen_blocks} {r.config.optimizer} lr×{r.config.lr_mult:.3g}", "-",
+               history[r.run_id]) for r in top]
+    chance = best_chance(results, header)
+    if render.plot_learning_curves(curves, out / "learning_curves.png", "Learning curves of the best trials",
+                                   chance[1] if chance else None):
+        plots.add("curves")
+    if render.plot_dimensions(results, out / "dimensions.png", chance[1] if chance else None):
+        plots.add("dimensions")
+    study = stats.search_study(results)
+    imp = {"all": stats.importance(study)} if study is not None else {}
+    if study is not None:
+        render.plot_parallel(study, out / "parallel_coordinates.png")
+    markdown = render.sweep_markdown(header, parent_id, results, {k: v for k, v in imp.items() if v}, plots, chance)
+    (out / "report.md").write_text(markdown)
+    (out / "trials.csv").write_text(render.trials_csv(results))
+    tracking.download_artifact(uri, parent_id, "resolved.yaml", out)
+    if log_artifacts:
+        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))
+        tracking.log_files(uri, parent_id, files, artifact_path="report")
+    key = ""
+    if chance:
+        acc, rate, p, tries = chance
+        key = (f"best val_acc {100 * acc:.1f}% against the validation split's majority-class rate {100 * rate:.1f}%: "
+               f"{'above' if p < stats.ALPHA else 'NOT above'} chance (exact binomial p {p:.2g}, over {tries} trials)")
+    log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
+    return Report(out, markdown, key, None, chance)

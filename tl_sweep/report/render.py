@@ -130,17 +130,27 @@ def trials_csv(results: list[TrialResult]) -> str:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: int = 8, ncol: int = 1) -> None:
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: int = 8, ncol: int = 1,
+          integer_x: bool = False) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend, ncol=ncol)
+    if integer_x:  # epochs, trials, blocks: whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend, ncol=ncol)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _chance_line(ax, chance: float | None, label: str = "majority-class rate") -> None:
+    if chance is not None:
+        ax.axhline(100 * chance, color="red", ls=":", label=label)
 
 
 def plot_freeze_depth(a: Analysis, path: Path) -> None:
@@ -169,7 +179,7 @@ def plot_freeze_depth(a: Analysis, path: Path) -> None:
     if a.chance:
         ax.axhline(100 * max(a.chance.values()), color="red", ls=":", label="chance (majority class)")
     _save(fig, ax, path, "unfrozen blocks (0 = linear probe)", "test accuracy (%)",
-          "Freeze depth (finals of all search repeats, mean ± 95% CI)")
+          "Freeze depth (finals of all search repeats, mean ± 95% CI)", integer_x=True)
 
 
 def plot_budget(curves: list[stats.BudgetCurve], path: Path) -> bool:
@@ -238,21 +248,63 @@ def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bo
         ax.plot([p[2] for p in mine], [100 * p[3] for p in mine], marker="o", label=arm)
         for p in mine:
             ax.annotate(f"k={p[1]}", (p[2], 100 * p[3]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    _save(fig, ax, path, "compute seconds (search + finals, all repeats)", "mean test accuracy of the finals (%)",
+    _save(fig, ax, path, "compute seconds (search, selection and finals, all repeats)",
+          "mean test accuracy of the finals (%)",
           "Cost of each freeze depth")
     return True
 
 
-def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]], path: Path) -> bool:
+def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]], path: Path,
+                         title: str = "Learning curves: shallowest vs deepest fine-tuning (best trial each)",
+                         chance: float | None = None) -> bool:
     """Validation accuracy per epoch, one line per (label, style, [(epoch, value)])."""
     import matplotlib.pyplot as plt
 
+    if not curves:
+        return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, style, points in curves:
         ax.plot([e for e, _ in points], [100 * v for _, v in points], style, marker=".", label=label)
-    _save(fig, ax, path, "epoch", "validation accuracy (%)",
-          "Learning curves: shallowest vs deepest fine-tuning (best trial each)", legend=7)
-    return bool(curves)
+    _chance_line(ax, chance, "majority-class rate of val")
+    _save(fig, ax, path, "epoch", "validation accuracy (%)", title, legend=7, integer_x=True)
+    return True
+
+
+def plot_dimensions(results: list[TrialResult], path: Path, chance: float | None = None) -> bool:
+    """Each trial's best validation accuracy against each searched dimension (one panel per dimension that
+    varied), finished trials and early-stopped ones apart; the majority-class rate as a line."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    done = [r for r in results if r.config.searched and r.best_val_acc is not None]
+    dims = [d for d in NAMES if len({getattr(r.config, d) for r in done}) > 1]
+    if not dims:
+        return False
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.0 * len(dims), 3.0), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], dims):
+        values = sorted({getattr(r.config, d) for r in done}, key=lambda v: (isinstance(v, str), v))
+        categorical = any(isinstance(v, str) for v in values)
+        for status, marker in (("FINISHED", "o"), ("EARLY_STOPPED", "x")):
+            mine = [r for r in done if r.status == status]
+            x = [values.index(getattr(r.config, d)) if categorical else getattr(r.config, d) for r in mine]
+            ax.scatter(x, [100 * r.best_val_acc for r in mine], marker=marker, s=18,
+                       label="ran its schedule" if status == "FINISHED" else "stopped early")
+        if categorical:
+            ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=7)
+        elif all(isinstance(v, int) for v in values):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        elif min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_xscale("log")
+        _chance_line(ax, chance)
+        ax.set_xlabel(d, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best validation accuracy (%)", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("Validation accuracy against each searched dimension", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_parallel(study, path: Path) -> None:
@@ -315,6 +367,63 @@ def _redrawn(fixed: str | None) -> str:
                 "seeds, not images, so their spread is the training's, not the data's.")
     return (f"Each search repeat draws {' and '.join(drawn)} with its own seed; {' and '.join(kept)} "
             f"{'is' if len(kept) == 1 else 'are'} the dataset's own in every repeat.")
+
+
+def _arm(arm: str) -> str:
+    return "from scratch" if arm == "none" else arm
+
+
+def sweep_table(results: list[TrialResult], limit: int = 10) -> list[list[str]]:
+    """A plain sweep's best trials by validation accuracy (those that ran their schedule first)."""
+    head = ["trial", "run", "k", "optimizer", "bs", "lr_mult", "epochs", "best val %", "status"]
+    ranked = sorted((r for r in results if r.config.searched and r.best_val_acc is not None),
+                    key=lambda r: (r.status != "FINISHED", -r.best_val_acc))
+    return [head] + [[r.trial, r.name, str(r.config.unfrozen_blocks), r.config.optimizer, str(r.config.batch_size),
+                      f"{r.config.lr_mult:.3g}", str(r.config.epochs), _pct(r.best_val_acc), r.status]
+                     for r in ranked[:limit]]
+
+
+def sweep_markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult], imp: dict[str, dict[str, float]],
+                   plots: set[str], best_chance: tuple[float, float, float, int] | None) -> str:
+    """A plain sweep's report: its best trials, whether the best is above chance, learning curves, validation
+    accuracy against each searched dimension, importance and parallel coordinates. No study sections."""
+    h, search = header, [r for r in results if r.config.searched]
+    status = {s: sum(1 for r in search if r.status == s) for s in ("FINISHED", "EARLY_STOPPED", "FAILED")}
+    arms = sorted({_arm(r.config.arm) for r in search})
+    rates = f"majority-class rate of val {_pct(_num(h.get('val_chance')))}%" + (
+        f", of test {_pct(_num(h.get('chance')))}%" if _num(h.get("chance")) is not None else "")
+    md = [f"# tl-sweep report: {h['experiment']}", "",
+          f"Parent run `{parent_id}` · arch `{h['arch']}` · weights {', '.join(f'`{a}`' for a in arms)} · data "
+          f"`{h['dataset']}` (classes {h['classes']}; train {h['n_train']}, val {h['n_val']}, test {h['n_test']}; "
+          f"{rates}) · input {h['crop']} px · seed {h['seed']}", "",
+          f"Search: {len(search)} trials ({status['FINISHED']} ran their whole schedule, {status['EARLY_STOPPED']} "
+          f"early-stopped, {status['FAILED']} failed). The search saw the validation split only."]
+    if best_chance:
+        acc, chance, p, tries = best_chance
+        above = p < stats.ALPHA
+        md += ["", f"**The best trial's validation accuracy, {_pct(acc)}%, is {'above' if above else 'not above'} "
+               f"the majority-class rate ({_pct(chance)}%)**: exact one-sided binomial p = {p:.2g}, Bonferroni over "
+               f"the {tries} trials it is the best of." + ("" if above else " A model that always answered the "
+               "commonest class would score as well: it learned nothing this validation split can show, and it is "
+               "not registered (`tracking.register_below_chance: true` registers it anyway).")]
+    md += ["", "## Best trials", "", _md(sweep_table(results)), ""]
+    if "curves" in plots:
+        md += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
+    if "dimensions" in plots:
+        md += ["## Validation accuracy against each searched dimension", "", "![dimensions](dimensions.png)", ""]
+    if imp:
+        md += ["## Search", "", "fANOVA importance of each searched dimension for the best validation accuracy:", ""]
+        md += [f"- {', '.join(f'{k} {v:.2f}' for k, v in i.items())}" for i in imp.values()]
+        md += ["", "![parallel coordinates](parallel_coordinates.png)", ""]
+    md += ["All trials: [trials.csv](trials.csv).", ""]
+    return "\n".join(md)
+
+
+def _num(v) -> float | None:
+    try:
+        return None if v in (None, "", "?", "None") else float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult], a: Analysis,

@@ -134,6 +134,16 @@ def above_chance_p(tests: list[float], chance: float) -> float:
     return float(stats.t.sf((m - chance) / (sd / math.sqrt(n)), n - 1))
 
 
+def best_above_chance(acc: float, n: int, chance: float, tries: int) -> float:
+    """A plain sweep's winner against the validation split's majority-class rate: the exact one-sided binomial
+    p-value of its correct count (``acc`` of ``n`` images) under ``chance``, times ``tries`` (Bonferroni: the best
+    of several trials is the largest of several noisy scores). Above chance when below :data:`ALPHA`."""
+    from scipy import stats
+
+    k = round(acc * n)
+    return min(1.0, float(stats.binom.sf(k - 1, n, chance)) * max(1, tries))
+
+
 NOT_ABOVE = " (source not above chance)"
 SCRATCH_AT_CHANCE = " (scratch did not learn within its budget)"
 NEITHER = "no verdict: neither above chance"
