@@ -72,3 +72,22 @@ def fx_tracer_settings() -> dict[str, Any]:
     from torchvision.models.feature_extraction import _set_default_tracer_kwargs
 
     return _set_default_tracer_kwargs(None)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+
+
+def open_input_python_model() -> type:
+    """A base for an MLflow ``PythonModel`` whose ``predict`` input is deliberately open (file paths or uint8
+    arrays of any size), so MLflow neither validates it against a type hint nor asks for one.
+
+    Why: MLflow 3 warns at every log and load of a ``PythonModel`` whose ``predict`` has no type hint, and the hints
+    it accepts would each narrow the input or turn validation on. ``PythonModel.__init_subclass__`` skips that
+    check for classes with ``_skip_type_hint_validation`` (what MLflow's own ChatModel uses).
+    """
+    import mlflow.pyfunc
+
+    class OpenInputModel(mlflow.pyfunc.PythonModel):
+        _skip_type_hint_validation = True
+
+    return OpenInputModel

@@ -9,13 +9,12 @@ module that imports MLflow.)
 from __future__ import annotations
 
 import mlflow.models
-import mlflow.pyfunc
 
-from tl_sweep import checkpoint
+from tl_sweep import checkpoint, internals
 from tl_sweep.classifier import Classifier, images_of
 
 
-class PyfuncClassifier(mlflow.pyfunc.PythonModel):
+class PyfuncClassifier(internals.open_input_python_model()):
     """``predict(images)``: file paths (a list, or a DataFrame column ``image``) or uint8 H×W×C arrays; returns a
     DataFrame with ``label``, ``probability`` and one probability column per class."""
 

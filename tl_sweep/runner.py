@@ -211,8 +211,8 @@ class Recorder(tune.Callback):
         if stopped:
             tags[Tag.EARLY_STOPPED] = "true"
         s = self.startup.pop(trial.trial_id, None)
-        tracking.close_run(self.uri, run_id, "FAILED" if failed else "FINISHED", tags,
-                           {} if s is None else {"scheduled_to_first_step_seconds": s})
+        tracking.close_run(self.uri, run_id, "FAILED" if failed else "FINISHED", tags,  # with the first epoch
+                           {} if s is None else {"scheduled_to_first_step_seconds": s}, step=1)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial's worker or node was lost and Tune restarts it from its last checkpoint: counted on its run."""

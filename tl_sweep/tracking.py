@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -347,10 +347,11 @@ def log_batch(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, 
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None,
-              metrics: dict[str, float] | None = None) -> None:
-    """The one way a run ends: its last tags and metrics, then its status (unless it ended already)."""
+              metrics: dict[str, float] | None = None, step: int = 0) -> None:
+    """The one way a run ends: its last tags and metrics (at ``step``), then its status (unless it ended
+    already)."""
     if tags or metrics:
-        log_batch(uri, run_id, metrics or {}, tags)
+        log_batch(uri, run_id, metrics or {}, tags, step=step)
     Outbox(uri).write(run_id, {"op": "end", "status": status, "time": int(time.time() * 1000), "only_running": True})
 
 
@@ -609,23 +610,12 @@ def log_model(uri: str, run_id: str, ckpt_path: Path, example, *, name: str = "m
     output = pd.DataFrame([{"label": r["label"], "probability": r["probability"], **r["probabilities"]} for r in rows])
     package = Path(__file__).resolve().parent
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id), _open_input():
+    with mlflow.start_run(run_id=run_id):
         info = _retry(mlflow.pyfunc.log_model, name=name, python_model=str(package / "mlflow_model.py"),
                       artifacts={"checkpoint": str(ckpt_path)}, code_paths=[str(package)],
                       signature=infer_signature(None, output), input_example=example,
                       pip_requirements=_requirements())
     return info.model_uri
-
-
-@contextmanager
-def _open_input():
-    """MLflow asks for a type hint on ``predict`` to validate inputs; the classifier's input is deliberately open
-    (file paths or uint8 arrays of any size: see :func:`log_model`), so that advice is not for it."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-        yield
 
 
 def log_torch_model(uri: str, run_id: str, ckpt_path: Path, *, name: str = "pytorch") -> str:
@@ -648,7 +638,8 @@ def log_torch_model(uri: str, run_id: str, ckpt_path: Path, *, name: str = "pyto
 
 def link_metrics(uri: str, run_id: str, model_uris: list[str], metrics: dict[str, float]) -> None:
     """``metrics`` of ``run_id`` linked to each logged model (MLflow 3): its Models page then shows and compares
-    them (a logged model's own metrics are only those logged with its id)."""
+    them. (MLflow links a run's metrics of step 0 to a model logged on it; a trial logs its epochs at steps 1..,
+    so these are the model's only metrics.)"""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -679,8 +670,7 @@ def load_pyfunc(uri: str, model_uri: str):
 
     mlflow.set_tracking_uri(uri)
     try:
-        with _open_input():
-            return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow raises several types for a missing model or version
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"MODEL: cannot load {model_uri} from {uri} ({first}); give runs:/<run id>/model, "

@@ -83,7 +83,7 @@ def best_chance(results, header) -> tuple[float, float, float, int] | None:
     rate: (its val_acc, the rate, the Bonferroni-corrected binomial p, the trials it is the best of)."""
     scored = [r for r in results if r.config.searched and r.best_val_acc is not None]
     done = [r for r in scored if r.status == "FINISHED"]
-    chance, n = render._num(header.get("val_chance")), render._num(header.get("n_val"))
+    chance, n = render.number(header.get("val_chance")), render.number(header.get("n_val"))
     if not done or chance is None or not n:
         return None
     acc = max(r.best_val_acc for r in done)

@@ -390,8 +390,8 @@ def sweep_markdown(header: dict[str, Any], parent_id: str, results: list[TrialRe
     h, search = header, [r for r in results if r.config.searched]
     status = {s: sum(1 for r in search if r.status == s) for s in ("FINISHED", "EARLY_STOPPED", "FAILED")}
     arms = sorted({_arm(r.config.arm) for r in search})
-    rates = f"majority-class rate of val {_pct(_num(h.get('val_chance')))}%" + (
-        f", of test {_pct(_num(h.get('chance')))}%" if _num(h.get("chance")) is not None else "")
+    rates = f"majority-class rate of val {_pct(number(h.get('val_chance')))}%" + (
+        f", of test {_pct(number(h.get('chance')))}%" if number(h.get("chance")) is not None else "")
     md = [f"# tl-sweep report: {h['experiment']}", "",
           f"Parent run `{parent_id}` · arch `{h['arch']}` · weights {', '.join(f'`{a}`' for a in arms)} · data "
           f"`{h['dataset']}` (classes {h['classes']}; train {h['n_train']}, val {h['n_val']}, test {h['n_test']}; "
@@ -419,7 +419,7 @@ def sweep_markdown(header: dict[str, Any], parent_id: str, results: list[TrialRe
     return "\n".join(md)
 
 
-def _num(v) -> float | None:
+def number(v) -> float | None:
     try:
         return None if v in (None, "", "?", "None") else float(v)
     except (TypeError, ValueError):
