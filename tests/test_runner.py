@@ -93,10 +93,15 @@ def test_progress_lines_carry_an_eta_and_a_terminal_gets_a_live_bar():
                                last_result={"val_acc": acc, "best_val_acc": acc, "epoch": epoch})
 
     lines = []
-    plan = runner.Plan(total=4)
-    plain = runner.Progress(2, lines.append, plan=plan, stream=io.StringIO())  # not a terminal: lines only
-    plain.on_trial_complete(0, [], trial(0, 0.5))
-    assert "[  1/2] t0 k=0 sgd bs=32" in lines[0] and "val_acc 0.500" in lines[0] and "eta ~" in lines[0]
+    plan = runner.Plan(total=6)
+    plain = runner.Progress(3, lines.append, plan=plan, stream=io.StringIO())  # not a terminal: lines only
+    for i in range(3):
+        plain.on_trial_complete(0, [], trial(i, 0.5))
+    assert "[  1/3] t0 k=0 sgd bs=32" in lines[0] and "val_acc 0.500" in lines[0]
+    # no ETA until three ended (the first ones paid for the workers' start), then one for the whole sweep
+    assert ["eta ~" in x for x in lines] == [False, False, True]
+    plan.first -= 10  # 2 trainings in the 10 s since the first ended: 3 left take ~15 s
+    assert plan.eta() == "eta ~15s"
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -106,10 +111,10 @@ def test_progress_lines_carry_an_eta_and_a_terminal_gets_a_live_bar():
     live = runner.Progress(2, lines.append, plan=plan, stream=term)  # the next phase of the same sweep
     running = SimpleNamespace(status="RUNNING")
     live.on_trial_start(0, [running, running], None)
-    live.on_trial_complete(0, [running], trial(1, 0.8, epoch=1))
+    live.on_trial_complete(0, [running], trial(4, 0.8, epoch=1))
     out = term.getvalue()
-    assert "2/4" in out and "1 running" in out and "best 0.800" in out  # trainings of the whole sweep, live
-    assert "[  1/2] t1" in out and "(early-stopped)" in out and len(lines) == 1  # the line above the bar
+    assert "4/6" in out and "1 running" in out and "best 0.800" in out  # trainings of the whole sweep, live
+    assert "[  1/2] t4" in out and "(early-stopped)" in out and len(lines) == 3  # the line above the bar
     import pickle
 
     assert pickle.loads(pickle.dumps(live)).bar is None  # Tune pickles its callbacks: the bar is remade

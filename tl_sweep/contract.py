@@ -284,6 +284,7 @@ class TrialContext:
     precision: str = "auto"  # resources.precision: auto (train.precision_of), bf16, fp32
     gpu_share: float = 0.0  # resources.gpu: a fraction < 1 also caps the trial's share of GPU memory
     checkpoint_every: int = 0  # epochs between Tune checkpoints (0: none)
+    checkpoint_seconds: float = 0.0  # and at least this much of the trial's time since its last one
     rungs: tuple[float, ...] = ()  # the scheduler's milestones, in progress units: reported at exactly these
     repeats: tuple[Any, ...] = ()  # a study's data.Prepared per search repeat (splits drawn with its own seed)
     run_tags: dict[str, str] = field(default_factory=dict)  # MLflow's standard source/user/git tags, every run

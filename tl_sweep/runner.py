@@ -81,11 +81,19 @@ class Plan:
     at_most: bool = False
     t0: float = field(default_factory=time.perf_counter)
     best: tuple[float, str] | None = None
+    first: float | None = None  # when the first training ended: the rate is measured from there
+
+    def finished(self) -> None:
+        self.done += 1
+        if self.first is None:
+            self.first = time.perf_counter()
 
     def eta(self) -> str:
-        if not self.done or self.done >= self.total:
+        """Trainings left at the rate since the first one ended (the first ones also paid for starting the
+        workers, which would make the first estimates several times too long); none before three ended."""
+        if self.done < 3 or self.done >= self.total:
             return ""
-        left = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        left = (time.perf_counter() - self.first) / (self.done - 1) * (self.total - self.done)
         return f"eta ~{_duration(left)}"
 
 
@@ -129,7 +137,7 @@ class Progress(tune.Callback):
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
-        self.plan.done += 1
+        self.plan.finished()
         r, c = TrialReport.of(trial.last_result), trial.config
         acc = r.best_val_acc
         if acc is not None and (self.plan.best is None or acc > self.plan.best[0]):
@@ -398,7 +406,8 @@ def trial_context(cfg: Config, data_: data.Prepared, arms: dict[str, tuple[str, 
         use_gpu=gpu > 0, tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
         feature_cache=s.data.feature_cache, gpu_share=gpu, precision=s.resources.precision,
         memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
-        checkpoint_every=s.failures.checkpoint_every, rungs=space.rungs(s), repeats=tuple(repeats),
+        checkpoint_every=s.failures.checkpoint_every,
+        checkpoint_seconds=s.failures.checkpoint_seconds, rungs=space.rungs(s), repeats=tuple(repeats),
         worker_growth=s.resources.worker_growth, run_tags=dict(run_tags or {}),
         dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
         digests=tuple(data.split_digests(p) for p in (repeats or (data_,))),

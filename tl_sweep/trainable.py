@@ -48,7 +48,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     with the best-validation weights.
 
     Everything is written before ``tune.report``: a scheduler's stop arrives inside it. Resume: every
-    ``checkpoint_every`` epochs the fit's state goes into a Tune checkpoint with the MLflow run id; a restarted
+    ``checkpoint_every`` epochs (once ``checkpoint_seconds`` have passed since the last) the fit's state goes
+    into a Tune checkpoint with the MLflow run id; a restarted
     trial (``--resume``, a lost worker) continues from it in the same run without logging an epoch twice.
     """
     _ENDED.clear()
@@ -105,7 +106,7 @@ class Training:
     def __init__(self, ctx: TrialContext, config: TrialConfig):
         from ray import tune
 
-        self.entered = time.perf_counter()
+        self.entered = self.checkpointed = time.perf_counter()
         self.ctx, self.config = ctx, config
         # one "Checkpoint successfully created" INFO line per epoch per trial would bury the progress lines
         logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -240,7 +241,9 @@ class Training:
 
     def _checkpoint_due(self, epoch: int, last: bool):
         """The Tune checkpoint this epoch's report carries, if any (written to disk here)."""
-        if self.ctx.checkpoint_every and not last and epoch % self.ctx.checkpoint_every == 0:
+        if not last and resume_due(epoch, self.ctx.checkpoint_every, self.ctx.checkpoint_seconds,
+                                   time.perf_counter() - self.checkpointed):
+            self.checkpointed = time.perf_counter()
             state = self.fit.state()
             return _write(Path(self.tmp.name) / "resume", _checkpoint(
                 self.ctx, self.config, state.pop("model"), epoch, self.best,
@@ -312,6 +315,12 @@ class Leader:
             self.best = score
             return True
         return False
+
+
+def resume_due(epoch: int, every: int, seconds: float, since: float) -> bool:
+    """Whether an epoch's end writes a resume checkpoint: every ``every`` epochs (0: never), once ``seconds``
+    of the trial have passed ``since`` its last one (or its start): a shorter stretch is cheaper to redo."""
+    return bool(every) and epoch % every == 0 and since >= seconds
 
 
 def _leads(ctx: TrialContext, best: float) -> bool:
