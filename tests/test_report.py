@@ -85,10 +85,10 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
         history = client.get_metric_history(parent.info.run_id, "study/source_digits-0-4/depth")
         assert [m.value for m in history if m.step == int(rep)] == [chosen], (rep, cell, history)
     # transferability estimates, logged before training (k=5 trains every block: nothing to score)
-    assert math.isfinite(parent.data.metrics["estimate/source_digits-0-4/k4/logme"])
-    assert not any(k.startswith("estimate/source_digits-0-4/k5/") for k in parent.data.metrics)
+    assert math.isfinite(parent.data.metrics["transferability/source_digits-0-4/k4/logme"])
+    assert not any(k.startswith("transferability/source_digits-0-4/k5/") for k in parent.data.metrics)
     system = [k for k in parent.data.metrics if k.startswith("system/")]  # MLflow system metrics, per node
-    assert any(k.endswith("/cpu_utilization_percentage") for k in system), system
+    assert "system/cpu_utilization_percentage" in system, system  # one node: MLflow's own names
     inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs  # the UI's Datasets column
     assert {i.tags[0].value for i in inputs} == {"train", "val", "test"}
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
@@ -188,6 +188,15 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         wait_for(lambda: "resnet18·k=4·sgd·bs32" in driver.page_source, "the nested trial runs")
         driver.save_screenshot(str(shots / "mlflow_ui_runs.png"))
         wait_for(lambda: "builtin:digits (train)" in driver.page_source, "the Datasets column")
+        # the chart view leads with the study's results; the system metrics come last
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+                   "&compareRunsMode=CHART")
+        body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        wait_for(lambda: "System metrics" in body(), "the chart view's sections")
+        text = body()
+        assert text.index("study/") < text.index("transferability/") < text.index("Model metrics") \
+            < text.index("System metrics"), text[:2000]
+        driver.save_screenshot(str(shots / "mlflow_ui_chart_view.png"))
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts")
         wait_for(lambda: "report" in driver.page_source and "resolved.yaml" in driver.page_source,
                  "the parent run's report artifacts")
@@ -198,6 +207,9 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         models = [m for m in mlflow_search_logged_models(mlflow_server, exp.experiment_id)]
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/models")
         wait_for(lambda: all(m.model_id in driver.page_source for m in models), "the logged models")
+        # named after the sweep, arm and depth, with their linked accuracies as the page's metric columns
+        wait_for(lambda: all(m.name in driver.page_source for m in models) and "test_acc" in driver.page_source,
+                 "the logged models' names and linked test_acc")
         driver.save_screenshot(str(shots / "mlflow_ui_logged_models.png"))
         driver.get(f"{mlflow_server}/#/models/digits-study")
         wait_for(lambda: "champion" in driver.page_source, "the registered model with its champion alias")

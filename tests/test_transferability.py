@@ -136,8 +136,8 @@ def test_estimate_on_a_real_spec_prints_ranks_and_logs_a_run(cli, tmp_path):
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("freeze-depth").experiment_id])
     run = next(r for r in runs if r.data.tags.get("tl_sweep.role") == "estimate")
     m = run.data.metrics
-    assert {"estimate/source_digits-0-4/k0/logme", "estimate/source_digits-0-4/k2/hscore",
-            "estimate/source_digits-0-4/k0/leep", "estimate/source_digits-0-4/k2/nce"} <= set(m)
+    assert {"transferability/source_digits-0-4/k0/logme", "transferability/source_digits-0-4/k2/hscore",
+            "transferability/source_digits-0-4/k0/leep", "transferability/source_digits-0-4/k2/nce"} <= set(m)
     assert all(math.isfinite(v) for v in m.values())
 
 

@@ -143,17 +143,19 @@ def _monitor(uri: str, run_id: str, node: str):
 
 
 def system_metrics(uri: str, run_id: str) -> list:
-    """System metrics of every node on the sweep's parent run (``system/<node ip>/...``): this node's in this
-    process, each other node's in a small actor pinned to it. Returns what :func:`stop_system_metrics` stops."""
+    """System metrics of every node on the sweep's parent run: MLflow's own names (``system/cpu_…``, which its
+    chart view shows last, under "System metrics") on one node, ``system/<node ip>/…`` on several (MLflow's
+    ``node_id`` form). This node's in this process, each other node's in a small actor pinned to it. Returns
+    what :func:`stop_system_metrics` stops."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tl_sweep import tracking
 
     here = ray.get_runtime_context().get_node_id()
-    out = []
-    for n in _nodes():
-        node = n["NodeManagerAddress"]
+    out, nodes = [], _nodes()
+    for n in nodes:
+        node = n["NodeManagerAddress"] if len(nodes) > 1 else None
         if n["NodeID"] == here:
             out.append(tracking.SystemMetrics(uri, run_id, node))
         else:

@@ -679,7 +679,8 @@ def load_pyfunc(uri: str, model_uri: str):
 
 class SystemMetrics:
     """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory where there is one) of
-    this node, logged on ``run_id`` every ``interval`` seconds as ``system/<node>/...`` until :meth:`stop`."""
+    this node, logged on ``run_id`` every ``interval`` seconds as ``system/<node>/...`` (``system/...`` without a
+    node) until :meth:`stop`."""
 
     def __init__(self, uri: str, run_id: str, node: str | None = None, interval: float = 5.0):
         import mlflow

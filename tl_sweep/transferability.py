@@ -259,14 +259,18 @@ def _key(arm: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in arm)
 
 
+PREFIX = "transferability"  # MLflow's chart view orders sections by name: the study's results (study/) come first
+_PREFIXES = (PREFIX, "estimate")  # and the name runs recorded before 2026-12-04 used
+
+
 def metrics_of(estimates: list[CellEstimate]) -> dict[str, float]:
-    """MLflow metrics: ``estimate/<arm>/k<depth>/<name>`` (and ``.../seconds``)."""
+    """MLflow metrics: ``transferability/<arm>/k<depth>/<name>`` (and ``.../seconds``)."""
     out = {}
     for e in estimates:
         for name, v in e.values.items():
-            out[f"estimate/{_key(e.arm)}/k{e.depth}/{name}"] = v
+            out[f"{PREFIX}/{_key(e.arm)}/k{e.depth}/{name}"] = v
         if e.seconds:
-            out[f"estimate/{_key(e.arm)}/k{e.depth}/seconds"] = sum(e.seconds.values())
+            out[f"{PREFIX}/{_key(e.arm)}/k{e.depth}/seconds"] = sum(e.seconds.values())
     return out
 
 
@@ -276,7 +280,7 @@ def read_metrics(metrics: dict[str, float], arms: list[str]) -> dict[tuple[str, 
     out: dict[tuple[str, int], dict[str, float]] = {}
     for k, v in metrics.items():
         parts = k.split("/")
-        if len(parts) == 4 and parts[0] == "estimate" and parts[1] in by_key and parts[3] in ESTIMATES:
+        if len(parts) == 4 and parts[0] in _PREFIXES and parts[1] in by_key and parts[3] in ESTIMATES:
             out.setdefault((by_key[parts[1]], int(parts[2].removeprefix("k"))), {})[parts[3]] = v
     return out
 
