@@ -44,7 +44,7 @@ step bench-resnet50 70 python benchmarks/bench.py --data "$DATA" --size 224 --ar
 step packing 60 python benchmarks/packing.py
 step sweep 100 python benchmarks/sweep.py --data "$DATA" --size 224 --precision bf16
 study=$(mktemp -d)
-# its wall time is the step's (start-up, sources pretrained on this machine, 273 trainings, report, models)
+# its wall time is the step's (start-up, sources pretrained on this machine, 357 trainings, report, models)
 step default-study 140 bash -c "cd '$study' && python -m tl_sweep run '$PWD/search_spaces/freeze_depth.yaml' \
   --report-dir '$study/report'"
 # no trial worker may abort at its end (Ray's logs of the study's session)

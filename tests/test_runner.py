@@ -20,8 +20,9 @@ def test_a_study_gives_every_cell_the_same_budget():
     assert len(counts) == len(cfg.cells) * 2 == 10 and set(counts.values()) == {3}
     assert {c.unfrozen_blocks for c in configs if c.arm == "scratch"} == {5}
     assert {c.seed for c in configs if c.search == 1} == {cfg.spec.seed + 1}
-    st = cfg.spec.study  # 10 cells × (3 candidates × 2 seeds) selection re-trainings, × repeats finals
-    assert cfg.trainings() == (30, 10 * st.min_candidates * st.selection_seeds, 10 * st.repeats) == (30, 60, 50)
+    st = cfg.spec.study  # 10 cells × (2 candidates × 2 seeds) selection re-trainings, × repeats finals
+    assert cfg.trainings() == (30, 10 * st.candidates * st.selection_seeds, 10 * st.repeats) == (30, 40, 50)
+    assert (st.min_candidates, st.candidates) == (3, 2)  # ASHA leaves 3 full schedules; the best 2 re-trained
     # concurrent suggestions go to different cells: the first ten are one per cell and repeat
     assert len({(c.arm, c.unfrozen_blocks, c.search) for c in configs[:10]}) == 10
 
@@ -73,7 +74,7 @@ def test_a_trials_context_comes_from_the_resolved_config():
     assert ctx.min_epochs == 2 and ctx.rungs == (1.0,) == space.rungs(cfg.spec)  # epochs 2..6, grace 1
     assert not ctx.keep_search_weights  # a study publishes its finals only
     assert len(ctx.digests) == 2 and set(ctx.digests[0]) == {"train", "val", "test"}
-    assert ctx.worker_growth == 0.1 and ctx.checkpoint_every == 1
+    assert ctx.worker_growth == 0.25 and ctx.checkpoint_every == 1 and ctx.checkpoint_seconds == 30
 
 
 def test_the_spec_hash_is_of_the_spec_as_written():

@@ -295,7 +295,7 @@ class TrialContext:
     blobs: dict[str, bytes] = field(default_factory=dict)  # arm -> checkpoint bytes, for nodes without the file
     leader: Any = None  # a plain sweep's trainable.Leader actor: only a trial that beats it writes its weights
     cohorts: Any = None  # resources.cohort > 1: the sweep's cohort.Registry actor (trials train in cohorts)
-    worker_growth: float | None = 0.1  # resources.worker_growth: a reused worker's memory bound (limits.WorkerMemory)
+    worker_growth: float | None = 0.25  # resources.worker_growth: a reused worker's memory bound (limits.WorkerMemory)
 
     def data_for(self, search: int):
         """The splits a trial of search repeat ``search`` trains, validates and tests on."""

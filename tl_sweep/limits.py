@@ -105,16 +105,18 @@ class WorkerMemory:
     (``kept``: built models, data on the device). Past ``base × (1 + growth) + 64 MiB`` it asks to be
     replaced (:attr:`replace`, sent with each report): the driver gives it no further trial.
 
-    ``base`` is the most it held after any of its first :attr:`SETTLE` trials: a CPU worker's heap moves by
-    ±60 MiB from trial to trial without growing (545-682 MiB over 50-67 trials per worker in the default
-    study, no trend), and its first figure is its lowest, so a bound on the first alone replaced healthy
-    workers (3 in one run of the default study).
+    ``base`` is the most it held after any of its first :attr:`SETTLE` trials, and ``growth`` defaults to 25%:
+    a CPU worker's anonymous memory moves by ±30 MiB from trial to trial and drifts up by a few MiB a trial
+    over its first dozens (545 → 692 MiB in 15 re-trainings of the default study, then level), and its first
+    figures are its lowest, so a bound of "first + 10% + 64 MiB" replaced 3 healthy workers per run of the
+    default study (each replacement costs a new process: ~7 s of imports here, more with CUDA). A leak of a
+    model's weights per trial (45 MB for a ResNet18) still trips it within a few trials.
     """
 
     SLACK = 64 << 20  # allocator granularity and the heap's own noise: not growth
     SETTLE = 3  # trials whose highest figure is the base
 
-    def __init__(self, growth: float | None = 0.1):
+    def __init__(self, growth: float | None = 0.25):
         self.growth, self.base, self.last = growth, None, None
         self.measured = 0
         self.replace: str | None = None  # why this worker must take no further trial
@@ -167,7 +169,7 @@ class WorkerMemory:
 _WORKER: WorkerMemory | None = None
 
 
-def worker(growth: float | None = 0.1) -> WorkerMemory:
+def worker(growth: float | None = 0.25) -> WorkerMemory:
     """This process's :class:`WorkerMemory` (one per trial worker)."""
     global _WORKER
     if _WORKER is None:

@@ -696,9 +696,9 @@ def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult
            resume: bool = False, plan: Plan | None = None) -> list[TrialResult]:
     """A study's selection: each cell's best configurations re-trained with new seeds, on validation only."""
     st = cfg.spec.study
-    configs = candidates(trials, cfg.spec.seed, st.min_candidates, st.selection_seeds,
+    configs = candidates(trials, cfg.spec.seed, st.candidates, st.selection_seeds,
                          st.trials_per_cell if st.allocate == "halving" else None)
-    log(f"ray: selection: {len(configs)} re-trainings (each cell's {st.min_candidates} best configurations × "
+    log(f"ray: selection: {len(configs)} re-trainings (each cell's {st.candidates} best configurations × "
         f"{st.selection_seeds} new seeds, validation only; the best mean is the cell's choice)")
     return _retrain(cfg, ctx, parent, "select", configs, log, resume, plan)
 

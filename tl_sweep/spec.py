@@ -238,8 +238,8 @@ class Study(_Strict):
     other than depth, seeded per cell and per search repeat; ASHA inside the cell, never across depths, and never
     leaving a cell fewer than ``min_candidates`` configurations that ran their whole schedule). The whole study
     is searched ``search_repeats`` times with independent seeds, so each verdict comes with its stability. A
-    cell's ``min_candidates`` best configurations are re-trained with ``selection_seeds`` new seeds each, and the
-    one with the best mean validation accuracy is the cell's choice (a lucky single run cannot be it); each arm's
+    cell's ``candidates`` best configurations (full schedules first) are re-trained with ``selection_seeds`` new
+    seeds each, and the one with the best mean validation accuracy is the cell's choice (a lucky single run cannot be it); each arm's
     depth is chosen on those same re-trainings. The chosen configuration of each cell is then re-trained with
     ``repeats`` seeds, the same seeds in every arm (pairing), and scored once on the test split: those finals
     choose nothing. ``search.num_trials`` does not apply to a study.
@@ -250,10 +250,11 @@ class Study(_Strict):
     # named by the file's name)
     sources: list[Union[str, Source]] | None = None
     depths: list[Union[int, Literal["max"]]] | None = None  # default: every unfrozen_blocks value of the space
-    trials_per_cell: int = Field(6, ge=1)
+    trials_per_cell: int = Field(8, ge=1)
     search_repeats: int = Field(3, ge=1)
     repeats: int = Field(5, ge=2)  # final seeds per chosen configuration (paired across arms)
-    min_candidates: int = Field(3, ge=1)  # full-schedule configurations each cell keeps; the best this many re-trained
+    min_candidates: int = Field(3, ge=1)  # full-schedule configurations ASHA leaves each cell at least
+    candidates: int = Field(2, ge=1)  # the best this many of a cell's configurations are re-trained before a choice
     selection_seeds: int = Field(2, ge=1)  # new seeds per candidate before a cell's configuration is chosen
     estimates: bool = True  # transferability estimates per cell before training, checked against the finals
     allocate: Literal["grid", "halving"] = "grid"  # grid: equal budgets; halving: successive halving of cells
@@ -306,7 +307,7 @@ class Resources(_Strict):
     cohort: int = Field(1, ge=1, le=64)
     # a trial's worker process is reused for the next trial; one whose memory after a trial exceeds the most
     # of its first 3 trials' by more than this share (+64 MiB) is replaced (limits.WorkerMemory); null: never
-    worker_growth: float | None = Field(0.1, ge=0)
+    worker_growth: float | None = Field(0.25, ge=0)
 
     @field_validator("gpu")
     @classmethod
@@ -323,7 +324,7 @@ class Tracking(_Strict):
     register_below_chance: bool = False  # register it even when it is not above the majority-class rate
     log_models: bool = True  # log the winner (per arm, in a study) as an MLflow Model
     # winners: best.pt (and the MLflow Model) of the published winners only; all: every trial's best.pt too
-    # (a ResNet18 checkpoint is 45 MB: the default study's 231 trainings would store 10 GB)
+    # (a ResNet18 checkpoint is 45 MB: the default study's 357 trainings would store 16 GB)
     checkpoints: Literal["winners", "all"] = "winners"
     system_metrics: bool = True  # CPU, memory, GPU of every node on the parent run (MLflow system metrics)
 
@@ -514,13 +515,13 @@ class Config(BaseModel):
 
     def trainings(self) -> tuple[int, int, int]:
         """(search trials, selection re-trainings, final re-trainings) this config will run (at most, where a
-        cell ends with fewer than ``min_candidates`` configurations that ran their whole schedule)."""
+        cell ends with fewer than ``candidates`` configurations with a result)."""
         s = self.spec
         if s.study is None:
             return s.search.num_trials, 0, 0
         st = s.study
         n = len(self.cells) * st.search_repeats
-        return n * st.trials_per_cell, n * min(st.min_candidates, st.trials_per_cell) * st.selection_seeds, \
+        return n * st.trials_per_cell, n * min(st.candidates, st.trials_per_cell) * st.selection_seeds, \
             n * st.repeats
 
     def dump(self) -> dict[str, Any]:

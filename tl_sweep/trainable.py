@@ -49,8 +49,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     Everything is written before ``tune.report``: a scheduler's stop arrives inside it. Resume: every
     ``checkpoint_every`` epochs (once ``checkpoint_seconds`` have passed since the last) the fit's state goes
-    into a Tune checkpoint with the MLflow run id; a restarted
-    trial (``--resume``, a lost worker) continues from it in the same run without logging an epoch twice.
+    into a Tune checkpoint with the MLflow run id; a restarted trial (``--resume``, a lost worker) continues
+    from it in the same run without logging an epoch twice.
     """
     _ENDED.clear()
     t = Training(ctx, TrialConfig.from_tune(config))  # its device, worker, MLflow run and resume state

@@ -210,7 +210,8 @@ def plot_budget(curves: list[stats.BudgetCurve], path: Path) -> bool:
         ax.set_xlabel("trials in one search", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("expected best val acc (%)", fontsize=8)
-    fig.suptitle("Budget curves (full-schedule trials; band: 90% bootstrap): flat = the budget sufficed", fontsize=9)
+    fig.suptitle("Budget curves (full-schedule trials; band: 90% bootstrap): still rising = more trials would help; "
+                 "flat and low = the search never found a good region", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -455,8 +456,10 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
     if a.scratch or len(a.cells) > len(a.arms):
         trials = sorted({c.trials for c in a.cells.values()})
         seeds = sorted({len(v) for c in a.cells.values() for v in c.selection.values()})
-        picked = (f"each cell's best configurations by search validation (full-schedule trials first) are "
-                  f"re-trained with {'–'.join(map(str, seeds))} new seeds on validation, and the best mean is the "
+        top = sorted({len(c.selection) for c in a.cells.values() if c.selection})
+        picked = (f"each cell's {'–'.join(map(str, top))} best configurations by search validation (full-schedule "
+                  f"trials first) are re-trained with {'–'.join(map(str, seeds))} new seeds each on validation, and "
+                  f"the best mean is the "
                   f"cell's choice; each arm's depth is chosen on those selection means" if seeds else
                   "each cell's configuration with the best validation accuracy among trials that ran their whole "
                   "schedule; each arm's depth by its finals' mean validation accuracy")
@@ -494,7 +497,9 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
         md += ["## Budget", "", "Expected best validation accuracy after n trials of one search (Dodge et al. 2019), "
                "per cell and search repeat, from the trials that ran their whole schedule (a trial ASHA stopped "
                "scored half a run); the band is a 90% bootstrap over those trials. A curve still rising at the "
-               "budget means more trials would have found better configurations. " + budget, "",
+               "budget means more trials would likely have found better configurations. A curve is computed from "
+               "the trials that ran, so a flat one at a low value does not say the budget sufficed: the search "
+               "never reached a good region, and more trials may or may not. " + budget, "",
                "![budget](budget_curves.png)", ""]
     if "cost" in plots:
         md += ["## Cost", "", "![cost](cost.png)", ""]
