@@ -26,7 +26,9 @@ def registered(tmp_path_factory):
     env = dict(os.environ, MLFLOW_TRACKING_URI=db, MLFLOW_EXPERIMENT_NAME="from-env")
     proc = tl("run", SPEC, "--report-dir", tmp / "report", cwd=tmp, env=env, timeout=900, sets_=(
         "study=null", "model.weights=none", "search.num_trials=2", "search.space.epochs=1", "data.image_size=32",
-        "search.space.unfrozen_blocks=5", "scheduler.kind=fifo", "tracking.register_as=ants-bees"))
+        "search.space.unfrozen_blocks=5", "scheduler.kind=fifo", "tracking.register_as=ants-bees",
+        # one epoch from scratch is about chance: registered anyway, since the registry and predict are under test
+        "tracking.register_below_chance=true"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "models:/ants-bees@champion" in proc.stderr
     from mlflow.tracking import MlflowClient
@@ -71,7 +73,7 @@ v = MlflowClient().get_model_version_by_alias("ants-bees", "champion")
 run = MlflowClient().get_run(v.run_id)
 models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                      filter_string=f"source_run_id = '{{v.run_id}}'")
-torch_model = next(m for m in models if m.name == "pytorch")
+torch_model = next(m for m in models if m.name.endswith("-torch"))
 net = mlflow.pytorch.load_model(torch_model.model_uri)
 print(tuple(net(torch.zeros(2, 3, 32, 32)).shape))
 """

@@ -186,3 +186,20 @@ def test_halving_cut_cells_get_no_finals_and_the_report_says_which_and_when():
     md = render.markdown(header, "p" * 32, search + finals, a, {}, set())
     assert "cut 1 cells before their full budget" in md and "src@k=0 after 2 trials (best search val 61.0%)" in md
     assert "This run trained 10 search trials and 4 finals where the grid design would train 12 and 6" in md
+
+
+def test_a_plain_sweeps_report_says_what_faults_cost_and_ranks_nothing_when_all_trials_tie():
+    import dataclasses
+
+    from tl_sweep.report import render
+
+    results = [_r("scratch", d, 0, i, 0.5, bs=16 * (1 + i % 2)) for i, d in enumerate([0, 2, 5, 0])]
+    assert stats.importance(stats.search_study(results)) == {}  # fANOVA itself raises on zero variance
+    results[0] = dataclasses.replace(results[0], retries=2)
+    results[1] = dataclasses.replace(results[1], delayed=7)
+    header = {"experiment": "x", "arch": "resnet18", "dataset": "d", "classes": 2, "n_train": 8, "n_val": 8,
+              "n_test": 0, "crop": 32, "seed": 0, "val_chance": "0.5"}
+    md = render.sweep_markdown(header, "p" * 32, results, {}, set(), (0.5, 0.5, 0.6, 4))
+    assert "1 trial lost a worker or node and continued from its last checkpoint (2 retries" in md
+    assert "A tracking outage held back 7 writes of 1 run on local disk" in md
+    assert "is not above the majority-class rate" in md and "## Search" not in md

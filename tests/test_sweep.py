@@ -90,7 +90,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     assert {m.name for m in models} == {f"e2e-mnist-5k-k{k}", f"e2e-mnist-5k-k{k}-torch"}  # sweep, arm, depth
     assert {m.source_run_id for m in models} == {best.info.run_id}
     for m in models:  # the Models page compares them on their accuracy
-        assert {x.key: x.value for x in m.metrics} == {"val_acc": best.data.metrics["best_val_acc"]}
+        assert {x.key: x.value for x in m.metrics} == {"best_val_acc": best.data.metrics["best_val_acc"]}
     names = [t.info.run_name for t in trials]
     assert len(set(names)) == len(names) and all(t.data.tags["tl_sweep.trial_id"] in t.info.run_name
                                                  for t in trials)  # every trial run named apart

@@ -889,8 +889,7 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
             uris[arm] = tracking.log_model(uri, r.run_id, path, example, name=name)
             torch_uri = tracking.log_torch_model(uri, r.run_id, path, name=f"{name}-torch")
             # the Models page compares logged models on the metrics linked to them
-            scores = {"val_acc": r.best_val_acc, **({"test_acc": r.test_acc} if r.test_acc is not None else {})}
-            tracking.link_metrics(uri, r.run_id, [uris[arm], torch_uri], scores)
+            tracking.link_metrics(uri, r.run_id, [uris[arm], torch_uri], ["best_val_acc", "test_acc"])
             log(f"mlflow: {arm}: model {uris[arm]} (run {r.run_id}, k={r.config.unfrozen_blocks}, "
                 f"seed {r.config.seed})")
     if s.tracking.register_as and uris:

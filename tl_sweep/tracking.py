@@ -636,16 +636,18 @@ def log_torch_model(uri: str, run_id: str, ckpt_path: Path, *, name: str = "pyto
     return info.model_uri
 
 
-def link_metrics(uri: str, run_id: str, model_uris: list[str], metrics: dict[str, float]) -> None:
-    """``metrics`` of ``run_id`` linked to each logged model (MLflow 3): its Models page then shows and compares
-    them. (MLflow links a run's metrics of step 0 to a model logged on it; a trial logs its epochs at steps 1..,
-    so these are the model's only metrics.)"""
+def link_metrics(uri: str, run_id: str, model_uris: list[str], keys: list[str]) -> None:
+    """The last value of each of ``run_id``'s metrics ``keys`` linked to each logged model (MLflow 3): its
+    Models page then shows and compares them. Each is sent again with the run's own key, value, time and step,
+    which MLflow stores once: the run's metric history is unchanged (a new point at step 0 would sit in the
+    epoch chart of ``val_acc``)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0, model_id=u.removeprefix("models:/")) for u in model_uris
-             for k, v in metrics.items() if v is not None]
-    _retry(client(uri).log_batch, run_id, metrics=batch)
+    rows = [h[-1] for h in (metric_history(uri, run_id, k) for k in keys) if h]
+    for u in model_uris:
+        batch = [Metric(m.key, m.value, m.timestamp, m.step, model_id=u.removeprefix("models:/")) for m in rows]
+        if batch:
+            _retry(client(uri).log_batch, run_id, metrics=batch)
 
 
 def _requirements() -> list[str]:

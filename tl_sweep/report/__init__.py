@@ -105,10 +105,10 @@ def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -
     if render.plot_dimensions(results, out / "dimensions.png", chance[1] if chance else None):
         plots.add("dimensions")
     study = stats.search_study(results)
-    imp = {"all": stats.importance(study)} if study is not None else {}
-    if study is not None:
+    imp = {"all": i} if (i := stats.importance(study)) else {}
+    if imp:
         render.plot_parallel(study, out / "parallel_coordinates.png")
-    markdown = render.sweep_markdown(header, parent_id, results, {k: v for k, v in imp.items() if v}, plots, chance)
+    markdown = render.sweep_markdown(header, parent_id, results, imp, plots, chance)
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(render.trials_csv(results))
     tracking.download_artifact(uri, parent_id, "resolved.yaml", out)

@@ -398,7 +398,7 @@ def sweep_markdown(header: dict[str, Any], parent_id: str, results: list[TrialRe
           f"`{h['dataset']}` (classes {h['classes']}; train {h['n_train']}, val {h['n_val']}, test {h['n_test']}; "
           f"{rates}) · input {h['crop']} px · seed {h['seed']}", "",
           f"Search: {len(search)} trials ({status['FINISHED']} ran their whole schedule, {status['EARLY_STOPPED']} "
-          f"early-stopped, {status['FAILED']} failed). The search saw the validation split only."]
+          f"early-stopped, {status['FAILED']} failed). The search saw the validation split only." + _faults(results)]
     if best_chance:
         acc, chance, p, tries = best_chance
         above = p < stats.ALPHA
@@ -418,6 +418,20 @@ def sweep_markdown(header: dict[str, Any], parent_id: str, results: list[TrialRe
         md += ["", "![parallel coordinates](parallel_coordinates.png)", ""]
     md += ["All trials: [trials.csv](trials.csv).", ""]
     return "\n".join(md)
+
+
+def _faults(results: list[TrialResult]) -> str:
+    """What node losses and tracking outages cost the sweep, as sentences (empty when nothing happened)."""
+    out = ""
+    retried = [r for r in results if r.retries]
+    if retried:
+        out += (f" {len(retried)} trial{'s' if len(retried) > 1 else ''} lost a worker or node and continued "
+                f"from its last checkpoint ({sum(r.retries for r in retried)} retries; each kept its one MLflow run).")
+    delayed = [r for r in results if r.delayed]
+    if delayed:
+        out += (f" A tracking outage held back {sum(r.delayed for r in delayed)} writes of {len(delayed)} "
+                f"run{'s' if len(delayed) > 1 else ''} on local disk; all were delivered later.")
+    return out
 
 
 def number(v) -> float | None:
@@ -444,15 +458,7 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
           f"{status['FAILED']} failed); "
           + (f"selection: {len(selection)} re-trainings on validation; " if selection else "")
           + f"final evaluation: {len(finals)} re-trainings scored once on the test split."]
-    retried = [r for r in results if r.retries]
-    if retried:
-        md[-1] += (f" {len(retried)} trial{'s' if len(retried) > 1 else ''} lost a worker or node and continued "
-                   f"from its last checkpoint ({sum(r.retries for r in retried)} retries; each kept its one MLflow "
-                   f"run).")
-    delayed = [r for r in results if r.delayed]
-    if delayed:
-        md[-1] += (f" A tracking outage held back {sum(r.delayed for r in delayed)} writes of {len(delayed)} "
-                   f"run{'s' if len(delayed) > 1 else ''} on local disk; all were delivered later.")
+    md[-1] += _faults(results)
     if a.scratch or len(a.cells) > len(a.arms):
         trials = sorted({c.trials for c in a.cells.values()})
         seeds = sorted({len(v) for c in a.cells.values() for v in c.selection.values()})

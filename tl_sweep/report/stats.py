@@ -410,10 +410,11 @@ def search_study(results: list[TrialResult]):
 
 
 def importance(study) -> dict[str, float]:
-    """fANOVA importance of each searched dimension for the best validation accuracy (seeded)."""
+    """fANOVA importance of each searched dimension for the best validation accuracy (seeded); none when every
+    trial scored the same (nothing to explain: fANOVA itself refuses zero variance)."""
     import optuna
 
-    if study is None:
+    if study is None or len({t.value for t in study.trials}) < 2:
         return {}
     return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
 
