@@ -32,7 +32,9 @@ def cli(capsys):
         out, err = capsys.readouterr()
         return code, out, err
 
-    return call
+    yield call
+    if "ray" in sys.modules:  # a `run` in pytest's process may have started Ray there: the next ray.init would fail
+        shutdown_in_process_ray()
 
 
 def sets(*pairs: str) -> list[str]:

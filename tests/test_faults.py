@@ -355,7 +355,7 @@ def test_a_best_trial_at_chance_is_logged_but_not_registered(tmp_path):
     db = tmp_path / "m.db"
     proc = tl("run", SPEC, *TINY, cwd=tmp_path, sets_=(
         f"data.dataset=imagefolder:{tmp_path / 'd'}", "data.classes=null", "data.train_per_class=null",
-        "data.image_size=16", "model.weights=none", "search.num_trials=3", "search.space.batch_size=8",
+        "data.image_size=16", "model.weights=none", "search.num_trials=4", "search.space.batch_size=8",
         "tracking.register_as=at-chance", f"tracking.uri=sqlite:///{db}"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "NOT above chance" in proc.stdout and "majority-class rate (what always answering" in proc.stdout
