@@ -21,6 +21,15 @@ from typing import Any
 from tl_sweep import redact
 from tl_sweep.errors import UserError
 
+# The trial workers' environment, set before their processes start: a local Ray inherits it from the driver
+# (runner.start_ray), ``tl-sweep submit`` sends it with the job, a cluster started by hand sets it itself
+# (docker/). glibc gives each new thread its own malloc arena, up to 8 per core, and Tune runs each trial in a
+# new thread: a reused worker kept ~9 MiB more after each trial until every arena was in use. benchmarks/load.py
+# on 2 cores, 2026-12-05, a worker's memory after its trials: glibc's default (16 arenas) 550 -> 764 MiB in 28
+# trials, still rising, past its bound (limits.WorkerMemory: the worker was replaced, a new process each time);
+# 8 arenas 550 -> 680 MiB, level after ~20; 2 arenas 545-552 MiB over 50 trials, at the same speed.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+
 
 def _answers(address: str, timeout: float = 5.0) -> bool:
     """Whether something listens at ``host:port`` (a Ray head's GCS port), within ``timeout`` seconds."""
@@ -247,7 +256,7 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
         package = str(Path(__file__).resolve().parent)
         try:
             job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={
-                "working_dir": str(work), "py_modules": [package], "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex}})
+                "working_dir": str(work), "py_modules": [package], "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex, **WORKER_ENV}})
         except Exception as e:  # noqa: BLE001
             raise UserError(_explain(e, address)) from None
     log(f"submitted job {job_id} to {address}")

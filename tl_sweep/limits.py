@@ -106,11 +106,11 @@ class WorkerMemory:
     replaced (:attr:`replace`, sent with each report): the driver gives it no further trial.
 
     ``base`` is the most it held after any of its first :attr:`SETTLE` trials, and ``growth`` defaults to 25%:
-    a CPU worker's anonymous memory moves by ±30 MiB from trial to trial and drifts up by a few MiB a trial
-    over its first dozens (545 → 692 MiB in 15 re-trainings of the default study, then level), and its first
-    figures are its lowest, so a bound of "first + 10% + 64 MiB" replaced 3 healthy workers per run of the
-    default study (each replacement costs a new process: ~7 s of imports here, more with CUDA). A leak of a
-    model's weights per trial (45 MB for a ResNet18) still trips it within a few trials.
+    a CPU worker's anonymous memory moves by ±30 MiB from trial to trial, and its first figures are its lowest,
+    so a bound of "first + 10% + 64 MiB" replaced healthy workers (each replacement costs a new process: ~7 s
+    of imports here, more with CUDA). A leak of a model's weights per trial (45 MB for a ResNet18) still trips
+    it within a few trials. (The steady drift once seen here, ~9 MiB a trial, was glibc's malloc arenas, one
+    more per trial thread: the workers' environment caps them, ``cluster.WORKER_ENV``.)
     """
 
     SLACK = 64 << 20  # allocator granularity and the heap's own noise: not growth

@@ -442,6 +442,8 @@ def start_ray(address: str | None) -> None:
     """Join (or start) the Ray cluster ``address`` resolved by :func:`tl_sweep.cluster.ray_address`."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for name, value in cluster.WORKER_ENV.items():  # for the trial workers a local Ray starts (a user's value wins)
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
     # Ray says at every start that token authentication is on (its default); it stays on, said once in the docs
