@@ -106,13 +106,23 @@ def test_quarter_gpu_trials_pack_four_per_advertised_gpu_in_four_reused_workers(
 
 
 def test_a_worker_that_ran_out_of_memory_takes_no_further_trial(tmp_path):
-    """Trials past ``resources.memory_gb`` fail out of memory (batch 512 at full fine-tuning); each such worker
-    is replaced, said in one line, while the others keep being reused."""
+    """Trials past ``resources.memory_gb`` (a trial on the CPU: no CUDA device behind the advertised GPU) fail out
+    of memory with the reason (batch 512 at full fine-tuning needs more) and the sweep goes on; each such worker
+    is replaced, said in one line, while the others keep being reused. (Random weights: memory does not depend
+    on them, and a 64 px source would be pretrained for this test alone.)"""
     result, proc, runs = sweep(tmp_path, 1, "search.num_trials=8", "search.space.batch_size=[8, 512]",
                                "search.space.unfrozen_blocks=5", "data.train_per_class=60", "data.image_size=64",
                                "resources.memory_gb=1.2", "search.space.optimizer=sgd", "search.space.epochs=1")
     oom = [r for r in runs if r.data.tags.get("tl_sweep.failure") == "OutOfMemory"]
     assert oom and len(oom) < len(runs), [r.data.params["batch_size"] for r in runs]
+    for r in runs:
+        if r in oom:
+            assert r.info.status == "FAILED" and r.data.params["batch_size"] == "512"
+            assert "lower batch_size" in r.data.tags["tl_sweep.error"]
+            assert "past resources.memory_gb 1.2" in r.data.tags["tl_sweep.error"]
+        else:
+            assert r.info.status == "FINISHED" and r.data.params["batch_size"] == "8" and r.data.metrics["val_acc"] > 0
+    assert proc.stdout.count("failed: trial") == len(oom) and "out of memory (batch_size 512" in proc.stdout
     for r in oom:  # its worker never appears again
         later = [x for x in runs if x.info.start_time > r.info.start_time]
         assert r.data.tags["tl_sweep.worker"] not in {x.data.tags["tl_sweep.worker"] for x in later}

@@ -133,3 +133,16 @@ def test_mlflow_skips_its_type_hint_check_for_an_open_input_model():
         from tl_sweep import mlflow_model  # noqa: F401 - defining the class is what warned
 
     assert not [w for w in seen if "type hint" in str(w.message).lower()], [str(w.message) for w in seen]
+
+
+def test_a_local_ray_lists_its_monitor_process_where_the_exit_hook_looks():
+    import ray._private.worker
+    from ray._private import ray_constants
+    from ray._private.node import Node
+
+    assert hasattr(ray._private.worker, "_global_node"), moved("end_local_monitor_at_exit", "no _global_node")
+    assert ray_constants.PROCESS_TYPE_MONITOR == "monitor", moved("end_local_monitor_at_exit", "monitor renamed")
+    assert "self.all_processes" in inspect.getsource(Node.__init__), \
+        moved("end_local_monitor_at_exit", "Node lost all_processes")
+    assert "PROCESS_TYPE_MONITOR" in inspect.getsource(Node.start_monitor), \
+        moved("end_local_monitor_at_exit", "the monitor is no longer a process of the node's table")

@@ -451,6 +451,7 @@ def start_ray(address: str | None) -> None:
     try:
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                  configure_logging=True, log_to_driver=True)
+        internals.end_local_monitor_at_exit()  # Ray's shutdown would wait 1 s for it
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"--address: cannot join the Ray cluster at {address or 'this machine'} "
                         f"({' '.join(str(e).split())[:160]}); check the address (auto, or the head's host:6379) "
