@@ -256,7 +256,8 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
         package = str(Path(__file__).resolve().parent)
         try:
             job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={
-                "working_dir": str(work), "py_modules": [package], "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex, **WORKER_ENV}})
+                "working_dir": str(work), "py_modules": [package],
+                "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex, **WORKER_ENV}})
         except Exception as e:  # noqa: BLE001
             raise UserError(_explain(e, address)) from None
     log(f"submitted job {job_id} to {address}")

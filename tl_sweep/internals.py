@@ -69,6 +69,7 @@ def end_local_monitor_at_exit() -> None:
     entry a run ends 1 s later, nothing else.
     """
     import atexit
+    import subprocess
 
     def kill_monitor() -> None:
         import ray._private.worker
@@ -77,8 +78,11 @@ def end_local_monitor_at_exit() -> None:
         node = ray._private.worker._global_node
         for info in (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node else []):
             if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
+                try:
+                    info.process.kill()
+                    info.process.wait(timeout=5)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass  # Ray's shutdown that follows tries again
 
     atexit.register(kill_monitor)  # after ray.init registered its shutdown: runs before it
 
