@@ -262,14 +262,14 @@ def test_a_trial_that_raises_is_failed_with_its_reason_and_listed(tmp_path):
     assert parent.info.status == "FAILED"
 
 
-@pytest.mark.parametrize("sets, expected", [
+@pytest.mark.parametrize("overrides, expected", [
     (["data.split=[0.8, 0.2, 0.0]"], "has none; add a test/ folder"),
     (["tracking.uri=mlruns"], "is not a tracking URI"),
     (["tracking.uri=sqlite:////nonexistent/dir/m.db"], "does not exist; create it"),
 ])
-def test_more_one_line_errors(cli, tmp_path, monkeypatch, sets, expected):
+def test_more_one_line_errors(cli, tmp_path, monkeypatch, overrides, expected):
     monkeypatch.chdir(tmp_path)  # in-process: the same main() a shell's tl-sweep runs, without 5 s of imports
-    code, out, err = cli("run", SPEC, *[a for s in sets for a in ("--set", s)])
+    code, out, err = cli("run", SPEC, *sets(*overrides))
     assert code == 2, out[-1500:] + err[-1500:]
     # progress lines may come first (stderr is also progress); the error is one line, the last, no traceback
     lines = err.strip().splitlines()
