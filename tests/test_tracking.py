@@ -83,3 +83,17 @@ def test_the_outbox_delivers_in_order_once_and_sets_aside_what_the_server_refuse
     assert got.info.status == "FINISHED" and got.data.tags[Tag.DELAYED] == "5"
     rejected = (box.dir / "rejected.log").read_text()
     assert gone.run_id in rejected and "val_acc" in rejected
+
+
+def test_a_run_id_that_contains_a_status_code_is_not_a_server_error():
+    """A deleted run's refusal quotes its run id; an id with "504" inside it once read as a gateway timeout, so
+    the write was retried for its whole window and then kept waiting (the outbox test failed ~1 run in 10)."""
+    from mlflow.exceptions import MlflowException
+
+    refused = MlflowException("The run f5f444eeaa50430f8f85ad0d703aa2c5 must be in the 'active' state. "
+                              "Current state is deleted.")
+    assert not tracking._transient(refused)
+    for status in (502, 503, 504):  # MLflow's own wording for a non-JSON error page
+        assert tracking._transient(MlflowException(f"API request to endpoint /api/2.0/mlflow/runs/log-batch "
+                                                   f"failed with error code {status} != 200. Response body: ''"))
+    assert tracking._transient(MlflowException("(sqlite3.OperationalError) database is locked"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -31,10 +32,13 @@ OUTBOX_AFTER = float(os.environ.get("TL_SWEEP_OUTBOX_AFTER", "20"))
 OPEN_WAIT = 1800.0  # a trial cannot train without its run: opening one waits this long for the server
 
 
+# what a failure that may pass looks like: a locked sqlite, an unreachable or overloaded server. The status codes
+# must stand alone: a message that quotes a run id ("...aa504...") is not a 504.
+_TRANSIENT = re.compile(r"locked|connection|timed out|temporarily|max retries|\b50[234]\b")
+
+
 def _transient(e: Exception) -> bool:
-    text = str(e).lower()
-    return any(s in text for s in ("locked", "connection", "timed out", "temporarily", "503", "502", "504",
-                                   "max retries"))
+    return _TRANSIENT.search(str(e).lower()) is not None
 
 
 def _retry(fn: Callable[..., T], *args, window: float = RETRY_SECONDS, **kwargs) -> T:
