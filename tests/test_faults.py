@@ -68,6 +68,81 @@ def stop(proc):
         proc.wait(timeout=30)
 
 
+class Outage:
+    """The road to a real MLflow server on 127.0.0.1, which the test cuts and mends: a TCP relay on its own port.
+    ``down()`` closes the relay's listening socket and every connection through it, so a client meets what a
+    dead or restarting server gives it (connection refused, a request cut mid-way); ``up()`` listens again on
+    the same port. The server behind it keeps running: no ~10-20 s restart (mlflow's imports, on a busy
+    machine) between the cut and the mend, so the trials around it need not train for as long."""
+
+    def __init__(self, server_port: int):
+        import threading
+
+        self.server_port, self.port, self._lock = server_port, free_port(), threading.Lock()
+        self._listener, self._open = None, set()
+        self.up()
+
+    def up(self) -> None:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        import socket
+
+        listener, self._listener = self._listener, None
+        for s in [*([listener] if listener else []), *self._take()]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept() or recv()
+            except OSError:
+                pass
+            s.close()
+
+    def _take(self) -> set:
+        with self._lock:
+            taken, self._open = self._open, set()
+        return taken
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # down()
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.server_port), timeout=10)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        import socket
+
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def outage_sweep(uri, tmp_path, experiment, epochs):
@@ -113,24 +188,24 @@ def every_epoch_once(client, exp, epochs):
 
 @pytest.mark.slow
 def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
-    """The server goes down for 10 s mid-sweep (2× the writes' retry window) while two trials train: their
-    writes wait in the node's outbox and arrive, each once, when it is back - during the sweep. Then it goes
-    down again before the trials end and stays down: the sweep still finishes (exit 0) and says what waits;
+    """The server becomes unreachable for 10 s mid-sweep (2× the writes' retry window) while two trials train:
+    their writes wait in the node's outbox and arrive, each once, when it is back - during the sweep. Then it
+    goes away again before the trials end and stays away: the sweep still finishes (exit 0) and says what waits;
     ``tl-sweep sync`` delivers it once the server is back, and the report says what was delayed."""
     db, port = tmp_path / "server.db", free_port()
     server = start_server(db, port, tmp_path)
     wait_health(port)
-    uri = f"http://127.0.0.1:{port}"
-    epochs = 70  # ~0.75 s an epoch, two at a time: both still train ~30 s after the server is back (40 did not)
+    road = Outage(port)
+    uri = f"http://127.0.0.1:{road.port}"  # what the sweep, `sync` and `report` are told
+    epochs = 40  # ~0.75 s an epoch, two at a time: both still train ~15 s after the server is back
     sweep = outage_sweep(uri, tmp_path, "outage", epochs)
     try:
-        client = MlflowClient(uri)
+        client = MlflowClient(f"http://127.0.0.1:{port}")  # the test's own reads go straight to the server
         exp = until_trials_log(client, "outage")
-        stop(server)
+        road.down()
         time.sleep(10)
-        server = start_server(db, port, tmp_path)
-        wait_health(port)
-        reported = tune_epochs(tmp_path / "results")  # progress the server could not see while it was down
+        reported = tune_epochs(tmp_path / "results")  # progress the server could not see while it was away
+        road.up()
         training = {t: e for t, e in reported.items() if e < epochs}
         assert len(reported) == 2 and training, reported
         deadline = time.time() + 120
@@ -142,14 +217,13 @@ def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
             time.sleep(0.3)
         else:
             raise AssertionError("queued epochs were not delivered while the sweep ran")
-        stop(server)  # and down again, until after the sweep
+        road.down()  # and away again, until after the sweep
         out, _ = sweep.communicate(timeout=600)
         assert sweep.returncode == 0, out[-3000:]
         assert "writes wait on this node (nothing is lost): tl-sweep sync" in out
         waiting = tracking.waiting(uri)
         assert waiting > 0
-        server = start_server(db, port, tmp_path)
-        wait_health(port)
+        road.up()
         synced = tl("sync", "--tracking-uri", uri, cwd=tmp_path)
         assert synced.returncode == 0 and f"delivered {waiting} of {waiting} writes" in synced.stdout, synced.stdout
         assert tracking.waiting(uri) == 0
@@ -163,6 +237,7 @@ def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
     finally:
         if sweep.poll() is None:
             sweep.kill()
+        road.down()
         stop(server)
 
 
