@@ -93,7 +93,8 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+        cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # as `tl-sweep ui` runs it
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(uri + "/health", proc)

@@ -55,7 +55,8 @@ def start_server(db, port, root):
     return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                              "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port",
                              str(port), "--workers", "1"], cwd=root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
 
 
 def wait_health(port, timeout=90):

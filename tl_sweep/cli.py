@@ -275,30 +275,32 @@ def cmd_ui(args) -> int:
     root = tracking.artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", Path(root).as_uri()]
-    # the server and its workers in their own process group, stopped with us on Ctrl-C or SIGTERM
-    server = subprocess.Popen(cmd, start_new_session=True)
+    # the server and its workers in their own process group, stopped with us on Ctrl-C or SIGTERM; the server's
+    # job runner (MLflow's GenAI jobs: 7 more processes) is off unless the user turned it on
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    server = subprocess.Popen(cmd, start_new_session=True, env=env)
 
-    def stop(signum=None, frame=None) -> None:
-        import signal
+    class Stopped(Exception):
+        pass
 
+    def on_sigterm(signum, frame) -> None:  # leaves server.wait() below, which holds the lock a second wait needs
+        raise Stopped
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return server.wait()
+    except (KeyboardInterrupt, Stopped):
+        return 0
+    finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-        if signum is not None:
-            raise SystemExit(0)
-
-    import signal
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop()
 
 
 def parser() -> argparse.ArgumentParser:
