@@ -785,7 +785,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     monitors = []
     try:  # from here on, whatever happens closes the parent run with its status
         if s.study is None and s.tracking.log_models and not ctx.log_checkpoints:  # only the best trial's weights
-            ctx = dataclasses.replace(ctx, leader=ray.remote(num_cpus=0)(trainable.Leader).remote())
+            ctx = dataclasses.replace(ctx, leader=ray.remote(num_cpus=0)(contract.Leader).remote())
         if s.resources.cohort > 1:
             ctx = dataclasses.replace(ctx, cohorts=start_cohorts(cfg, ctx))
         monitors = cluster.system_metrics(uri, parent) if s.tracking.system_metrics else []
@@ -870,7 +870,7 @@ def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: d
             if mine:
                 picks[arm] = max(mine, key=lambda r: (r.best_val_acc, -r.config.seed))
     else:  # a plain sweep: the best trial that ran its whole schedule (of equals, the first to finish kept its
-        # weights: trainable.Leader)
+        # weights: contract.Leader)
         done = [r for r in summary.trials if r.status == "FINISHED" and r.best_val_acc is not None and r.run_id
                 and r.checkpoint is not None]
         if done:
