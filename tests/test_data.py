@@ -41,7 +41,7 @@ def test_cache_is_memory_mapped_and_reused():
     assert len(y) == len(rows)
 
 
-def test_a_builtin_dataset_already_cached_is_not_loaded_again(tmp_path):
+def test_a_builtin_dataset_already_cached_is_not_loaded_again(tmp_path, monkeypatch):
     """The cache's note keeps labels and fingerprint beside the package version: a new process with the cache
     whole never imports the dataset's package (scikit-learn's datasets: ~1 s of every sweep's start), and gets
     the same splits; a damaged note costs one load and is written again."""
@@ -50,26 +50,27 @@ def test_a_builtin_dataset_already_cached_is_not_loaded_again(tmp_path):
     import subprocess
     import sys
 
+    from tl_sweep import cachefile
+
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path))
+    args = dict(size=18, seed=3, split=(0.6, 0.2, 0.2), log=lambda m: None)
+    first = data.prepare("builtin:digits", **args)
+    assert not first.reused
     code = ("import json, sys; from tl_sweep import data; "
             "p = data.prepare('builtin:digits', size=18, seed=3, split=(0.6, 0.2, 0.2), log=print); "
-            "print(json.dumps([p.reused, p.fingerprint, p.index['val'][:5], 'sklearn.datasets' in sys.modules]))")
-    env = dict(os.environ, TL_SWEEP_CACHE=str(tmp_path))
-
-    def prepare():
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.splitlines()[-1]), out.stdout
-
-    first, _ = prepare()
-    again, said = prepare()
-    assert first[0] is False and first[3] is True  # built: the images were loaded
-    assert again[:3] == [True, *first[1:3]] and again[3] is False, said  # reused, same splits, nothing loaded
+            "print(json.dumps([p.reused, p.fingerprint, p.index, 'sklearn.datasets' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reused, fingerprint, index, loaded = json.loads(out.stdout.splitlines()[-1])
+    assert reused and not loaded, out.stdout  # nothing imported or read but the cache and its note
+    assert fingerprint == first.fingerprint and {k: tuple(v) for k, v in index.items()} == first.index
     note = tmp_path / "images" / "builtin-digits-18.json"
     note.write_text(note.read_text().replace('"labels": [0', '"labels": [1'))  # altered: its CRC-32 differs
-    third, said = prepare()
-    assert third[:3] == again[:3] and third[3] is True, said  # loaded once more, same data
-    assert json.loads(note.read_text())["labels"][0] == 0
-    assert prepare()[0][3] is False  # and written again
+    assert cachefile.problem(note) is not None
+    again = data.prepare("builtin:digits", **args)  # loaded once more: the same data, the note written again
+    assert again.index == first.index and again.labels == first.labels and again.reused
+    assert cachefile.problem(note) is None and json.loads(note.read_text())["labels"][0] == 0
 
 
 def test_augmenter_shapes_and_normalisation():
