@@ -98,15 +98,15 @@ def test_a_diverging_member_fails_alone_and_rungs_are_measured_inside_the_epoch(
 def test_a_sweep_in_cohorts_keeps_one_tune_trial_and_one_mlflow_run_per_member(tmp_path):
     db = tmp_path / "mlflow.db"
     proc = tl("run", spec=SPEC, cwd=tmp_path, sets_=(
-        "study=null", "model.weights=none", "search.num_trials=8", "search.max_concurrent=1", "resources.cohort=4",
+        "study=null", "model.weights=none", "search.num_trials=4", "search.max_concurrent=1", "resources.cohort=2",
         "search.space.epochs=2", "search.space.batch_size=16", "search.space.unfrozen_blocks=1",
         "data.image_size=16", "scheduler.kind=fifo", f"tracking.uri=sqlite:///{db}", "tracking.experiment=co"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "up to 4 trials per worker in cohorts" in proc.stdout + proc.stderr
+    assert "up to 2 trials per worker in cohorts" in proc.stdout + proc.stderr
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("co")
     runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "trial"]
-    assert len(runs) == 8 and len({r.data.tags["tl_sweep.trial_id"] for r in runs}) == 8
+    assert len(runs) == 4 and len({r.data.tags["tl_sweep.trial_id"] for r in runs}) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
     for r in runs:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2]
