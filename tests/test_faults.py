@@ -27,7 +27,8 @@ def test_nan_trials_fail_with_a_reason_and_the_sweep_goes_on(tmp_path):
     db = tmp_path / "m.db"
     proc = tl("run", SPEC, *TINY, "--set", "search.num_trials=6", "--set", "search.space.lr_mult=[1.0, 1.0e+12]",
                "--set", "search.space.epochs=2", "--set", "search.space.batch_size=32",
-               "--set", "search.space.optimizer=sgd", "--set", f"tracking.uri=sqlite:///{db}", cwd=tmp_path)
+               "--set", "search.space.optimizer=sgd", "--set", f"tracking.uri=sqlite:///{db}",
+               "--set", "tracking.log_models=false", cwd=tmp_path)
     runs = [r for r in MlflowClient(f"sqlite:///{db}").search_runs(["1"])
             if r.data.tags.get("tl_sweep.role") == "trial"]
     assert len(runs) == 6, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -247,7 +248,7 @@ def test_two_sweeps_at_once_on_one_sqlite_store(tmp_path):
     db = tmp_path / "shared.db"
     args = lambda name: tl_command("run", SPEC, *TINY, *sets(  # noqa: E731
         "search.num_trials=3", f"tracking.uri=sqlite:///{db}", f"tracking.experiment={name}",
-        f"storage={tmp_path / name}"))
+        f"storage={tmp_path / name}", "tracking.log_models=false"))
     procs = [subprocess.Popen(args(n), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in ("one", "two")]
     outs = [p.communicate(timeout=600)[0] for p in procs]

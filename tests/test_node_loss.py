@@ -60,7 +60,7 @@ def sweep_args(mlflow_server, tmp_path, experiment, n):
     return ["--set", "study=null", "--set", f"search.num_trials={n}", "--set", "search.max_concurrent=2",
             "--set", "search.space.epochs=12", "--set", "search.space.unfrozen_blocks=[4]",
             "--set", "scheduler.kind=fifo", "--set", "model.weights=none", "--set", "failures.max_failures=2",
-            "--set", "failures.checkpoint_seconds=0",
+            "--set", "failures.checkpoint_seconds=0", "--set", "tracking.log_models=false",
             "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
             "--set", f"storage={tmp_path / 'results'}"]
 

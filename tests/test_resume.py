@@ -29,7 +29,7 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     db = tmp_path / "mlflow.db"
     cmd = tl_command("run", spec=SPEC, sets_=("study=null", "search.num_trials=4", "search.space.epochs={low: 3, high: 6}",
                                               "scheduler.kind=fifo", f"tracking.uri=sqlite:///{db}",
-                                              "failures.checkpoint_seconds=0"))
+                                              "failures.checkpoint_seconds=0", "tracking.log_models=false"))
     # SIGKILL: Tune saves its state at every step, so the state names each running trial's checkpoint
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"TUNE_GLOBAL_CHECKPOINT_S": "0"} if sig == signal.SIGKILL else {}))
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
