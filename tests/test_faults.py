@@ -92,13 +92,15 @@ class Outage:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(128)
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def down(self) -> None:
         import socket
 
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
         for s in [*([listener] if listener else []), *self._take()]:
             try:
                 s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept() or recv()
@@ -127,6 +129,10 @@ class Outage:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # down() ran meanwhile: this one is cut too
+                    client.close()
+                    server.close()
+                    return
                 self._open |= {client, server}
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
