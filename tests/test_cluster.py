@@ -91,7 +91,8 @@ def test_imagefolder_seen_by_every_node_runs(two_nodes, mlflow_server, tmp_path)
             Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / cls / f"{i}.png")
     proc = tl("run", SPEC, "--address", two_nodes["gcs"], *SMALL,
               *sets("data.classes=null", "data.train_per_class=null", f"data.dataset=imagefolder:{folder}",
-                    f"tracking.uri={mlflow_server}", "model.weights=none"), env=two_nodes["env"], cwd=tmp_path)
+                    f"tracking.uri={mlflow_server}", "model.weights=none", "tracking.log_models=false"),
+              env=two_nodes["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # same host: every node sees it
 
 
@@ -118,6 +119,7 @@ def test_ray_job_submit_of_tl_sweep_run_survives_its_working_dir(two_nodes, mlfl
     shutil.copy(SPEC, wd / "spec.yaml")
     run = tl_command("run", spec="spec.yaml", sets_=("study=null", "search.num_trials=2", "search.space.epochs=1",
                                                      "scheduler.kind=fifo", "model.weights=none",
+                                                     "tracking.log_models=false",
                                                      f"tracking.uri={mlflow_server}", "tracking.experiment=ray-job-submit",
                                                      f"storage={tmp_path / 'results'}"))
     proc = subprocess.run([RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(wd),

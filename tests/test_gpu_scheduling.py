@@ -78,7 +78,7 @@ def no_worker_aborted(session: str) -> None:
         assert "Fatal Python error" not in text and "lost objects" not in text, f"{f}: {text[-2000:]}"
 
 
-def test_quarter_gpu_trials_pack_four_per_advertised_gpu_in_four_reused_workers(tmp_path, gpus=2, trials=12):
+def test_quarter_gpu_trials_pack_four_per_advertised_gpu_in_four_reused_workers(tmp_path, gpus=2, trials=10):
     result, proc, runs = sweep(tmp_path, gpus, f"search.num_trials={trials}", "search.space.batch_size=16")
     # every advertised GPU fully handed out, as 4 trials of 1 CPU and a quarter GPU each, never more (a CPU to
     # spare: the GPUs are what limits them)
