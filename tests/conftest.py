@@ -82,32 +82,46 @@ def free_port() -> int:
 SERVER_ROOTS: dict[str, Path] = {}  # the mlflow_server fixture's URI -> its folder (database, artifacts, log)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts served over HTTP)."""
+@contextmanager
+def running_mlflow_server(root: Path):
+    """A real ``mlflow server`` on 127.0.0.1, as ``tl-sweep ui`` runs it (MLflow's job runner off): sqlite store
+    and artifacts in ``root``, its log in ``root/server.log``. Yields ``(uri, port)`` once ``/health`` answers;
+    stops the server and its children at the end."""
+    import signal
     import subprocess
 
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # as `tl-sweep ui` runs it
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(uri + "/health", proc)
-    except RuntimeError:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:]) from None
-    SERVER_ROOTS[uri] = root
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        try:
+            wait_http(uri + "/health", proc)
+        except RuntimeError:
+            raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:]) from None
+        yield uri, port
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` for the tests that share it (see ``running_mlflow_server``)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(root) as (uri, _):
+        SERVER_ROOTS[uri] = root
+        yield uri
 
 
 def shutdown_in_process_ray() -> None:

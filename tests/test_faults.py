@@ -4,7 +4,6 @@ sqlite store, a full disk under the cache; and random bad specs (hypothesis)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, free_port, sets, tl, tl_command, wait_http
+from conftest import SPEC, free_port, running_mlflow_server, sets, tl, tl_command
 from tl_sweep import tracking
 
 TINY = sets("study=null", "search.space.epochs=1", "scheduler.kind=fifo", "search.space.batch_size=64")
@@ -50,24 +49,6 @@ def test_unreachable_tracking_server_is_refused_before_training(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not reachable" in lines[0] and "ray:" not in proc.stdout
     assert f"mlflow server --host 127.0.0.1 --port {port})" in lines[0]  # the server it was told, not 5000
-
-
-def start_server(db, port, root):
-    return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                             "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port",
-                             str(port), "--workers", "1"], cwd=root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-
-
-def wait_health(port, timeout=90):
-    wait_http(f"http://127.0.0.1:{port}/health", timeout=timeout)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 class Outage:
@@ -200,53 +181,53 @@ def test_tracking_outages_mid_sweep_and_at_the_end_lose_no_metric(tmp_path):
     their writes wait in the node's outbox and arrive, each once, when it is back - during the sweep. Then it
     goes away again before the trials end and stays away: the sweep still finishes (exit 0) and says what waits;
     ``tl-sweep sync`` delivers it once the server is back, and the report says what was delayed."""
-    db, port = tmp_path / "server.db", free_port()
-    server = start_server(db, port, tmp_path)
-    wait_health(port)
-    road = Outage(port)
-    uri = f"http://127.0.0.1:{road.port}"  # what the sweep, `sync` and `report` are told
-    epochs = 40  # ~0.75 s an epoch, two at a time: both still train ~15 s after the server is back
-    sweep = outage_sweep(uri, tmp_path, "outage", epochs)
-    try:
-        client = MlflowClient(f"http://127.0.0.1:{port}")  # the test's own reads go straight to the server
-        exp = until_trials_log(client, "outage")
-        road.down()
-        time.sleep(10)
-        reported = tune_epochs(tmp_path / "results")  # progress the server could not see while it was away
-        road.up()
-        training = {t: e for t, e in reported.items() if e < epochs}
-        assert len(reported) == 2 and training, reported
-        deadline = time.time() + 120
-        while time.time() < deadline:  # a trial still training delivers its queued epochs itself, in the sweep
-            runs = {r.data.tags["tl_sweep.trial_id"]: r for r in client.search_runs([exp.experiment_id])
-                    if r.data.tags.get("tl_sweep.role") == "trial"}
-            if all(len(client.get_metric_history(runs[t].info.run_id, "val_acc")) >= e for t, e in training.items()):
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError("queued epochs were not delivered while the sweep ran")
-        road.down()  # and away again, until after the sweep
-        out, _ = sweep.communicate(timeout=600)
-        assert sweep.returncode == 0, out[-3000:]
-        assert "writes wait on this node (nothing is lost): tl-sweep sync" in out
-        waiting = tracking.waiting(uri)
-        assert waiting > 0
-        road.up()
-        synced = tl("sync", "--tracking-uri", uri, cwd=tmp_path)
-        assert synced.returncode == 0 and f"delivered {waiting} of {waiting} writes" in synced.stdout, synced.stdout
-        assert tracking.waiting(uri) == 0
-        trials = every_epoch_once(client, exp, epochs)
-        assert all(int(r.data.tags.get("tl_sweep.delayed_writes", 0)) > 0 for r in trials)
-        parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "sweep")
-        assert parent.info.status == "FINISHED"
-        rep = tl("report", "--tracking-uri", uri, "--run", parent.info.run_id, "--out", tmp_path / "rep", cwd=tmp_path)
-        assert rep.returncode == 0, rep.stderr[-2000:]
-        assert "A tracking outage held back" in (tmp_path / "rep" / "report.md").read_text()
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-        road.down()
-        stop(server)
+    with running_mlflow_server(tmp_path) as (_, port):
+        road = Outage(port)
+        uri = f"http://127.0.0.1:{road.port}"  # what the sweep, `sync` and `report` are told
+        epochs = 40  # ~0.75 s an epoch, two at a time: both still train ~15 s after the server is back
+        sweep = outage_sweep(uri, tmp_path, "outage", epochs)
+        try:
+            client = MlflowClient(f"http://127.0.0.1:{port}")  # the test's own reads go straight to the server
+            exp = until_trials_log(client, "outage")
+            road.down()
+            time.sleep(10)
+            reported = tune_epochs(tmp_path / "results")  # progress the server could not see while it was away
+            road.up()
+            training = {t: e for t, e in reported.items() if e < epochs}
+            assert len(reported) == 2 and training, reported
+            deadline = time.time() + 120
+            while time.time() < deadline:  # a trial still training delivers its queued epochs itself, in the sweep
+                runs = {r.data.tags["tl_sweep.trial_id"]: r for r in client.search_runs([exp.experiment_id])
+                        if r.data.tags.get("tl_sweep.role") == "trial"}
+                if all(len(client.get_metric_history(runs[t].info.run_id, "val_acc")) >= e
+                       for t, e in training.items()):
+                    break
+                time.sleep(0.3)
+            else:
+                raise AssertionError("queued epochs were not delivered while the sweep ran")
+            road.down()  # and away again, until after the sweep
+            out, _ = sweep.communicate(timeout=600)
+            assert sweep.returncode == 0, out[-3000:]
+            assert "writes wait on this node (nothing is lost): tl-sweep sync" in out
+            waiting = tracking.waiting(uri)
+            assert waiting > 0
+            road.up()
+            synced = tl("sync", "--tracking-uri", uri, cwd=tmp_path)
+            assert synced.returncode == 0 and f"delivered {waiting} of {waiting} writes" in synced.stdout, synced.stdout
+            assert tracking.waiting(uri) == 0
+            trials = every_epoch_once(client, exp, epochs)
+            assert all(int(r.data.tags.get("tl_sweep.delayed_writes", 0)) > 0 for r in trials)
+            parent = next(r for r in client.search_runs([exp.experiment_id])
+                          if r.data.tags.get("tl_sweep.role") == "sweep")
+            assert parent.info.status == "FINISHED"
+            rep = tl("report", "--tracking-uri", uri, "--run", parent.info.run_id, "--out", tmp_path / "rep",
+                     cwd=tmp_path)
+            assert rep.returncode == 0, rep.stderr[-2000:]
+            assert "A tracking outage held back" in (tmp_path / "rep" / "report.md").read_text()
+        finally:
+            if sweep.poll() is None:
+                sweep.kill()
+            road.down()
 
 
 @pytest.mark.slow
