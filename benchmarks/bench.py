@@ -92,11 +92,14 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--epochs", type=int, default=4, help="epochs per feature-cache measurement")
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="epochs per feature-cache measurement (at least 2: the first builds the cache)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile on CPU)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="auto: bf16 autocast on a GPU, fp32 on a CPU (as resources.precision)")
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error("--epochs must be at least 2: the first epoch builds the feature cache, the others are timed")
     global PRECISION
     PRECISION = args.precision
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -177,9 +177,10 @@ def compare(args, augment: bool) -> None:
     print(f"{'tl-sweep (Ray Tune+Optuna+MLflow)':32s} {ours:8.1f} {n / ours * 3600:12.0f}")
     print(f"{'tutorial-style trainable':32s} {peer:8.1f} {n / peer * 3600:12.0f}")
     print(f"tl-sweep / tutorial throughput: {peer / ours:.2f}x  (target >= 3 on a CPU, >= 5 on a GPU)")
-    later = sorted(startup[2:])
-    print(f"tl-sweep start-up, trial scheduled to first step: first two {startup[0]:.2f}s, {startup[1]:.2f}s; "
-          f"later median {later[len(later) // 2]:.2f}s, max {later[-1]:.2f}s (target <= 2s)")
+    first, later = ", ".join(f"{s:.2f}s" for s in startup[:2]), sorted(startup[2:])
+    print(f"tl-sweep start-up, trial scheduled to first step: first two {first}; " + (
+        f"later median {later[len(later) // 2]:.2f}s, max {later[-1]:.2f}s (target <= 2s)" if later
+        else "no later trial (--trials 2 or fewer)"))
     print(f"best val_acc per trial, sorted: tl-sweep {[round(a, 3) for a in ours_acc]}; "
           f"tutorial {[round(a, 3) for a in peer_acc]}")
 
