@@ -105,14 +105,17 @@ def running_mlflow_server(root: Path):
         except RuntimeError:
             raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:]) from None
         yield uri, port
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+    finally:  # the whole group: a server that died first may have left its workers
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
+                os.killpg(proc.pid, sig)
                 proc.wait(timeout=20)
+                break
+            except ProcessLookupError:
+                break
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                continue
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
