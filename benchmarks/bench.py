@@ -182,8 +182,8 @@ def feature_cache(p: data.Prepared, args, device, n_blocks: int) -> list[tuple]:
                                          "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD},
         augment={"enabled": False}, data=p, seed=0, min_epochs=1, use_gpu=device.type == "cuda",
         precision=args.precision)
-    params = TrialConfig(batch_size=args.batch, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
-                         layer_decay=1.0, unfrozen_blocks=0, epochs=args.epochs, arm="bench", seed=0)
+    params = TrialConfig.of(batch_size=args.batch, optimizer="sgd", lr_mult=1.0, head_lr_mult=1.0, weight_decay=0.0,
+                            unfrozen_blocks=0, epochs=args.epochs, arm="bench", seed=0)
     out = []
     with tempfile.TemporaryDirectory() as tmp:  # a fresh store: the first epoch computes the features
         ctx = dataclasses.replace(ctx, data=dataclasses.replace(p, cache=str(Path(tmp) / "data" / "x.npy")))

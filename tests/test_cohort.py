@@ -28,7 +28,7 @@ def members(k: int) -> dict[str, object]:
             "d": dataclasses.replace(base, optimizer="adamw", lr_mult=3.0)}
 
 
-def run_cohort(c, trials: dict, rungs: dict[str, dict[int, float]] | None = None) -> tuple[dict, cohort.Worker]:
+def run_cohort(c, trials: dict, rungs: dict[str, set[int]] | None = None) -> tuple[dict, cohort.Worker]:
     """Each member joins and asks for its epochs from its own thread, as its Tune trial does (joins and rounds
     overlap); returns every answer."""
     co, opened = cohort.Worker(c), time.time()
@@ -38,7 +38,7 @@ def run_cohort(c, trials: dict, rungs: dict[str, dict[int, float]] | None = None
     def member(t: str) -> None:
         co.add(t, 1, opened, len(trials), trials[t].to_tune())
         for _ in range(trials[t].epochs):
-            r = co.epoch(t, (rungs or {}).get(t, {}))
+            r = co.epoch(t, (rungs or {}).get(t, set()))
             got[t].append(r)
             if "error" in r:
                 co.leave(t)
@@ -81,17 +81,17 @@ def test_a_diverging_member_fails_alone_and_rungs_are_measured_inside_the_epoch(
     per_epoch = alone.steps // trials["a"].epochs
     rung = per_epoch + per_epoch // 2  # a rung inside the second epoch
     assert per_epoch >= 2
-    got, _ = run_cohort(c, trials, rungs={"a": {rung: 1.5}})
+    got, _ = run_cohort(c, trials, rungs={"a": {rung}})
     assert isinstance(got["d"][-1]["error"], train.TrialError)
     assert "loss became" in str(got["d"][-1]["error"])
     for t in "abc":
         assert len(got[t]) == 3 and all("metrics" in r for r in got[t])
     assert [len(r["rungs"]) for r in got["a"]] == [0, 1, 0]
-    step, progress, acc = got["a"][1]["rungs"][0]
+    step, acc = got["a"][1]["rungs"][0]
     accs = []
     alone.epoch()
     alone.epoch(after_step=lambda i: accs.append(alone.evaluate_mid_epoch("val")[1]) if i == rung else None)
-    assert (step, progress, acc) == (rung, 1.5, accs[0])  # the accuracy a solo trial reports at that step
+    assert (step, acc) == (rung, accs[0])  # the accuracy a solo trial reports at that step
 
 
 @pytest.mark.slow

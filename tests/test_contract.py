@@ -7,8 +7,8 @@ import dataclasses
 from tl_sweep import contract
 from tl_sweep.contract import TrialConfig
 
-CONFIG = TrialConfig(batch_size=32, optimizer="adamw", lr_mult=0.37, head_lr_mult=10.0, weight_decay=1e-4,
-                     layer_decay=0.8, unfrozen_blocks=2, epochs=5, arm="source:digits-0-4", seed=7)
+CONFIG = TrialConfig.of(batch_size=32, optimizer="adamw", lr_mult=0.37, head_lr_mult=10.0, weight_decay=1e-4,
+                        layer_decay=0.8, unfrozen_blocks=2, epochs=5, arm="source:digits-0-4", seed=7)
 
 
 def test_params_round_trip_with_their_types():
@@ -64,3 +64,21 @@ def test_a_trial_report_is_what_tune_gets_and_reads_back():
     assert back.val_acc == 0.8 and back.epochs_run == 3 and back.replace_worker is None
     assert back.metrics == {"train_loss": 0.4, "training_iteration": 7}
     assert contract.TrialReport.of(None).epochs_run == 0
+
+
+def test_a_run_logged_before_a_field_existed_reads_with_its_default():
+    """A sweep logged by an earlier tl-sweep has no param for a dimension added since (label_smoothing), nor role
+    or search: it reads back with the defaults it trained with, so its report and --resume still work."""
+    old = {k: v for k, v in CONFIG.to_params().items() if k not in ("label_smoothing", "role", "search")}
+    back = TrialConfig.from_params(old)
+    assert back.label_smoothing == 0.0 and back.role == "trial" and back.search == 0
+    assert dataclasses.replace(back, layer_decay=CONFIG.layer_decay) == CONFIG
+    import pytest
+
+    with pytest.raises(TypeError):  # a dimension whose default is a range has no value to assume
+        TrialConfig.from_params({k: v for k, v in old.items() if k != "unfrozen_blocks"})
+
+
+def test_accuracy_reads_as_a_percentage_with_one_decimal():
+    assert contract.percent(0.5621) == "56.2%" and contract.percent(1.0) == "100.0%"
+    assert contract.percent(None) == "–" and contract.percent(float("nan")) == "–"

@@ -90,7 +90,7 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
 
 def test_a_restored_trial_continues_from_its_newest_whole_checkpoint_when_tunes_state_names_a_gone_one(tmp_path):
     """Tune's own Trial bookkeeping, as a resumed driver loads it from a state saved before the trial's newer
-    checkpoints replaced the one it names: ``runner.StaleCheckpoints`` gives the newest whole checkpoint that
+    checkpoints replaced the one it names: ``callbacks.StaleCheckpoints`` gives the newest whole checkpoint that
     name just before Tune restores the trial, skips a torn one, and with none whole lets the trial start over."""
     import torch
     from ray import tune
@@ -98,11 +98,11 @@ def test_a_restored_trial_continues_from_its_newest_whole_checkpoint_when_tunes_
     from ray.train._internal.storage import StorageContext
     from ray.tune.experiment import Trial
 
-    from tl_sweep import runner
+    from tl_sweep import callbacks
 
     tune.register_trainable("restored_fn", lambda config: None)
     lines = []
-    stale = runner.StaleCheckpoints(lines.append)
+    stale = callbacks.StaleCheckpoints(lines.append)
 
     def trial_with(trial_id: str, on_disk: dict[int, bool]) -> tuple[Trial, Path]:
         storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name=trial_id)

@@ -8,6 +8,7 @@ from optuna.trial import TrialState
 
 from conftest import SPEC
 from tl_sweep import contract, space, spec
+from tl_sweep.contract import TrialConfig
 
 
 def test_define_by_run_respects_ranges_and_constants():
@@ -23,7 +24,7 @@ def test_define_by_run_respects_ranges_and_constants():
         assert 0.1 <= p["lr_mult"] <= 10
         assert isinstance(p["unfrozen_blocks"], int) and 0 <= p["unfrozen_blocks"] <= 5  # max = resnet18's 5
         assert isinstance(p["epochs"], int) and 2 <= p["epochs"] <= 6
-        assert constants == {"head_lr_mult": 1.0, "weight_decay": 1e-4, "layer_decay": 1.0}
+        assert constants == {"head_lr_mult": 1.0, "weight_decay": 1e-4, "layer_decay": 1.0, "label_smoothing": 0.0}
         study.tell(t, 0.0)
     seen = {t.params["unfrozen_blocks"] for t in study.trials}
     assert seen == set(range(6))
@@ -79,8 +80,8 @@ def test_a_study_runs_asha_inside_each_cell_never_across():
 
     cfg = spec.load(SPEC)
     sched = space.make_scheduler(cfg.spec)
-    trial = lambda tid, arm, k, r=0: SimpleNamespace(trial_id=tid, config={"arm": arm, "unfrozen_blocks": k,  # noqa
-                                                                           "search": r})
+    trial = lambda tid, arm, k, r=0: SimpleNamespace(trial_id=tid, config=TrialConfig.of(  # noqa: E731
+        arm=arm, seed=0, unfrozen_blocks=k, search=r).to_tune())
     a1, a2, b1, c1 = trial("a1", "src", 0), trial("a2", "src", 0), trial("b1", "src", 5), trial("c1", "src", 0, 1)
     for t in (a1, a2, b1, c1):
         sched.on_trial_add(None, t)
@@ -130,17 +131,6 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
     assert stopped >= 1, epochs_run  # lr_mult spreads the scores: ASHA stops the worse half at its rungs
     assert states.count(TrialState.PRUNED) == stopped
     assert states.count(TrialState.COMPLETE) == 8 - stopped
-
-
-def test_halving_budgets():
-    assert space.halving_budgets(8, 6, 2) == [4, 8]  # first rung: the budget / eta
-    assert space.halving_budgets(8, 6, 3) == [3, 8]
-    assert space.halving_budgets(8, 6, 2, first=2) == [2, 4, 8]
-    assert space.halving_budgets(16, 6, 2, first=2) == [2, 4, 8, 16]  # 6 -> 3 -> 2 -> 1 cells
-    assert space.halving_budgets(16, 3, 2, first=2) == [2, 4, 16]  # no rung once one cell is left
-    assert space.halving_budgets(8, 1, 2) == [8]  # one cell: nothing to halve
-    assert space.halving_budgets(4, 6, 2) == [2, 4]
-    assert space.halving_budgets(4, 6, 2, first=9) == [4]  # a first rung past the budget: no halving
 
 
 def test_halving_cuts_cells_by_validation_keeps_every_source_and_the_full_scratch_budget():
@@ -224,8 +214,8 @@ def test_asha_never_leaves_a_cell_fewer_than_min_candidates_full_schedules():
 
     cfg = spec.load(SPEC, ["study.trials_per_cell=4", "study.min_candidates=3", "scheduler.reduction_factor=2"])
     sched = space.make_scheduler(cfg.spec)
-    trials = [SimpleNamespace(trial_id=f"t{i}", config={"arm": "src", "unfrozen_blocks": 0, "search": 0})
-              for i in range(4)]
+    config = TrialConfig.of(arm="src", seed=0, unfrozen_blocks=0).to_tune()
+    trials = [SimpleNamespace(trial_id=f"t{i}", config=config) for i in range(4)]
     for t in trials:
         sched.on_trial_add(None, t)
     rung = lambda acc: {"progress": 1.0, "val_acc": acc}  # noqa: E731 (half of every schedule: epochs 2..6)

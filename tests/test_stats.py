@@ -3,13 +3,15 @@ the depth tie rule, budget curves, and the verdicts a study can give."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
+import numpy as np
 import pytest
 
 from tl_sweep.contract import TrialConfig, TrialResult
-from tl_sweep.report import stats
+from tl_sweep.report import budget, importance, stats
 
 
 def test_mean_ci_on_known_numbers():
@@ -64,7 +66,8 @@ def test_above_chance_is_a_one_sided_t_test_over_seeds():
     tests = [0.55, 0.60, 0.58, 0.62, 0.57]
     assert stats.above_chance_p(tests, 0.5) == pytest.approx(sp.ttest_1samp(tests, 0.5, alternative="greater").pvalue)
     assert stats.above_chance_p([0.50, 0.52, 0.49], 0.5) > 0.05  # at the majority-class rate: not shown above
-    assert stats.above_chance_p([0.6, 0.6, 0.6], 0.5) == 0 and stats.above_chance_p([0.4] * 3, 0.5) == 1
+    # seeds that scored alike say nothing about the test images' sampling: not resolved, never p = 0
+    assert math.isnan(stats.above_chance_p([0.6, 0.6, 0.6], 0.5)) and math.isnan(stats.above_chance_p([0.4] * 3, 0.5))
     assert math.isnan(stats.above_chance_p([0.9], 0.5))
 
 
@@ -78,14 +81,6 @@ def test_the_verdict_is_given_whenever_one_side_is_above_chance_and_says_which_i
     unsure = stats.Gap(0.02, -0.03, 0.07, 0.3, 4, True, 0.3)  # a claim of harm needs the paired test too
     assert stats.verdict(unsure, source_above=False) == "no significant difference (source not above chance)"
     assert stats.verdict(stats.Gap(0.1, 0.05, 0.15, 0.01, 4, True, 0.06)) == "no significant difference"
-
-
-def test_expected_best_of_n_trials():
-    vals = [0.1, 0.2, 0.3, 0.4]
-    assert stats.expected_max(vals, 1) == pytest.approx(0.25)  # the mean
-    # n = 2: P(max = v_i) = (i² − (i−1)²) / 16
-    assert stats.expected_max(vals, 2) == pytest.approx((0.1 * 1 + 0.2 * 3 + 0.3 * 5 + 0.4 * 7) / 16)
-    assert stats.expected_max(vals, 50) == pytest.approx(0.4, abs=1e-3)
 
 
 def _r(arm, depth, search, seed, val, test=None, role="trial", status="FINISHED", bs=32):
@@ -105,7 +100,7 @@ def test_analysis_chooses_depth_on_the_selection_not_the_finals_ties_shallow_and
                     _r("scratch", 5, 0, s, 0.85, c, "final")]
     a = stats.analyze(results, chance={0: 0.2})
     assert a.chosen[("src", 0)] == 0 and a.chosen[("scratch", 0)] == 5
-    assert a.cells[("src", 0, 0)].select_val == pytest.approx(0.85)
+    assert a.at("src", 0, 0).select_val == pytest.approx(0.85)
     (primary,) = a.primary
     assert primary.depth == 0 and primary.gap.paired
     assert primary.gap.gap == pytest.approx(0.70 - 0.81)  # scratch acc − source acc = source err − scratch err
@@ -113,7 +108,7 @@ def test_analysis_chooses_depth_on_the_selection_not_the_finals_ties_shallow_and
     assert {c.depth for c in a.per_depth} == {0, 3}
     assert a.stability("src") == {"transfer gain": 1}
     assert all(c.above_chance for c in a.cells.values() if c.final_test)
-    assert stats.cost(results)[("src", 3)] == 6.0  # one search trial + two candidates + three finals
+    assert budget.cost(results)[("src", 3)] == 6.0  # one search trial + two candidates + three finals
 
 
 def test_holm_corrects_the_verdict_across_sources():
@@ -135,26 +130,13 @@ def test_chance_is_tested_per_cell_and_holm_corrected_across_the_study():
     for i, s in enumerate((1000, 1001, 1002, 1003, 1004)):
         results += [_r(arm, d, 0, s, 0.6, t[i], "final") for (arm, d), t in finals.items()]
     a = stats.analyze(results, chance={0: 0.2})
-    probe = a.cells[("src", 0, 0)]
+    probe = a.at("src", 0, 0)
     raw = stats.above_chance_p(list(finals[("src", 0)]), 0.2)
     # 0.045 alone; the third smallest of four p-values, Holm multiplies it by 2
     assert raw < 0.05 and probe.p_chance == pytest.approx(2 * raw) and probe.p_chance > 0.05
-    assert not probe.above_chance and a.cells[("src", 2, 0)].above_chance
+    assert not probe.above_chance and a.at("src", 2, 0).above_chance
     comp = next(c for c in a.per_depth if c.depth == 0)
     assert comp.verdict == "negative transfer (source not above chance)"
-
-
-def test_budget_curves_use_full_schedules_per_search_repeat_with_a_band():
-    results = [_r("src", 0, r, 0, v, status=st) for r, rows in enumerate([
-        [(0.5, "FINISHED"), (0.9, "EARLY_STOPPED"), (0.7, "FINISHED"), (0.6, "FINISHED")],
-        [(0.8, "FINISHED"), (0.4, "EARLY_STOPPED"), (0.2, "EARLY_STOPPED"), (0.3, "EARLY_STOPPED")]])
-        for v, st in rows]
-    (c,) = stats.budget_curves(results)  # repeat 1 has one full-schedule trial: no curve
-    assert (c.search, c.started, c.finished) == (0, 4, 3)
-    assert c.mean[0] == pytest.approx(0.6) and c.mean[-1] == pytest.approx(stats.expected_max([0.5, 0.7, 0.6], 4))
-    assert max(c.mean) < 0.9  # the stopped trial's partial 0.9 is no full run
-    assert all(lo <= m <= hi for lo, m, hi in zip(c.lo, c.mean, c.hi)) and c.lo[-1] < c.hi[-1]
-    assert c.last_gain == pytest.approx(c.mean[3] - c.mean[2])
 
 
 def test_parent_metrics_carry_the_study_per_search_repeat():
@@ -169,14 +151,14 @@ def test_parent_metrics_carry_the_study_per_search_repeat():
 
 
 def test_halving_cut_cells_get_no_finals_and_the_report_says_which_and_when():
-    from tl_sweep import runner
+    from tl_sweep import study
     from tl_sweep.report import render
 
     search = ([_r("src", 0, 0, i, 0.6 + i / 100) for i in range(2)] + [_r("src", 3, 0, i, 0.8) for i in range(4)]
               + [_r("scratch", 5, 0, i, 0.7) for i in range(4)])
-    chosen = runner.candidates(search, seed=0, n=1, seeds=1, full_budget=4)
+    chosen = study.candidates(search, seed=0, n=1, seeds=1, full_budget=4)
     assert {(c.arm, c.unfrozen_blocks) for c in chosen} == {("src", 3), ("scratch", 5)}  # src@k=0 was cut
-    configs = runner.finalists([TrialResult(c, "FINISHED", 2, best_val_acc=0.8) for c in chosen], 0, 2)
+    configs = study.finalists([TrialResult(c, "FINISHED", 2, best_val_acc=0.8) for c in chosen], 0, 2)
     finals = [_r(c.arm, c.unfrozen_blocks, 0, c.seed, 0.8, 0.8 if c.arm == "src" else 0.7, "final")
               for c in configs]
     a = stats.analyze(search + finals, {0: 0.2})
@@ -194,7 +176,10 @@ def test_a_plain_sweeps_report_says_what_faults_cost_and_ranks_nothing_when_all_
     from tl_sweep.report import render
 
     results = [_r("scratch", d, 0, i, 0.5, bs=16 * (1 + i % 2)) for i, d in enumerate([0, 2, 5, 0])]
-    assert stats.importance(stats.search_study(results)) == {}  # fANOVA itself raises on zero variance
+    space = {"batch_size": {"choices": [16, 32, 64]}, "unfrozen_blocks": {"low": 0, "high": 5, "log": False,
+                                                                          "int": True}}
+    # fANOVA itself raises on zero variance
+    assert importance.importance(importance.search_study(results, space)) == {}
     results[0] = dataclasses.replace(results[0], retries=2)
     results[1] = dataclasses.replace(results[1], delayed=7)
     header = {"experiment": "x", "arch": "resnet18", "dataset": "d", "classes": 2, "n_train": 8, "n_val": 8,
@@ -203,3 +188,82 @@ def test_a_plain_sweeps_report_says_what_faults_cost_and_ranks_nothing_when_all_
     assert "1 trial lost a worker or node and continued from its last checkpoint (2 retries" in md
     assert "A tracking outage held back 7 writes of 1 run on local disk" in md
     assert "is not above the majority-class rate" in md and "## Search" not in md
+
+
+def test_the_report_reads_each_dimensions_distribution_from_the_spec_not_from_the_values():
+    """A list is categorical (batch 16, 32, 64: three ticks, not 16..64), a log range stays log, a study's depths
+    are its grid; a constant is no dimension. Read back from the parent run's params as the spec logged them."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from conftest import SPEC
+    from tl_sweep import spec
+    from tl_sweep.report import collect
+
+    cfg = spec.load(SPEC, ["search.space.epochs={low: 2, high: 6}", "search.space.weight_decay=0.01"])
+    space = collect.space(cfg.params())
+    assert space["batch_size"] == {"choices": [16, 32, 64]} and space["optimizer"] == {"choices": ["sgd", "adam",
+                                                                                                  "adamw"]}
+    assert space["lr_mult"] == {"low": 0.1, "high": 10, "log": True, "int": False}
+    assert space["epochs"] == {"low": 2, "high": 6, "log": False, "int": True}
+    assert space["unfrozen_blocks"] == {"choices": [0, 2, 5]} and "weight_decay" not in space
+    assert isinstance(importance.distribution(space["batch_size"]), CategoricalDistribution)
+    assert importance.distribution(space["lr_mult"]) == FloatDistribution(0.1, 10, log=True)
+    assert importance.distribution(space["epochs"]) == IntDistribution(2, 6)
+    results = [_r("src", d, 0, i, 0.5 + i / 20, bs=(16, 32, 64)[i % 3]) for i, d in enumerate([0, 2, 5, 0, 2, 5])]
+    study = importance.search_study(results, space)
+    assert set(study.trials[0].distributions) == {"batch_size", "unfrozen_blocks"}  # what varied
+    assert study.trials[-1].value == pytest.approx(75.0)  # percent, as every accuracy a person reads
+
+
+def _study_with_images(gaps: list[float], n: int = 150, seeds=(1000, 1001, 1002, 1003, 1004), chance=0.2):
+    """A study of one source and scratch over len(gaps) search repeats, with per-image predictions: in repeat r
+    the source is right on 90% of the images and scratch on 90% − gaps[r] (each seed flips a few of them)."""
+    rng = np.random.default_rng(0)
+    results, predictions = [], {}
+    for r, gap in enumerate(gaps):
+        hard = rng.random(n)  # image difficulty, shared by both arms (the pairing)
+        for arm, depth, acc in (("src", 0, 0.9), ("scratch", 5, 0.9 - gap)):
+            results.append(_r(arm, depth, r, r, 0.8))
+            results.append(_r(arm, depth, r, 2000 + r, 0.8, role="candidate"))
+            for sd in seeds:
+                right = (hard + rng.normal(0, 0.03, n) < acc).astype(int)
+                res = _r(arm, depth, r, sd, 0.8, float(right.mean()), "final")
+                res = dataclasses.replace(res, run_id=f"{arm}-{r}-{sd}")
+                predictions[res.run_id] = {100 * r + i: int(v) for i, v in enumerate(right)}
+                results.append(res)
+    return results, predictions, {r: chance for r in range(len(gaps))}
+
+
+def test_the_headline_is_one_ntg_per_source_pooled_over_repeats_seeds_and_images():
+    results, predictions, chance = _study_with_images([0.20, 0.06, 0.03])
+    a = stats.analyze(results, chance, predictions)
+    assert a.images and set(a.verdicts) == {"src"}
+    v = a.verdicts["src"]
+    per_repeat = [c.gap for c in a.primary]
+    assert [g.gap for g in per_repeat] == pytest.approx([-0.20, -0.06, -0.03], abs=0.02)  # NTG < 0: a gain
+    # the repeats disagree far beyond each one's interval: the pooled interval says so, and so does the verdict
+    assert v.pooled.heterogeneous and "depends on the search repeat" in v.verdict
+    assert v.pooled.hi - v.pooled.lo > max(g.hi - g.lo for g in per_repeat)
+    assert v.pooled.lo < -0.2 or v.pooled.hi > -0.03  # wider than the span of the estimates' own intervals
+    assert v.stability == a.stability("src") and sum(v.stability.values()) == 3
+    assert math.isfinite(v.mde) and v.mde > 0
+
+
+def test_agreeing_repeats_resolve_a_gain_and_a_null_result_reads_with_what_the_design_could_see():
+    results, predictions, chance = _study_with_images([-0.10, -0.11, -0.09], n=300)
+    v = stats.analyze(results, chance, predictions).verdicts["src"]
+    assert v.pooled.p_holm < 0.05 and v.verdict.startswith("negative transfer") and not v.pooled.heterogeneous
+    results, predictions, chance = _study_with_images([0.0, 0.005, -0.005], n=300)
+    v = stats.analyze(results, chance, predictions).verdicts["src"]
+    assert v.pooled.p_holm > 0.05
+    assert v.verdict.startswith(("no difference larger than", "not resolved: the design resolves only"))
+    assert f"{100 * v.mde:.1f} points" in v.verdict
+
+
+def test_a_cell_whose_seeds_all_agree_is_tested_over_its_test_images():
+    results, predictions, chance = _study_with_images([0.0], n=76, chance=41 / 76)
+    for res in results:  # every seed of every final right on the same 42 of 76 images
+        if res.run_id:
+            predictions[res.run_id] = {i: int(i < 42) for i in range(76)}
+    a = stats.analyze(results, chance, predictions)
+    assert all(0.3 < c.p_chance <= 1 and not c.above_chance for c in a.cells.values() if c.final_test)

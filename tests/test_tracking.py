@@ -7,15 +7,29 @@ import pytest
 
 from tl_sweep import tracking
 from tl_sweep.contract import Tag
+from tl_sweep.tracking.calls import transient
 from tl_sweep.errors import UserError
 
 
-def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
+def test_a_uri_is_resolved_once_into_what_it_is_and_whether_every_node_reaches_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tracking.normalise_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}"
-    assert tracking.normalise_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert tracking.resolve_uri("sqlite:///m.db") == tracking.Store(f"sqlite:///{tmp_path / 'm.db'}", "sqlite")
+    assert tracking.resolve_uri("sqlite:////abs/m.db") == tracking.Store("sqlite:////abs/m.db", "sqlite")
+    assert tracking.resolve_uri("http://127.0.0.1:5000") == tracking.Store("http://127.0.0.1:5000", "server")
+    # a password leaves the URI for MLflow's own variables (no config, param or Tune file ever holds it)
+    assert tracking.resolve_uri("https://me:s3cret@mlflow.example:443") == tracking.Store(
+        "https://mlflow.example:443", "server")
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    for uri in ("postgresql://db/mlflow", "mysql://db/mlflow", "mssql://db/mlflow"):
+        assert tracking.resolve_uri(uri).kind == "database" and tracking.resolve_uri(uri).shared
+    assert not tracking.resolve_uri("sqlite:///m.db").shared  # a file on one node
     with pytest.raises(UserError, match="not a tracking URI"):
-        tracking.normalise_uri("./mlruns")
+        tracking.resolve_uri("./mlruns")
+    with pytest.raises(UserError, match="unsupported URI"):
+        tracking.resolve_uri("file:///tmp/mlruns")  # MLflow 3 refuses file stores
 
 
 def test_a_trial_run_opens_logs_and_closes_once(tmp_path):
@@ -23,7 +37,7 @@ def test_a_trial_run_opens_logs_and_closes_once(tmp_path):
     tracking.check(uri)
     exp = tracking.experiment_id(uri, "t")
     assert tracking.experiment_id(uri, "t") == exp  # found, not created twice
-    parent = tracking.start_parent(uri, exp, "sweep", {"a": {"b": [1, 2]}}, {"spec.yaml": "name: t\n"},
+    parent = tracking.start_parent(uri, exp, "sweep", {"a.b": "[1, 2]"}, {"spec.yaml": "name: t\n"},
                                    tags={"x": "1"})
     assert tracking.latest_sweep(uri, exp).info.run_id == parent
     run = tracking.TrialRun.open(uri, exp, parent, name="trial", params={"k": 1},
@@ -92,8 +106,8 @@ def test_a_run_id_that_contains_a_status_code_is_not_a_server_error():
 
     refused = MlflowException("The run f5f444eeaa50430f8f85ad0d703aa2c5 must be in the 'active' state. "
                               "Current state is deleted.")
-    assert not tracking._transient(refused)
+    assert not transient(refused)
     for status in (502, 503, 504):  # MLflow's own wording for a non-JSON error page
-        assert tracking._transient(MlflowException(f"API request to endpoint /api/2.0/mlflow/runs/log-batch "
+        assert transient(MlflowException(f"API request to endpoint /api/2.0/mlflow/runs/log-batch "
                                                    f"failed with error code {status} != 200. Response body: ''"))
-    assert tracking._transient(MlflowException("(sqlite3.OperationalError) database is locked"))
+    assert transient(MlflowException("(sqlite3.OperationalError) database is locked"))

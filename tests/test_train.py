@@ -23,8 +23,8 @@ def ctx(regime: dict, classes=(5, 6, 7, 8, 9)) -> TrialContext:
         tracking_uri="", experiment_id="", parent_run_id="", use_gpu=False)
 
 
-PARAMS = TrialConfig(batch_size=20, optimizer="sgd", lr_mult=1.0, head_lr_mult=10.0, weight_decay=0.0,
-                     layer_decay=1.0, unfrozen_blocks=3, epochs=4, arm="scratch", seed=0)
+PARAMS = TrialConfig.of(batch_size=20, optimizer="sgd", lr_mult=1.0, head_lr_mult=10.0, weight_decay=0.0,
+                        layer_decay=1.0, unfrozen_blocks=3, epochs=4, arm="scratch", seed=0)
 
 
 def test_depth_at():

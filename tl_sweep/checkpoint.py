@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 FORMAT = "tl-sweep/1"
+TUNE_FILE = "trial.pt"  # the file a trial's Tune checkpoint folder holds (a resume state or the best weights)
 
 
 def make(model_state: dict[str, torch.Tensor], *, arch: str, classes: list[str], head: dict[str, Any],

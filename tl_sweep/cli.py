@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
         raise UserError(f"{cfg.spec_file}: {problem}")
     from tl_sweep import tracking
 
-    tracking.check_address(tracking.normalise_uri(cfg.spec.tracking.uri))  # before torch, Ray and MLflow load
+    tracking.check_address(cfg.spec.tracking.uri)  # before torch, Ray and MLflow load
     from tl_sweep import cluster
 
     cluster.ray_address(args.address)  # a cluster that does not answer: one line, seconds at most
@@ -118,12 +118,15 @@ def cmd_estimate(args) -> int:
     cfg = spec.load(args.spec, args.set)  # spec errors first, before torch is imported
     from tl_sweep import runner, tracking, transferability
 
+    if not args.no_log:
+        tracking.check(cfg.spec.tracking.uri)
     repeats, arms = runner.preflight(cfg, _log)
-    est = transferability.estimate(cfg, repeats[0], arms, log=_log)
+    est = transferability.estimate(runner.trial_context(cfg, repeats[0], arms), transferability.cells_of(cfg),
+                                   log=_log)
     table = transferability.table(est)
     print(table)
     if not args.no_log:
-        uri = tracking.normalise_uri(cfg.spec.tracking.uri)
+        uri = cfg.spec.tracking.uri
         run_id = tracking.log_estimates(uri, tracking.experiment_id(uri, cfg.experiment), None,
                                         transferability.metrics_of(est), table, tracking.source_tags(cfg.spec_file))
         _log(f"mlflow: estimates logged as run {run_id} of experiment {cfg.experiment!r}")
@@ -133,7 +136,7 @@ def cmd_estimate(args) -> int:
 def cmd_sync(args) -> int:
     from tl_sweep import tracking
 
-    uri = tracking.normalise_uri(args.tracking_uri)
+    uri = tracking.resolve_uri(args.tracking_uri).uri
     box = tracking.Outbox(uri)
     before = box.count()
     if not before:
@@ -159,7 +162,7 @@ def cmd_submit(args) -> int:
 def cmd_report(args) -> int:
     from tl_sweep import report, tracking
 
-    uri = tracking.normalise_uri(args.tracking_uri)
+    uri = tracking.resolve_uri(args.tracking_uri).uri
     tracking.check(uri)
     if args.run:
         exp_id, parent = tracking.get_run(uri, args.run).info.experiment_id, args.run
@@ -187,7 +190,7 @@ def cmd_predict(args) -> int:
     if args.model.startswith(("runs:/", "models:/", "m-")):
         from tl_sweep import tracking
 
-        uri = tracking.normalise_uri(args.tracking_uri)
+        uri = tracking.resolve_uri(args.tracking_uri).uri
         model = tracking.load_pyfunc(uri, args.model)
         frame = model.predict([str(p) for p in paths])
         classes = [c for c in frame.columns if c not in ("label", "probability")]
@@ -265,7 +268,7 @@ def cmd_models(args) -> int:
 def cmd_ui(args) -> int:
     from tl_sweep import tracking
 
-    uri = tracking.normalise_uri(args.tracking_uri)
+    uri = tracking.resolve_uri(args.tracking_uri).uri
     tracking.check(uri)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base} for {uri}")

@@ -105,7 +105,7 @@ def _probe(storage: str | None, marker: str | None, tracking: str | None, paths:
     return problems
 
 
-def check_nodes(storage: str, tracking_uri: str, data_paths: list[str]) -> int:
+def check_nodes(storage: str, store, data_paths: list[str]) -> int:
     """On a multi-node cluster, check storage, tracking and data from every node; returns the node count."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -113,8 +113,8 @@ def check_nodes(storage: str, tracking_uri: str, data_paths: list[str]) -> int:
     nodes = _nodes()
     if len(nodes) < 2:
         return len(nodes)
-    if not tracking_uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):
-        raise UserError(f"tracking.uri: {tracking_uri} is a file on one node, and this cluster has {len(nodes)}; "
+    if not store.shared:  # a tracking.Store
+        raise UserError(f"tracking.uri: {store.uri} is a file on one node, and this cluster has {len(nodes)}; "
                         f"run an MLflow server (mlflow server --host 0.0.0.0 --serve-artifacts) and set "
                         f"tracking.uri: http://<host>:<port>")
     marker = None
@@ -126,7 +126,7 @@ def check_nodes(storage: str, tracking_uri: str, data_paths: list[str]) -> int:
     try:
         refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            storage, marker, tracking_uri if tracking_uri.startswith("http") else None, data_paths)
+            storage, marker, store.uri if store.kind == "server" else None, data_paths)
             for n in nodes}
         for node, ref in refs.items():
             problems = ray.get(ref, timeout=120)

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+from tl_sweep import study
+from tl_sweep.contract import Tag
+
 # What Ray reserves (its "memory" resource), from this machine's measurements (ResNet18, 64 px): a member is a
 # Tune trial process with torch loaded (0.76-0.85 GB), a worker ~1 GB plus ~0.3 GB per member's Fit (3.1-3.2
 # GB with 8 members training layer4 with Adam). Without these, 16 members and 2 workers filled 24 GB.
@@ -42,8 +45,9 @@ ROUND_WAIT = 0.5  # a round starts when every member asked for its epoch, or thi
 
 
 def key_of(trial) -> tuple:
-    """What members of one cohort share: arm (frozen weights), depth, search repeat (data), batch size, seed."""
-    return (trial.arm, trial.unfrozen_blocks, trial.search, trial.batch_size, trial.seed)
+    """What members of one cohort share: their cell (frozen weights, depth, search repeat's data), batch size and
+    seed."""
+    return study.Cell.of(trial), trial.batch_size, trial.seed
 
 
 class Registry:
@@ -109,7 +113,7 @@ class Worker:
         self.cohort_of: dict[str, int] = {}  # member -> cohort id
         self.cohorts: dict[int, dict] = {}  # cohort id -> opened, expected members, size, rounds
         self.asked: dict[str, float] = {}  # member -> when it asked for its next epoch
-        self.rungs: dict[str, dict[int, float]] = {}  # member -> its scheduler rungs (step -> progress)
+        self.rungs: dict[str, set[int]] = {}  # member -> the steps of its scheduler's rungs
         self.done: dict[str, Any] = {}  # member -> its epoch's result, until it takes it
         self.lock, self.cv = threading.Lock(), threading.Condition(threading.Lock())
         self.rounds, self.shared = 0, 0
@@ -167,10 +171,10 @@ class Worker:
                 return False
         return len(asked) == len(members) or now - min(asked) >= ROUND_WAIT
 
-    def epoch(self, trial_id: str, rungs: dict[int, float]) -> dict:
+    def epoch(self, trial_id: str, rungs: set[int]) -> dict:
         """Train this member's next epoch with every member of its cohort that asks in the same round; returns
-        its metrics, the rung evaluations inside the epoch (``rungs``: step -> progress), its step count and
-        feature-cache notes (or ``{"error": exception}``: this member failed).
+        its metrics, the rung evaluations inside the epoch (at the steps ``rungs``: step, accuracy), its step count
+        and feature-cache notes (or ``{"error": exception}``: this member failed).
 
         A round starts when every member of the cohort has asked, or ``ROUND_WAIT`` after the first ask; the
         first round also waits until the cohort is closed to new members and all of them have joined, so its
@@ -214,8 +218,8 @@ class Worker:
             self.shared += len(members) - 1
             fits = [batch[t] for t in members]
             evals: dict[str, list] = {t: [] for t in members}
-            hooks = [self._hook(batch[t], evals[t], self.rungs.get(t, {})) for t in members]
-            at = [set(self.rungs.get(t, {})) for t in members]
+            hooks = [self._hook(batch[t], evals[t], self.rungs.get(t, set())) for t in members]
+            at = [set(self.rungs.get(t, set())) for t in members]
             for t, r in zip(members, epoch_together(fits, hooks, at)):
                 f = batch[t]
                 out[t] = {"error": r} if isinstance(r, BaseException) else {
@@ -224,7 +228,7 @@ class Worker:
         return out
 
     @staticmethod
-    def _hook(fit, evals: list, rungs: dict[int, float]):
+    def _hook(fit, evals: list, rungs: set[int]):
         """A rung inside an epoch: the member's validation accuracy at that step, reported after the epoch."""
         if not rungs:
             return None
@@ -232,7 +236,7 @@ class Worker:
 
         def at(step: int) -> None:
             if step in rungs and step % per_epoch:
-                evals.append((step, rungs[step], fit.evaluate_mid_epoch("val")[1]))
+                evals.append((step, fit.evaluate_mid_epoch("val")[1]))
         return at
 
     def call(self, trial_id: str, method: str, *args) -> Any:
@@ -258,7 +262,8 @@ class Member:
         self.worker, self.cid, opened, size = ray.get(registry.join.remote(key_of(trial)))
         got = ray.get(self.worker.add.remote(trial_id, self.cid, opened, size, trial.to_tune(), None, weights))
         self.steps, self.step_count, self.n_epochs, self.notes = got["steps"], 0, 0, []
-        self.where = {"device": got["device"], "gpu_ids": got["gpu_ids"], "cohort": str(self.cid)}
+        self.where_ = {Tag.DEVICE: got["device"], Tag.COHORT: str(self.cid),
+                       **({Tag.GPU_IDS: got["gpu_ids"]} if got["gpu_ids"] else {})}
         self.first_step_at = self.first_step_wall = None
         self.model = self  # run_trial reads fit.model.state_dict() / load_state_dict()
 
@@ -269,26 +274,39 @@ class Member:
         self._call("restore", state)
         self.step_count, self.n_epochs = state["step_count"], state["n_epochs"]
 
-    def epoch(self, after_step=None, rungs: dict[int, float] | None = None) -> dict[str, float]:
+    def epoch(self, after_step=None, at_steps=None) -> dict[str, float]:
+        """:meth:`tl_sweep.train.Fit.epoch`, trained in the cohort's worker: ``after_step(step, accuracy)`` is called
+        for each of ``at_steps`` inside the epoch once the epoch is over (the worker measured them at the step)."""
         if self.first_step_at is None:
             self.first_step_at, self.first_step_wall = time.perf_counter(), time.time()
-        got = self.ray.get(self.worker.epoch.remote(self.trial_id, rungs or {}))
+        got = self.ray.get(self.worker.epoch.remote(self.trial_id, set(at_steps or ())))
         if "error" in got:
             raise got["error"]
         self.step_count, self.n_epochs, self.notes = got["step_count"], got["n_epochs"], got["notes"]
         if after_step is not None:  # the rungs inside the epoch, reported now in order
-            for step, _, acc in got["rungs"]:
+            for step, acc in got["rungs"]:
                 after_step(step, acc)
         return got["metrics"]
 
     def evaluate(self, split: str) -> tuple[float, float]:
         return self._call("evaluate", split)
 
+    def predictions(self, split: str) -> dict[str, list]:
+        return self._call("predictions", split)
+
     def state(self) -> dict:
         return self._call("state")
 
     def state_dict(self) -> dict:
         return self._call("weights")
+
+    def weights(self, copy: bool = True) -> dict:
+        """The member's weights, copied out of its worker (always a copy)."""
+        return self._call("weights")
+
+    def where(self) -> dict[str, str]:
+        """The device, GPUs and cohort its worker trains it on (the trial run's tags)."""
+        return self.where_
 
     def load_state_dict(self, state: dict) -> None:
         self._call("load", state)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal
 METRIC = "val_acc"  # reported every epoch; the searcher and scheduler rank on it
 MODE = "max"
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")  # train.make_optimizer builds each
+PREDICTIONS = "predictions.csv"  # a final's artifact: per image of test and val, its row, label, prediction
 
 Status = Literal["FINISHED", "EARLY_STOPPED", "FAILED"]
 
@@ -63,6 +64,8 @@ DIMENSIONS: tuple[Dimension, ...] = (
               "the head plus the last k blocks train; the rest is frozen", check=lambda v: v >= 0, up_to_max=True),
     Dimension("epochs", int, 5, "it must be a whole number >= 1", "the trial's own schedule length",
               check=lambda v: v >= 1),
+    Dimension("label_smoothing", float, 0.0, "it must be in [0, 1)", "the training loss's label smoothing (0 = off)",
+              check=lambda v: 0 <= v < 1),
 )
 NAMES = tuple(d.name for d in DIMENSIONS)  # the search dimensions' names, in spec order
 
@@ -91,6 +94,15 @@ class Tag:
     SPEC_HASH = "tl_sweep.spec_hash"
     SUPERSEDED = "tl_sweep.superseded"
     PARENT = "mlflow.parentRunId"
+    # the parent (sweep) run's
+    ARCH = "tl_sweep.arch"
+    ARMS = "tl_sweep.arms"
+    DATA_FINGERPRINT = "tl_sweep.data_fingerprint"
+    DATA = "tl_sweep.data."  # + classes, n_train, n_val, n_test, chance, val_chance, fixed_splits (data.describe)
+    CHANCE_BY_SEARCH = "tl_sweep.data.chance_by_search"  # the test split's majority-class rate per search repeat
+    OPTUNA_STORAGE = "tl_sweep.optuna_storage"
+    BEST_TRIAL = "tl_sweep.best_trial"
+    BEST = "tl_sweep.best."  # + arm and each dimension of the best trial
 
 
 class _TrialConfigMethods:
@@ -100,7 +112,7 @@ class _TrialConfigMethods:
     def of(cls, *, arm: str, seed: int, **dims: Any) -> TrialConfig:
         """A config built in code (a source's pretraining, a test): each dimension not given takes its default
         from :data:`DIMENSIONS` (a dimension whose default is a range must be given)."""
-        return cls(**{d.name: dims.pop(d.name, d.default) for d in DIMENSIONS}, arm=arm, seed=seed, **dims)
+        return cls(arm=arm, seed=seed, **dims)
 
     @classmethod
     def from_tune(cls, config: dict[str, Any]) -> TrialConfig:
@@ -116,7 +128,8 @@ class _TrialConfigMethods:
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> TrialConfig:
-        """From a trial run's MLflow params (runs logged before ``role`` was a param are search trials)."""
+        """From a trial run's MLflow params. A run logged before a field existed reads with its default (a
+        dimension's default, ``role`` trial, ``search`` 0): an older sweep stays readable."""
         return cls(**{f.name: _cast(f, params[f.name]) for f in dataclasses.fields(cls) if f.name in params})
 
     @property
@@ -134,11 +147,6 @@ class _TrialConfigMethods:
         """A study's final re-training: a cell's chosen configuration, scored once on the test split."""
         return self.role == "final"
 
-    @property
-    def cell(self) -> tuple[str, int]:
-        """A study's cell: (arm, depth)."""
-        return self.arm, self.unfrozen_blocks
-
     def dims(self) -> dict[str, Any]:
         return {d: getattr(self, d) for d in NAMES}
 
@@ -148,16 +156,29 @@ class _TrialConfigMethods:
                 + (f"·{self.arm}" if several_arms else "") + (f"·seed{self.seed}" if not self.searched else ""))
 
 
+def _field(d: Dimension) -> tuple:
+    """A dimension's field. Its default (a constant default; a range has none) is also what a run logged before
+    the dimension existed trained with: an older sweep's runs read back with it (``from_params``)."""
+    return (d.name, d.type) if isinstance(d.default, dict) else (d.name, d.type, field(default=d.default))
+
+
 TrialConfig = dataclasses.make_dataclass(
     "TrialConfig",
-    [(d.name, d.type) for d in DIMENSIONS]
-    + [("arm", str), ("seed", int), ("role", str, field(default="trial")),  # trial | final
+    [_field(d) for d in DIMENSIONS]
+    + [("arm", str), ("seed", int), ("role", str, field(default="trial")),
+       # role: trial (a search trial), candidate (a study's selection re-training), final (scored on the test split)
        ("search", int, field(default=0))],  # which search repeat of a study (its own seeds, its own finals)
-    # role: trial (a search trial), candidate (a study's selection re-training), final (scored on the test split)
-    bases=(_TrialConfigMethods,), frozen=True)
+    bases=(_TrialConfigMethods,), frozen=True, kw_only=True)
 TrialConfig.__module__ = __name__
 TrialConfig.__doc__ = """One trial's configuration: the search dimensions (:data:`DIMENSIONS`), which arm (weights), the
-seed, the role (``trial`` or ``final``) and the search repeat."""
+seed, the role (``trial``, ``candidate`` or ``final``) and the search repeat. Keyword arguments only; a dimension
+not given takes its default (a dimension whose default is a range must be given)."""
+
+
+def percent(fraction: float | None) -> str:
+    """An accuracy as a person reads it, everywhere tl-sweep prints one: a percentage with one decimal
+    (``93.9%``). Machines read the raw fraction (Tune's results, MLflow metrics, CSV)."""
+    return "–" if fraction is None or fraction != fraction else f"{100 * fraction:.1f}%"
 
 
 def _cast(f: dataclasses.Field, v: Any) -> Any:

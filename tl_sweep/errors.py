@@ -12,3 +12,10 @@ class UserError(Exception):
     """A problem in the user's input, reported as one line without a traceback."""
 
     exit_code = 2
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """The first line of an error message, without terminal colour codes (Ray colours its workers' output)."""
+    import re
+
+    return (re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines() or [""])[0][:limit]

@@ -43,6 +43,17 @@ def keep_from_reuse(tune_controller: Any, trial: Any) -> bool:
     return True
 
 
+def use_callbacks(tuner: Any, callbacks: list) -> None:
+    """Give a restored Tuner this process's callbacks instead of the ones pickled with its saved state.
+
+    Why: ``Tuner.restore`` takes no ``RunConfig``: Tune runs the callbacks it pickled when the sweep was saved,
+    with the state they had then (the progress display's counters, a tracking URI, and a class an older
+    tl-sweep defined). A resumed sweep must show and record with its own (its progress counter goes on from the
+    finished trainings). ``Tuner._local_tuner`` holds the run config a fit uses (``TunerInternal._run_config``).
+    """
+    tuner._local_tuner.get_run_config().callbacks = list(callbacks)
+
+
 def forget_checkpoints(trial: Any) -> None:
     """Make Tune start ``trial`` over instead of restoring it: its checkpoint manager forgets every checkpoint,
     and Tune's next saved state says so.

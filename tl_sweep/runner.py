@@ -19,16 +19,13 @@ close, the report.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,14 +34,16 @@ import numpy as np
 import ray
 import torch
 from ray import tune
-from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_sweep import cluster, cohort, contract, data, internals, limits, models, redact, sources, space, tracking, train, \
-    trainable, transferability
+from tl_sweep import cluster, cohort, contract, data, internals, limits, models, publish, redact, sources, space, \
+    study, tracking, train, trainable, transferability
+# the callbacks by the names a sweep saved before they had their own module pickled them under (--resume)
+from tl_sweep.callbacks import Plan, Progress, Recorder, StaleCheckpoints, drop_checkpoint  # noqa: F401
 from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialReport, TrialResult
-from tl_sweep.errors import UserError
-from tl_sweep.spec import Config, min_epochs, to_yaml, values_of
+from tl_sweep.errors import UserError, one_line
+from tl_sweep.spec import Config, to_yaml, values_of
 
 log_fn = Callable[[str], None]
 
@@ -69,247 +68,6 @@ class Summary:
         return self.trials[0] if self.trials else None
 
 
-# ------------------------------------------------------------------------------------------- callbacks
-
-
-@dataclass
-class Plan:
-    """The whole sweep's trainings (every phase), for one progress display and ETA across phases."""
-
-    total: int = 0
-    done: int = 0
-    at_most: bool = False
-    t0: float = field(default_factory=time.perf_counter)
-    best: tuple[float, str] | None = None
-    first: float | None = None  # when the first training ended: the rate is measured from there
-
-    def finished(self) -> None:
-        self.done += 1
-        if self.first is None:
-            self.first = time.perf_counter()
-
-    def eta(self) -> str:
-        """Trainings left at the rate since the first one ended (the first ones also paid for starting the
-        workers, which would make the first estimates several times too long); none before three ended."""
-        if self.done < 3 or self.done >= self.total:
-            return ""
-        left = (time.perf_counter() - self.first) / (self.done - 1) * (self.total - self.done)
-        return f"eta ~{_duration(left)}"
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-class Progress(tune.Callback):
-    """The sweep's progress on stderr: one line per finished trial (its result, the best so far, the time and an
-    ETA for the whole sweep); on a terminal, also a live bar (tqdm) with trainings done/total, the trials
-    running, the best so far and the ETA, kept below the lines. Tune's own status table stays silent."""
-
-    def __init__(self, total: int, log: log_fn, at_most: bool = False, plan: Plan | None = None, stream=None):
-        self.total, self.log = (f"≤{total}" if at_most else total), log  # at most: halving may stop earlier
-        self.plan = plan or Plan(total, at_most=at_most)
-        self.done, self.t0 = 0, self.plan.t0
-        self.stream, self.bar = stream, None  # the bar is made on first use (Tune pickles its callbacks)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "bar": None, "stream": None}
-
-    @property
-    def out(self):
-        return self.stream if self.stream is not None else sys.stderr
-
-    def _bar(self):
-        if self.bar is None and getattr(self.out, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.plan.total, initial=self.plan.done, file=self.out, dynamic_ncols=True,
-                            unit="training", leave=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
-        return self.bar
-
-    def _status(self, trials) -> None:
-        if self._bar() is not None:
-            running = sum(t.status == "RUNNING" for t in trials)
-            best = f" · best {self.plan.best[0]:.3f}" if self.plan.best else ""
-            self.bar.set_postfix_str(f"{running} running{best} · {_duration(time.perf_counter() - self.t0)} "
-                                     f"{self.plan.eta()}".rstrip(), refresh=True)
-
-    def _line(self, trial, how: str) -> None:
-        self.done += 1
-        self.plan.finished()
-        r, c = TrialReport.of(trial.last_result), trial.config
-        acc = r.best_val_acc
-        if acc is not None and (self.plan.best is None or acc > self.plan.best[0]):
-            self.plan.best = (acc, trial.trial_id)
-        if acc is None and r.val_acc is not None:  # stopped at a rung before its first epoch ended
-            got = f"{contract.METRIC} {r.val_acc:.3f} at the rung"
-        else:
-            got = f"{contract.METRIC} {acc:.3f}" if acc is not None else "no result"
-        best = f"best {self.plan.best[0]:.3f} ({self.plan.best[1]})" if self.plan.best else ""
-        eta = f" | {self.plan.eta()}" if self.plan.eta() else ""
-        line = (f"[{self.done:>3}/{self.total}] {trial.trial_id} k={c.get('unfrozen_blocks')} {c.get('optimizer')} "
-                f"bs={c.get('batch_size')} lr×{float(c.get('lr_mult', 0)):.3g} ep={r.epochs_run}/{c.get('epochs')} → "
-                f"{got} {how}| {time.perf_counter() - self.t0:.0f}s{eta} | {best}")
-        if self._bar() is not None:
-            self.bar.write(line, file=self.out)
-            self.bar.update(1)
-        else:
-            self.log(line)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._status(trials)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        r = TrialReport.of(trial.last_result)
-        if r.trial_error:
-            self._line(trial, f"FAILED ({r.trial_error}) ")
-        else:
-            stopped = contract.stopped_early(r.epochs_run, trial.config.get("epochs", 0))
-            self._line(trial, "(early-stopped) " if stopped else "")
-        self._status(trials)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trial, "FAILED ")
-        self._status(trials)
-
-    def on_experiment_end(self, trials, **info):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Recorder(tune.Callback):
-    """Closes each trial's MLflow run with its final status (the one close call), and measures start-up from
-    scheduling: the Tune step that created the trial to its first training work, actor start included."""
-
-    def __init__(self, uri: str, study: bool, experiment_id: str, parent_run_id: str):
-        self.uri, self.study, self.where = uri, study, (experiment_id, parent_run_id)
-        self.added: dict[str, float] = {}  # trial id -> when Tune created it (a slot was free: it is scheduled)
-        self.n_seen, self.step_began = 0, time.time()
-        self.startup: dict[str, float] = {}
-        self.retries: dict[str, int] = {}
-
-    def on_step_begin(self, iteration, trials, **info):
-        self.step_began = time.time()
-
-    def on_step_end(self, iteration, trials, **info):
-        # trials created in this step (Tune's list only grows): dated at the step's start, an upper bound
-        for t in trials[self.n_seen:]:
-            self.added[t.trial_id] = self.step_began
-        self.n_seen = len(trials)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        first, added = TrialReport.of(result).first_step_unix, self.added.pop(trial.trial_id, None)
-        if first is not None and added is not None:
-            self.startup[trial.trial_id] = first - added
-
-    def _close(self, trial, failed: bool) -> None:
-        r = TrialReport.of(trial.last_result)
-        epochs_run = r.epochs_run
-        stopped = not failed and contract.stopped_early(epochs_run, trial.config.get("epochs", 0))
-        # a checkpoint that can never be published goes now (a finished trial's Tune checkpoint holds its best
-        # weights, 45 MB for a ResNet18): study search trials, stopped and failed ones
-        if failed or stopped or (self.study and trial.config.get("role") != "final"):
-            drop_checkpoint(trial.checkpoint)
-        # a trial that raised before its first report never told the driver its run: found by its trial id
-        run_id = r.mlflow_run_id or tracking.trial_run_id(self.uri, *self.where, trial.trial_id)
-        if not run_id:
-            return
-        tags = {Tag.EPOCHS_RUN: str(epochs_run)}
-        if stopped:
-            tags[Tag.EARLY_STOPPED] = "true"
-        s = self.startup.pop(trial.trial_id, None)
-        tracking.close_run(self.uri, run_id, "FAILED" if failed else "FINISHED", tags,  # with the first epoch
-                           {} if s is None else {"scheduled_to_first_step_seconds": s}, step=1)
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        """A trial's worker or node was lost and Tune restarts it from its last checkpoint: counted on its run."""
-        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
-        with _offline_ok(f"the retry count of trial {trial.trial_id}"):
-            run_id = TrialReport.of(trial.last_result).mlflow_run_id or tracking.trial_run_id(
-                self.uri, *self.where, trial.trial_id)
-            if run_id:
-                tracking.log_batch(self.uri, run_id, {}, {Tag.RETRIES: str(self.retries[trial.trial_id])})
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        with _offline_ok(f"the end of trial {trial.trial_id}"):
-            self._close(trial, failed=bool(TrialReport.of(trial.last_result).trial_error))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        with _offline_ok(f"the end of trial {trial.trial_id}"):
-            self._close(trial, failed=True)
-
-
-class StaleCheckpoints(tune.Callback):
-    """A trial restored by ``--resume`` continues from its newest complete checkpoint, even where Tune's saved
-    state names an older one that is gone.
-
-    Tune saves its experiment state every ≥ 10 s, and a trial's newer checkpoint replaces the older one at once
-    (``num_to_keep=1``). A driver killed in between leaves a state that names a deleted folder: Tune would try
-    to restore from it three times and fail the trial (ray-project/ray#27790; Ray 2.60 has no fallback). Just
-    before Tune restores such a trial (``on_trial_start``), the newest complete checkpoint in the trial's folder
-    takes the missing one's name, so Tune's own bookkeeping (its next checkpoint index) stays as it expects.
-    With no complete checkpoint left, the trial starts over: its MLflow run keeps the epochs it logged and only
-    later ones are logged (``trainable.run_trial``). Storage that is not a local or mounted folder is left as is.
-    """
-
-    def __init__(self, log: log_fn):
-        self.log = log
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        result = trial.latest_checkpoint_result
-        ckpt = result.checkpoint if result is not None else None
-        if not _on_disk(ckpt) or os.path.isdir(ckpt.path):
-            return
-        missing = Path(ckpt.path)
-        newest = newest_complete_checkpoint(missing.parent)
-        if newest is not None:
-            os.rename(newest, missing)
-            self.log(f"ray: trial {trial.trial_id}: Tune's saved state named {missing.name}, replaced before the "
-                     f"driver stopped; continuing from the newest complete checkpoint ({newest.name})")
-            return
-        internals.forget_checkpoints(trial)  # nothing to restore from: Tune would fail the trial
-        self.log(f"ray: trial {trial.trial_id}: no complete checkpoint is left in {missing.parent}; it starts "
-                 f"over (its MLflow run keeps the epochs it logged)")
-
-
-def newest_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest ``checkpoint_NNNNNN`` in a trial's folder whose ``trial.pt`` is whole (a worker killed while
-    Ray copied it in leaves a torn zip: no end record)."""
-    import zipfile
-
-    for d in sorted(folder.glob("checkpoint_[0-9]*"), reverse=True):
-        try:
-            with zipfile.ZipFile(d / trainable.CHECKPOINT_FILE):
-                return d
-        except (OSError, zipfile.BadZipFile):
-            continue
-    return None
-
-
-@contextmanager
-def _offline_ok(what: str):
-    """A callback's MLflow read that an outage made impossible costs that record, never the sweep (writes wait
-    in the outbox by themselves)."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - an exception in a Tune callback would end the whole sweep
-        print(f"mlflow: could not record {what} ({type(e).__name__}: {_plain(str(e))})", file=sys.stderr)
-
-
-def drop_checkpoint(ckpt) -> None:
-    """Delete a Tune checkpoint of a trial that has ended, where storage is a local or mounted folder."""
-    import shutil
-
-    if _on_disk(ckpt):
-        shutil.rmtree(ckpt.path, ignore_errors=True)
-
-
-def _on_disk(ckpt) -> bool:
-    """A Tune checkpoint in a local or mounted folder (what tl-sweep may delete or rename; not s3:// and the like)."""
-    return ckpt is not None and getattr(ckpt.filesystem, "type_name", "") == "local"
-
-
 # ---------------------------------------------------------------------------------------------- phases
 
 
@@ -321,7 +79,6 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
     """
     s = cfg.spec
     sources.check(cfg)
-    tracking.check(tracking.normalise_uri(s.tracking.uri))
 
     def prepare(seed: int, log: log_fn) -> data.Prepared:
         return data.prepare(s.data.dataset, size=cfg.input["resize"], seed=seed, split=s.data.split,
@@ -362,29 +119,18 @@ def _gpu_here(s) -> bool:
     return torch.cuda.is_available() if s.resources.gpu == "auto" else s.resources.gpu > 0
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def spec_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def resumable(cfg: Config) -> str:
     """``--resume``'s checks, made before any data is prepared or source pretrained: the latest sweep of this
     experiment, which must have run the same resolved spec and not have finished. Returns its parent run id."""
     uri = cfg.spec.tracking.uri
-    tracking.check(uri)  # an unreachable server: its one line, as without --resume
     run = tracking.latest_sweep(uri, tracking.experiment_id(uri, cfg.experiment))
     if run is None:
         raise UserError(f"--resume: experiment {cfg.experiment!r} has no sweep to resume; run without --resume")
-    if run.data.tags.get(Tag.SPEC_HASH) != spec_hash(cfg):
+    changed = cfg.differences(run.data.params)  # a key a later tl-sweep added is at its default in the old sweep
+    if changed:
         raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) ran another "
-                        f"spec or other --set values; resume with the same ones, or run without --resume")
+                        f"spec or other --set values ({changed[0]}); resume with the same ones, or run without "
+                        f"--resume")
     if run.info.status == "FINISHED":
         raise UserError(f"--resume: the latest sweep of {cfg.experiment!r} ({run.info.run_id}) already "
                         f"finished; run without --resume to start a new one")
@@ -402,7 +148,7 @@ def trial_context(cfg: Config, data_: data.Prepared, arms: dict[str, tuple[str, 
     return TrialContext(
         arch=s.model.arch, arms=arms, head=s.model.head, head_hidden=s.model.head_hidden,
         head_dropout=s.model.head_dropout, regime=s.regime.model_dump(), input=cfg.input,
-        augment=s.data.augment.model_dump(), data=data_, seed=s.seed, min_epochs=min_epochs(s.search.space),
+        augment=s.data.augment.model_dump(), data=data_, seed=s.seed, min_epochs=s.min_epochs,
         use_gpu=gpu > 0, tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
         feature_cache=s.data.feature_cache, gpu_share=gpu, precision=s.resources.precision,
         memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
@@ -428,13 +174,13 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, r
     prepared = repeats[0]
     if prepared.skipped:
         files["skipped_files.txt"] = "\n".join(prepared.skipped) + "\n"
-    parent = tracking.start_parent(uri, exp_id, run_name, cfg.dump(), files, tags={
+    parent = tracking.start_parent(uri, exp_id, run_name, cfg.params(), files, tags={
         **run_tags,
-        "tl_sweep.arch": s.model.arch, "tl_sweep.arms": ",".join(cfg.arms), Tag.SPEC_HASH: hashed,
-        "tl_sweep.data_fingerprint": prepared.fingerprint,
-        **{f"tl_sweep.data.{k}": str(v) for k, v in data.describe(prepared).items()},
-        "tl_sweep.data.chance_by_search": json.dumps([data.chance(p) for p in repeats]),
-        "tl_sweep.optuna_storage": optuna_url(cfg)})
+        Tag.ARCH: s.model.arch, Tag.ARMS: ",".join(cfg.arms), Tag.SPEC_HASH: hashed,
+        Tag.DATA_FINGERPRINT: prepared.fingerprint,
+        **{f"{Tag.DATA}{k}": str(v) for k, v in data.describe(prepared).items()},
+        Tag.CHANCE_BY_SEARCH: json.dumps([data.chance(p) for p in repeats]),
+        Tag.OPTUNA_STORAGE: optuna_url(cfg)})
     return exp_id, parent
 
 
@@ -473,7 +219,7 @@ def plan_gpus(cfg: Config, prepared: data.Prepared, log: log_fn) -> Config:
         step = memory = None
         if torch.cuda.is_available():  # the driver's own GPU measures what a trial needs
             device = torch.device("cuda")
-            batch = max(values_of(s.search.space.batch_size))
+            batch = max(b for sp in s.spaces() for b in values_of(sp.batch_size))
             step = train.step_memory(s.model.arch, len(prepared.classes), cfg.input["crop"], int(batch),
                                      s.resources.precision, device)
             memory = torch.cuda.get_device_properties(device).total_memory
@@ -493,13 +239,13 @@ def check_cluster(cfg: Config) -> int:
     cluster.check_resources(s.resources.cpu, s.resources.gpu)
     paths = [p for p in (s.data.dataset.removeprefix("imagefolder:") if s.data.dataset.startswith("imagefolder:")
                          else None, s.data.root) if p]
-    return cluster.check_nodes(s.storage, s.tracking.uri, paths)
+    return cluster.check_nodes(s.storage, cfg.tracking_store, paths)
 
 
-def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, *, scheduler=None,
-           param_space: dict | None = None, resume: bool = False, at_most: bool = False,
-           plan: Plan | None = None) -> tune.Tuner:
-    """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming."""
+def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, plan: Plan | None, *,
+           scheduler=None, param_space: dict | None = None, resume: bool = False) -> tune.Tuner:
+    """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming, with this
+    process's callbacks."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
     if ctx.memory_limit:
@@ -508,9 +254,14 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         res = {"cpu": 0, "memory": cohort.MEMBER_MEMORY}
     fn = tune.with_resources(tune.with_parameters(trainable.run_trial, ctx=ctx), res)  # its class: trainable.Worker
     path = f"{s.storage.rstrip('/')}/{name}"
+    callbacks = [Progress(log, plan if plan is not None else Plan(total)),
+                 Recorder(s.tracking.uri, s.study is not None, ctx.experiment_id, ctx.parent_run_id),
+                 StaleCheckpoints(log), JsonLoggerCallback()]
     if resume and tune.Tuner.can_restore(path):
         log(f"ray: resuming {name}: finished trials are kept, unfinished ones continue from their checkpoints")
-        return tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True)
+        internals.use_callbacks(tuner, callbacks)
+        return tuner
     return tune.Tuner(
         fn, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=total,
@@ -521,10 +272,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
                                   # Tune's own record: result.json per trial (no TensorBoard or CSV, _fit)
-                                  callbacks=[Progress(total, log, at_most, plan),
-                                             Recorder(s.tracking.uri, s.study is not None, ctx.experiment_id,
-                                                      ctx.parent_run_id),
-                                             StaleCheckpoints(log), JsonLoggerCallback()],
+                                  callbacks=callbacks,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=s.failures.max_failures)))
 
@@ -543,15 +291,8 @@ def _results(grid) -> list[TrialResult]:
                                best_val_acc=rep.best_val_acc, test_acc=rep.test_acc,
                                trial=m.get("trial_id") or (Path(r.path).name if r.path else ""),
                                run_id=rep.mlflow_run_id or "", checkpoint=r.checkpoint,
-                               error=rep.trial_error or (_plain(str(r.error)) if r.error else None)))
+                               error=rep.trial_error or (one_line(str(r.error)) if r.error else None)))
     return out
-
-
-def _plain(text: str) -> str:
-    """The first line of an error without terminal colour codes (Ray colours its worker output)."""
-    import re
-
-    return (re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines() or [""])[0][:200]
 
 
 def _fit(tuner: tune.Tuner) -> list[TrialResult]:
@@ -607,7 +348,7 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
         n = cfg.trainings()[0]
         if s.study.allocate == "halving":
             pretrained = sum(arm != "scratch" for arm, _ in cfg.cells)
-            budgets = space.halving_budgets(s.study.trials_per_cell, pretrained, s.study.eta, s.study.first_rung)
+            budgets = study.halving_budgets(s.study.trials_per_cell, pretrained, s.study.eta, s.study.first_rung)
             log(f"ray: study search, successive halving over {pretrained} pretrained cells (trials per cell at "
                 f"each rung: {budgets}, 1/{s.study.eta} of the cells go on; scratch gets all "
                 f"{s.study.trials_per_cell}) × {s.study.search_repeats} search repeats, at most {n} trials, {how}")
@@ -615,72 +356,15 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
             log(f"ray: study search: {len(cfg.cells)} cells × {s.study.search_repeats} search repeats × "
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
-                           space.study_searcher(s, cfg.cells, storage, prefix, prior),
-                           scheduler=space.make_scheduler(s, log), resume=resume,
-                           at_most=s.study.allocate == "halving", plan=plan))
+                           space.study_searcher(s, cfg.cells, storage, prefix, prior), plan,
+                           scheduler=space.make_scheduler(s, log), resume=resume))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
         tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log,
-                       space.make_searcher(s, arm, storage=storage, name=prefix + arm),
-                       scheduler=space.make_scheduler(s, log), resume=resume, plan=plan)
+                       space.make_searcher(s, arm, storage=storage, name=prefix + arm), plan,
+                       scheduler=space.make_scheduler(s, log), resume=resume)
         out += _fit(tuner)
-    return out
-
-
-def final_seeds(seed: int, search: int, repeats: int) -> list[int]:
-    """The seeds of a search repeat's final re-trainings: the same in every arm (pairing), new per repeat."""
-    return [seed + 1000 + 100 * search + i for i in range(repeats)]
-
-
-def selection_seeds(seed: int, search: int, n: int) -> list[int]:
-    """The seeds of a search repeat's selection re-trainings: new to the search and to the finals."""
-    return [seed + 2000 + 100 * search + i for i in range(n)]
-
-
-def _cell(c: TrialConfig) -> tuple[int, str, int]:
-    return c.search, c.arm, c.unfrozen_blocks
-
-
-def candidates(results: list[TrialResult], seed: int, n: int, seeds: int, full_budget: int | None = None
-               ) -> list[TrialConfig]:
-    """The declared selection rule, step one: per cell (arm, depth) and search repeat, its ``n`` best
-    configurations by search validation accuracy, those that ran their whole schedule first (an early-stopped
-    trial's score is mid-schedule), ties to the earlier trial; each re-trained with ``seeds`` new seeds (role
-    ``candidate``: validation only). With ``full_budget`` (``study.allocate: halving``), only cells that got it:
-    the others were cut."""
-    count: dict[tuple, int] = {}
-    for r in results:
-        count[_cell(r.config)] = count.get(_cell(r.config), 0) + 1
-    ranked: dict[tuple, list[TrialResult]] = {}
-    for r in results:
-        if r.status == "FAILED" or r.best_val_acc is None or (full_budget and count[_cell(r.config)] < full_budget):
-            continue
-        ranked.setdefault(_cell(r.config), []).append(r)
-    out = []
-    for key in sorted(ranked, key=lambda k: (k[0], str(k[1]), k[2])):
-        best = sorted(ranked[key], key=lambda r: (r.status != "FINISHED", -r.best_val_acc))[:n]  # stable: ties
-        out += [dataclasses.replace(r.config, seed=s, role="candidate") for r in best
-                for s in selection_seeds(seed, key[0], seeds)]
-    return out
-
-
-def finalists(selection: list[TrialResult], seed: int, repeats: int) -> list[TrialConfig]:
-    """The declared selection rule, step two: per cell and search repeat, the candidate configuration with the
-    best mean validation accuracy over its selection seeds (a seed that failed counts 0), ties to the better
-    search rank; one config per final seed (the same seeds in every arm)."""
-    scores: dict[tuple, dict[tuple, list[float]]] = {}
-    order: dict[tuple, TrialConfig] = {}
-    for r in selection:
-        key = tuple(sorted(r.config.dims().items()))
-        scores.setdefault(_cell(r.config), {}).setdefault(key, []).append(
-            0.0 if r.status == "FAILED" or r.best_val_acc is None else r.best_val_acc)
-        order.setdefault(key + _cell(r.config), r.config)
-    out = []
-    for cell in sorted(scores, key=lambda k: (k[0], str(k[1]), k[2])):
-        means = {k: sum(v) / len(v) for k, v in scores[cell].items()}  # in search-rank order (dicts keep it)
-        chosen = order[max(means, key=means.get) + cell]
-        out += [dataclasses.replace(chosen, seed=s, role="final") for s in final_seeds(seed, cell[0], repeats)]
     return out
 
 
@@ -691,16 +375,16 @@ def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: l
     points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
                                    max_concurrent=s.trials_at_once)
     keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
-    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, param_space=keys,
-                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume, plan=plan))
+    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, plan, param_space=keys,
+                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
 
 
 def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
            resume: bool = False, plan: Plan | None = None) -> list[TrialResult]:
     """A study's selection: each cell's best configurations re-trained with new seeds, on validation only."""
     st = cfg.spec.study
-    configs = candidates(trials, cfg.spec.seed, st.candidates, st.selection_seeds,
-                         st.trials_per_cell if st.allocate == "halving" else None)
+    configs = study.candidates(trials, cfg.spec.seed, st.candidates, st.selection_seeds,
+                               st.trials_per_cell if st.allocate == "halving" else None)
     log(f"ray: selection: {len(configs)} re-trainings (each cell's {st.candidates} best configurations × "
         f"{st.selection_seeds} new seeds, validation only; the best mean is the cell's choice)")
     return _retrain(cfg, ctx, parent, "select", configs, log, resume, plan)
@@ -709,7 +393,7 @@ def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult
 def retrain_finalists(cfg: Config, ctx: TrialContext, parent: str, selection: list[TrialResult], log: log_fn,
                       resume: bool = False, plan: Plan | None = None) -> list[TrialResult]:
     s = cfg.spec
-    configs = finalists(selection, s.seed, s.study.repeats)
+    configs = study.finalists(selection, s.seed, s.study.repeats)
     log(f"ray: final evaluation: {len(configs)} re-trainings (the chosen configuration of each cell and search "
         f"repeat × {s.study.repeats} seeds, the same seeds in every arm), each scored once on the test split")
     return _retrain(cfg, ctx, parent, "final", configs, log, resume, plan)
@@ -736,9 +420,9 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
     metrics = {"best_val_acc": best.best_val_acc} if best and best.best_val_acc is not None else {}
     metrics.update(n_trials=len(summary.trials), n_selection=len(summary.selection), n_final=len(summary.finals),
                    sweep_seconds=summary.seconds)
-    tags = {"tl_sweep.best_trial": best.trial, "tl_sweep.best.arm": best.config.arm} if best else {}
+    tags = {Tag.BEST_TRIAL: best.trial, f"{Tag.BEST}arm": best.config.arm} if best else {}
     if best:
-        tags.update({f"tl_sweep.best.{k}": str(v) for k, v in best.config.dims().items()})
+        tags.update({f"{Tag.BEST}{k}": str(v) for k, v in best.config.dims().items()})
     tracking.finish_parent(uri, parent, metrics, tags, summary.status)
     summary.waiting = tracking.waiting(uri)
     if summary.waiting:
@@ -755,21 +439,20 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     reused and each phase's Tuner is restored from storage with the searcher's state.
     """
     t0 = time.perf_counter()
-    uri = tracking.normalise_uri(cfg.spec.tracking.uri)  # a password moves to MLflow's own variables
-    cfg = cfg.model_copy(update={"spec": cfg.spec.model_copy(
-        update={"tracking": cfg.spec.tracking.model_copy(update={"uri": uri})})})
+    uri = cfg.spec.tracking.uri  # as tracking.resolve_uri made it (a password moved to MLflow's own variables)
     tracking.check(uri)  # the quick refusals first: tracking, --resume, the Ray address
     resumed = resumable(cfg) if resume else None
     address = cluster.ray_address(address)
     repeats, arms = preflight(cfg, log)  # data decoded, sources pretrained, weights loaded once
-    hashed = spec_hash(cfg)  # of the spec as written (resources.gpu: auto, not what auto chose here)
+    hashed = cfg.digest()  # of the spec as written (resources.gpu: auto, not what auto chose here)
     start_ray(address)
     cfg = plan_gpus(cfg, repeats[0], log)
     s = cfg.spec
     nodes = check_cluster(cfg)  # a refusal here still comes before any MLflow run
     search_n, select_n, final_n = cfg.trainings()
     most = "at most " if s.study is not None and s.study.allocate == "halving" else ""
-    plan = Plan(search_n + select_n + final_n, at_most=bool(most))
+    plan = Plan(search_n + select_n + final_n, at_most=bool(most),
+                repeats=s.study.search_repeats if s.study is not None else 1)
     log(f"plan: {most}{search_n} search trials"
         + (f" + {most}{select_n} selection re-trainings + {most}{final_n} final re-trainings" if s.study else "")
         + f" = {most}{search_n + select_n + final_n} trainings")
@@ -793,7 +476,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         if not resume:
             tracking.log_datasets(uri, parent, *ctx.dataset, ctx.digests[0])
             if s.study is not None and s.study.estimates:  # before any training: a prediction the report checks
-                est = transferability.estimate(cfg, repeats[0], arms, log)
+                est = transferability.estimate(ctx, transferability.cells_of(cfg), log)
                 tracking.log_estimates(uri, exp_id, parent, transferability.metrics_of(est),
                                        transferability.table(est), {})
                 prior = {(e.arm, e.depth): e.values["logme"] for e in est if "logme" in e.values}
@@ -825,11 +508,15 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
 
         summary.report = report.build(uri, exp_id, parent, out_dir=report_dir, log=log)
         if s.tracking.log_models:
+            x, _, rows = repeats[0].split("train")
+            example = np.ascontiguousarray(x[np.sort(rows[:2])].transpose(0, 2, 3, 1))  # two real images, H×W×3
+            lineage = {"data_fingerprint": repeats[0].fingerprint, "spec_hash": hashed, "parent_run_id": parent}
             try:
-                summary.models = publish(cfg, summary, repeats, arms, log)
+                summary.models = publish.publish(cfg, summary.finals, summary.trials, summary.report, example,
+                                                 lineage, arms, log)
             except Exception as e:  # noqa: BLE001 - every trial and the report are in MLflow already
                 log(f"mlflow: the winners could not be logged as models ({type(e).__name__}: "
-                    f"{_plain(str(e))}); the sweep's runs and report are complete")
+                    f"{one_line(str(e))}); the sweep's runs and report are complete")
         for r in summary.trials + summary.selection + summary.finals:  # published or not wanted: Tune's copies go
             drop_checkpoint(r.checkpoint)
     return summary
@@ -848,97 +535,6 @@ def start_cohorts(cfg: Config, ctx: TrialContext):
                         f"{s.resources.gpu:g} GPU, {need:.1f} GiB of memory each) could not start in 5 minutes; "
                         f"lower search.max_concurrent or resources.cohort") from None
     return registry
-
-
-def publish(cfg: Config, summary: Summary, repeats: list[data.Prepared], arms: dict[str, tuple[str, str | None]],
-            log: log_fn) -> dict[str, str]:
-    """The winner as an MLflow Model: per arm in a study (its chosen cell's best final by validation), the best
-    trial of a plain sweep; the overall winner registered under ``tracking.register_as`` with the alias
-    ``champion`` and its lineage. Returns arm -> model URI."""
-    import shutil
-    import tempfile
-
-    from tl_sweep.report import stats
-
-    s, uri = cfg.spec, cfg.spec.tracking.uri
-    picks: dict[str, TrialResult] = {}
-    a = summary.report.analysis if summary.report else None
-    if s.study is not None and a is not None:
-        for arm, cell in stats.winners(a).items():
-            mine = [r for r in summary.finals if (r.config.arm, r.config.unfrozen_blocks, r.config.search)
-                    == (arm, cell.depth, cell.search) and r.best_val_acc is not None and r.run_id]
-            if mine:
-                picks[arm] = max(mine, key=lambda r: (r.best_val_acc, -r.config.seed))
-    else:  # a plain sweep: the best trial that ran its whole schedule (of equals, the first to finish kept its
-        # weights: contract.Leader)
-        done = [r for r in summary.trials if r.status == "FINISHED" and r.best_val_acc is not None and r.run_id
-                and r.checkpoint is not None]
-        if done:
-            best = max(done, key=lambda r: r.best_val_acc)
-            picks[best.config.arm] = best
-    uris = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        x, _, rows = repeats[0].split("train")
-        example = np.ascontiguousarray(x[np.sort(rows[:2])].transpose(0, 2, 3, 1))  # two real images, H×W×3 uint8
-        for arm, r in picks.items():
-            if r.checkpoint is None:
-                continue
-            with r.checkpoint.as_directory() as d:  # the best epoch's weights, from Tune's storage
-                path = Path(tmp) / f"{len(uris)}" / "best.pt"
-                path.parent.mkdir()
-                shutil.copy(Path(d) / trainable.CHECKPOINT_FILE, path)
-            tracking.log_files(uri, r.run_id, [path])
-            name = model_name(cfg.experiment, arm, r.config.unfrozen_blocks)
-            uris[arm] = tracking.log_model(uri, r.run_id, path, example, name=name)
-            torch_uri = tracking.log_torch_model(uri, r.run_id, path, name=f"{name}-torch")
-            # the Models page compares logged models on the metrics linked to them
-            tracking.link_metrics(uri, r.run_id, [uris[arm], torch_uri], ["best_val_acc", "test_acc"])
-            log(f"mlflow: {arm}: model {uris[arm]} (run {r.run_id}, k={r.config.unfrozen_blocks}, "
-                f"seed {r.config.seed})")
-    if s.tracking.register_as and uris:
-        winners = stats.winners(a) if a is not None and s.study is not None else {}
-        champion = max(uris, key=lambda arm: winners[arm].val) if winners else next(iter(uris))
-        why = _below_chance(summary, winners.get(champion), a)
-        if why and not s.tracking.register_below_chance:
-            log(f"mlflow: {champion}'s winner is logged as a model but not registered as {s.tracking.register_as}: "
-                f"{why}; --set tracking.register_below_chance=true registers it anyway")
-            return uris
-        weights, file = arms[champion]
-        tags = {"source_weights": weights if file is None else f"sha256:{_sha256(file)}", "arm": champion,
-                "data_fingerprint": repeats[0].fingerprint, "spec_hash": spec_hash(cfg),
-                "parent_run_id": summary.parent_run_id}
-        if a is not None and a.stability(champion):
-            tags["ntg_verdict"] = "; ".join(f"{k} in {v} of {len(a.searches)}"
-                                            for k, v in a.stability(champion).items())
-        version = tracking.register(uri, uris[champion], s.tracking.register_as, tags)
-        log(f"mlflow: registered {champion} as models:/{s.tracking.register_as}@champion (version {version})")
-    return uris
-
-
-def model_name(experiment: str, arm: str, depth: int) -> str:
-    """A logged model's name: the sweep, the arm and the depth it was trained at (``freeze-depth-mnist-5k-k5``)."""
-    raw = f"{experiment}-{arm.removeprefix('source:')}-k{depth}"
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).strip("-")[:100]
-
-
-def _below_chance(summary: Summary, cell, a) -> str | None:
-    """Why the winner is not above the majority-class rate (a study: its cell's finals on test, Holm-corrected;
-    a plain sweep: its validation accuracy, exact binomial test over the trials it is the best of); ``None``
-    when it is above it."""
-    from tl_sweep.report import stats
-
-    if cell is not None:
-        if cell.above_chance:
-            return None
-        mean, rate = cell.test[0] if cell.test else float("nan"), a.chance.get(cell.search, float("nan"))
-        return (f"its finals' test accuracy {100 * mean:.1f}% is not shown above the test split's majority-class "
-                f"rate {100 * rate:.1f}% (one-sided t-test, Holm p {cell.p_chance:.2g})")
-    best = summary.report.best_chance if summary.report else None
-    if best is None or best[2] < stats.ALPHA:
-        return None
-    acc, rate, p, tries = best
-    return (f"its validation accuracy {100 * acc:.1f}% is not above the validation split's majority-class rate "
-            f"{100 * rate:.1f}% (exact one-sided binomial p {p:.2g}, over the {tries} trials it is the best of)")
 
 
 def table(results: list[TrialResult], limit: int = 8) -> str:

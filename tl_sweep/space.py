@@ -22,9 +22,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search import Searcher as TuneSearcher
 
-from tl_sweep import contract, internals
-from tl_sweep.contract import NAMES, TrialReport
-from tl_sweep.spec import Range, Space, Spec, min_epochs
+from tl_sweep import contract, internals, study
+from tl_sweep.contract import NAMES, TrialConfig, TrialReport
+from tl_sweep.spec import Range, Space, Spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "new study created" line per cell buries the progress
 
@@ -83,6 +83,7 @@ class Searcher(TuneSearcher):
         self.space, self.mirror = space, mirror
         self.study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(), direction="maximize")
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial
+        self.schedules: dict[str, int] = {}  # Tune trial id -> its epochs, until it ends
         self.ended: set[str] = set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -92,8 +93,10 @@ class Searcher(TuneSearcher):
         if trial_id not in self.trials:
             self.trials[trial_id] = self.study.ask()
         trial = self.trials[trial_id]
-        constants = self.space(trial)
-        return {**trial.params, **constants}
+        constants = self.space(trial)  # samples the trial's params
+        config = {**trial.params, **constants}
+        self.schedules[trial_id] = int(config["epochs"])
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.trials and trial_id not in self.ended:
@@ -104,8 +107,8 @@ class Searcher(TuneSearcher):
         if trial is None or trial_id in self.ended:
             return
         report = TrialReport.of(result)
-        # Tune hands searchers the flattened result ("config/epochs"); a constant epochs is only there
-        epochs = int((result or {}).get("config/epochs", trial.params.get("epochs", 0)))
+        # its schedule: kept when suggested (a state saved before: Optuna's sampled value, or the constant)
+        epochs = self.schedules.pop(trial_id, None) or int(trial.params.get("epochs", self.space.dims["epochs"]))
         if error or report.trial_error:
             state, value = TrialState.FAIL, None
         elif not result or contract.stopped_early(report.epochs_run, epochs):
@@ -144,6 +147,9 @@ class Searcher(TuneSearcher):
     def __getstate__(self) -> dict:  # the experiment state keeps the sampler, not the open persistent study
         return {k: v for k, v in self.__dict__.items() if k != "_mirror_study"}
 
+    def __setstate__(self, state: dict) -> None:  # a state saved before schedules were kept: each trial's params
+        self.__dict__.update({"schedules": {}, **state})
+
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__getstate__(), f)
@@ -154,7 +160,7 @@ class Searcher(TuneSearcher):
         if "_ot_study" in state:  # saved by tl-sweep <= 0.1's OptunaSearch subclass: the same study, other names
             state = {**state, "study": state["_ot_study"], "trials": state["_ot_trials"],
                      "ended": state["_completed_trials"], "space": state["_space"]}
-        self.__dict__.update(state)
+        self.__setstate__(state)
 
 
 def optuna_storage(url: str | None):
@@ -182,28 +188,6 @@ def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=No
     return ConcurrencyLimiter(searcher, max_concurrent=s.trials_at_once)
 
 
-def cell_seed(seed: int, arm: str, depth: int, search: int) -> int:
-    """The sampler seed of one cell's search repeat: independent across cells and repeats, fixed by the spec."""
-    import hashlib
-
-    return int(hashlib.sha256(f"{seed}/{arm}/{depth}/{search}".encode()).hexdigest()[:8], 16)
-
-
-def halving_budgets(trials_per_cell: int, cells: int, eta: int, first: int | None = None) -> list[int]:
-    """Successive halving's cumulative trials per cell at each rung, the last one the full budget.
-
-    The first rung is ``first`` trials (default: the budget / ``eta``, at least 2); each later one ``eta`` times
-    more, while more than one cell would be left to cut. On the default study a first rung of 2 of 8 trials
-    (TPE's random start-up draws) ended on another depth than the grid design's in 4 of 6 (source, repeat)
-    pairs, half the budget in 2 of 6 (BENCHMARKS.md)."""
-    r = min(first or max(2, math.ceil(trials_per_cell / eta)), trials_per_cell)
-    rungs, alive = [], cells
-    while r < trials_per_cell and alive > 1:
-        rungs.append(r)
-        r, alive = r * eta, math.ceil(alive / eta)
-    return rungs + [trials_per_cell]
-
-
 @dataclass(eq=False)
 class CellSearch:
     """One cell's search in one search repeat: its seeded TPE, how many trials it was given, how they ended."""
@@ -221,10 +205,8 @@ class CellSearch:
         return self.arm, self.depth
 
     def rank(self) -> tuple[float, float, float]:
-        """Its standing at a rung: its best and second best validation among trials that ran their whole
-        schedule (the finals' selection rule), then its best of any trial (-1: none)."""
-        whole = sorted((v for done, v in self.scores if done), reverse=True) + [-1.0, -1.0]
-        return whole[0], whole[1], max((v for _, v in self.scores), default=-1.0)
+        """Its standing at a rung (:func:`tl_sweep.study.standing`: the selection rule's ranking)."""
+        return study.standing(self.scores)
 
 
 class StudySearcher(TuneSearcher):
@@ -252,8 +234,8 @@ class StudySearcher(TuneSearcher):
         for r in range(st.search_repeats):
             for arm, depth in cells:
                 extra = {"arm": arm, "seed": s.seed + r, "role": "trial", "search": r}
-                tpe = _tpe(s.search.space, st.trials_per_cell, cell_seed(s.seed, arm, depth, r), [depth], extra,
-                           storage, f"{prefix}{arm}@k={depth}/search{r}")
+                tpe = _tpe(s.space_for(arm), st.trials_per_cell, study.sampler_seed(s.seed, arm, depth, r), [depth],
+                           extra, storage, f"{prefix}{arm}@k={depth}/search{r}")
                 self.searches.append(CellSearch(len(self.searches), r, arm, depth, tpe))
         self.budget, self.next = st.trials_per_cell, 0
         self.owner: dict[str, CellSearch] = {}  # running trial -> its search
@@ -261,7 +243,8 @@ class StudySearcher(TuneSearcher):
         self.halving = st.allocate == "halving"
         pretrained = [c for c in self.searches if c.arm != "scratch"]
         n_cells = len({c.cell for c in pretrained})
-        self.rungs = halving_budgets(self.budget, n_cells, st.eta, st.first_rung) if self.halving else [self.budget]
+        self.rungs = study.halving_budgets(self.budget, n_cells, st.eta, st.first_rung) if self.halving \
+            else [self.budget]
         self.eta, self.prior = st.eta, dict(prior or {})
         self.rung = dict.fromkeys(range(st.search_repeats), 0)  # search repeat -> its current rung
         self.alive = {r: [c for c in pretrained if c.search == r] for r in range(st.search_repeats)}  # not cut yet
@@ -358,7 +341,7 @@ def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: 
 
 def rungs(s: Spec) -> tuple[float, ...]:
     """The ASHA milestones of a spec (``progress`` values), as Ray's ASHA computes them; () without ASHA."""
-    sch, max_t = s.scheduler, min_epochs(s.search.space)
+    sch, max_t = s.scheduler, s.min_epochs
     if sch.kind != "asha" or sch.grace_period >= max_t:
         return ()
     n = int(math.log(max_t / sch.grace_period) / math.log(sch.reduction_factor) + 1)
@@ -372,7 +355,7 @@ def make_scheduler(s: Spec, log=None, finals: bool = False) -> Scheduler:
     if finals or not rungs(s):
         return Scheduler(None, log=log)
     sch = s.scheduler
-    max_t = min_epochs(s.search.space)
+    max_t = s.min_epochs
     asha = functools.partial(ASHAScheduler, time_attr="progress", metric=contract.METRIC, mode=contract.MODE,
                              max_t=max_t, grace_period=sch.grace_period, reduction_factor=sch.reduction_factor)
     if s.study is None:
@@ -409,8 +392,7 @@ class Scheduler(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if self.make is None:
             return
-        c = trial.config
-        key = (c.get("arm"), c.get("unfrozen_blocks"), c.get("search", 0)) if self.per_cell else None
+        key = study.Cell.of(TrialConfig.from_tune(trial.config)) if self.per_cell else None
         if key not in self.cells:
             self.cells[key] = self.make()
         self.of[trial.trial_id], self.key[trial.trial_id] = self.cells[key], key

@@ -120,6 +120,7 @@ class Batches:
     def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device, rows: np.ndarray | None = None):
         self.device, self.x = device, x
         self.rows = np.arange(len(y)) if rows is None else rows
+        self.ids = self.rows  # which image each position is (its row of the image cache), wherever x lives
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         if device.type == "cuda":  # uint8 images and features are small: keep the split on the GPU
             self.x = on_device(x, self.rows, device)
@@ -162,11 +163,15 @@ class Batches:
             yield features.to_tensor(self.x[self.rows[idx]]), self.y[idx]
 
 
-def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, binary: bool, label_smoothing: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (cross-entropy, or BCE for a binary head; with ``label_smoothing`` the targets move that share
+    towards uniform) and the number right."""
     if binary:
         logits = logits.squeeze(1)
-        return F.binary_cross_entropy_with_logits(logits.float(), y.float()), ((logits > 0).long() == y).sum()
-    return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
+        target = y.float() * (1 - label_smoothing) + 0.5 * label_smoothing if label_smoothing else y.float()
+        return F.binary_cross_entropy_with_logits(logits.float(), target), ((logits > 0).long() == y).sum()
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), (logits.argmax(1) == y).sum()
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -193,8 +198,23 @@ class LossSum:
         return total / max(1, self.seen)
 
 
+def train_step(forward: Callable, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, schedule, *,
+               binary: bool, precision: str = "auto", label_smoothing: float = 0.0) -> torch.Tensor:
+    """One optimizer step, the only one there is (a trial alone and a cohort's members take it alike): the forward
+    under the precision rule's autocast, the loss, backward, the optimizer's and the schedule's step. Returns the
+    batch's loss (on the device: reading it would make the host wait)."""
+    with autocast(x.device, precision):
+        loss, _ = loss_and_correct(forward(x), y, binary, label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss
+
+
 def train_one_epoch(forward: Callable, batches: Batches, transform: Callable, optimizer: torch.optim.Optimizer,
                     schedule, *, batch_size: int, gen: torch.Generator, binary: bool, precision: str = "auto",
+                    label_smoothing: float = 0.0,
                     epoch: int = 0, after_step: Callable[[int], None] | None = None,
                     at_steps: Collection[int] | None = None) -> tuple[float, int, float]:
     """One pass over ``batches`` (the caller sets train mode); returns (mean loss, steps, seconds).
@@ -207,12 +227,8 @@ def train_one_epoch(forward: Callable, batches: Batches, transform: Callable, op
     losses, steps, t0 = LossSum(dev), 0, time.perf_counter()
     for x, y in batches(batch_size, shuffle=True, gen=gen):
         x, y = transform(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
-        with autocast(dev, precision):
-            loss, _ = loss_and_correct(forward(x), y, binary)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        loss = train_step(forward, x, y, optimizer, schedule, binary=binary, precision=precision,
+                          label_smoothing=label_smoothing)
         steps += 1
         losses.add(loss, len(y))
         if after_step is not None and (at_steps is None or steps in at_steps):
@@ -236,6 +252,26 @@ def evaluate(forward: Callable, batches: Batches, transform: Callable, binary: b
         total_loss += loss.double() * len(y)
         correct += c
     return total_loss.item() / len(batches), int(correct.item()) / len(batches)
+
+
+@torch.no_grad()
+def predict(forward: Callable, batches: Batches, transform: Callable, binary: bool, batch_size: int = 256,
+            precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Per image of a split, in ``batches``' order: the predicted class and its probability (the caller sets eval
+    mode)."""
+    dev, labels, probs = batches.device, [], []
+    for x, _ in batches(batch_size, shuffle=False):
+        with autocast(dev, precision):
+            logits = forward(transform(x.to(dev, non_blocking=True))).float()
+        if binary:
+            p1 = torch.sigmoid(logits.squeeze(1))
+            labels.append((p1 > 0.5).long())
+            probs.append(torch.where(p1 > 0.5, p1, 1 - p1))
+        else:
+            p, label = logits.softmax(1).max(1)
+            labels.append(label)
+            probs.append(p)
+    return torch.cat(labels).cpu().numpy(), torch.cat(probs).cpu().numpy()
 
 
 class Fit:
@@ -269,7 +305,7 @@ class Fit:
                              generator=self.gen, **ctx.augment)
         self.binary = ctx.head == "binary"
         self.deterministic = not ctx.augment.get("enabled", True)  # training sees the eval transform
-        self.weights = (weights, weights_file, trial.seed)  # what identifies the frozen weights (feature cache)
+        self.start_weights = (weights, weights_file, trial.seed)  # what identifies the frozen weights (feature cache)
         self.split: features.Split | None = None
         self.cached: dict[str, Batches | None] = {}
         self.notes: list[str] = []  # what the feature cache did, per depth (a tag of the MLflow run)
@@ -333,28 +369,55 @@ class Fit:
         """
         if self.split is not None:
             if split not in self.cached:
-                self.cached[split] = self._features(split)
+                self.cached[split] = self.prefix_features(split)
             if self.cached[split] is not None:
                 return self.cached[split], channels_last, self.split.suffix
         return self._batches(split), lambda x: channels_last(self.aug.eval(x)), self.model
 
-    def _features(self, split: str) -> Batches | None:
-        """The frozen prefix's output for every image of ``split``: from the node's store, or computed now."""
+    def prefix_features(self, split: str) -> Batches | None:
+        """The frozen prefix's output for every image of ``split`` (eval transform): from the node's store, or
+        computed now (and stored unless ``store_features`` is off). What training at this depth reads, and what
+        the transferability estimates score (:func:`tl_sweep.transferability.estimate`): one call for both.
+        ``None`` when it would not fit the store (:data:`tl_sweep.features.MAX_BYTES`)."""
         src, dev, c = self._batches(split), self.device, self.ctx
         self.model.eval()
         name = None if not self.store_features else features.key_for(
-            c.arch, features.weights_id(*self.weights, arch=c.arch), len(self.part) - self.depth, self.split.cut,
+            c.arch, features.weights_id(*self.start_weights, arch=c.arch), len(self.part) - self.depth, self.split.cut,
             self.data, split, c.input, dev.type, precision_of(dev, c.precision))
         arr = features.of_split(self.split.prefix, src, lambda x: channels_last(self.aug.eval(x)),
                                 lambda: autocast(dev, c.precision), notes=self.notes, label=split,
                                 folder=features.folder(self.data) if name else None, name=name)
         return None if arr is None else Batches(arr, src.y.cpu().numpy(), dev)
 
+    def weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The model's weights to keep (the best epoch's): a detached copy on the CPU, or, with ``copy=False`` on a
+        CPU (no later step will change them), the model's own tensors."""
+        if not copy and self.device.type == "cpu":
+            return self.model.state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def where(self) -> dict[str, str]:
+        """Where this fit trains, as the trial run's tags, when it is not the trial's own process (a cohort's)."""
+        return {}
+
+    def leave(self) -> None:
+        """The trial ends (a cohort's member leaves its worker; a fit alone has nothing to give back)."""
+
     def evaluate(self, split: str) -> tuple[float, float]:
         """Loss and accuracy on ``split`` (eval mode, deterministic transform, stored features when cut)."""
         batches, transform, forward = self.view(split)
         self.model.eval()
         return evaluate(forward, batches, transform, self.binary, precision=self.ctx.precision)
+
+    def predictions(self, split: str) -> dict[str, list]:
+        """Per image of ``split``: its row of the image cache (the same image in every arm and seed of a search
+        repeat), true label, predicted class and that class's probability (eval mode, deterministic transform)."""
+        batches, transform, forward = self.view(split)
+        self.model.eval()
+        label, prob = predict(forward, batches, transform, self.binary, precision=self.ctx.precision)
+        images = self._batches(split)
+        return {"row": [int(r) for r in images.ids], "label": images.y.cpu().tolist(), "predicted": label.tolist(),
+                "probability": [round(float(p), 6) for p in prob]}
 
     def evaluate_mid_epoch(self, split: str) -> tuple[float, float]:
         """:meth:`evaluate` between two steps of an epoch: train mode (frozen blocks in eval) comes back."""
@@ -388,7 +451,7 @@ class Fit:
         loss, steps, secs = train_one_epoch(forward, batches, transform, self.optimizer, self.schedule,
                                             batch_size=self.trial.batch_size, gen=self.gen, binary=self.binary,
                                             precision=self.ctx.precision, epoch=self.n_epochs, after_step=hook,
-                                            at_steps=local)
+                                            at_steps=local, label_smoothing=self.trial.label_smoothing)
         self.step_count += steps
         return {"train_loss": loss, "train_img_per_s": len(batches) / secs, "epoch_seconds": secs,
                 "trainable_blocks": float(k)}
@@ -436,12 +499,9 @@ def epoch_together(fits: list[Fit], after_step: list[Callable[[int], None] | Non
             if st["error"] is not None:
                 continue
             try:
-                with _own_stream(f), autocast(dev, precision):
-                    loss, _ = loss_and_correct(f.split.suffix(feats), y, f.binary)
-                f.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                f.optimizer.step()
-                f.schedule.step()
+                with _own_stream(f):
+                    loss = train_step(f.split.suffix, feats, y, f.optimizer, f.schedule, binary=f.binary,
+                                      precision=precision, label_smoothing=f.trial.label_smoothing)
                 st["steps"] += 1
                 st["losses"].add(loss, len(y))
                 step = f.step_count + st["steps"]

@@ -37,7 +37,6 @@ from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialReport
 from tl_sweep.cohort import Member
 from tl_sweep.train import Fit, TrialError, device_for
 
-CHECKPOINT_FILE = "trial.pt"  # what a trial's Tune checkpoint folder holds (checkpoint.make's format)
 THREAD_WAIT = 120.0  # seconds a worker waits for a stopped trial's thread to finish before it is reused or ends
 _ENDED = threading.Event()  # set while no trial thread of this process is running
 _ENDED.set()
@@ -120,8 +119,7 @@ class Training:
         self.resumed = _read(tune.get_checkpoint())
         self.run = _open_run(ctx, config, self.resumed["resume"]["run_id"] if self.resumed else None, self.device)
         self.logged = self.run.last_step(contract.METRIC)
-        self.fit: Fit | Member | None = None
-        self.member: Member | None = None
+        self.fit: Fit | Member | None = None  # a Member has the Fit's methods a trial calls
         self.best, self.best_state, self.best_epoch, self.first_epoch = -1.0, None, 0, 1
         self.limit = limits.MemoryLimit(ctx.memory_limit if self.device.type == "cpu" else None)
         self.tmp = tempfile.TemporaryDirectory()
@@ -152,12 +150,11 @@ class Training:
 
         ctx, blob = self.ctx, self.ctx.blobs.get(self.config.arm)  # a cluster's other node: the file came along
         if ctx.cohorts is not None:  # trained in its cohort's worker with the members that share its prefix
-            self.fit = self.member = Member(ctx.cohorts, ctx, self.config, tune.get_context().get_trial_id(), blob)
-            where = self.member.where
-            self.run.log_tags({Tag.DEVICE: where["device"], Tag.COHORT: where["cohort"],
-                               **({Tag.GPU_IDS: where["gpu_ids"]} if where["gpu_ids"] else {})})
+            self.fit = Member(ctx.cohorts, ctx, self.config, tune.get_context().get_trial_id(), blob)
         else:
             self.fit = Fit(ctx, self.config, self.device, weights_file=io.BytesIO(blob) if blob else None)
+        if self.fit.where():
+            self.run.log_tags(self.fit.where())
         if self.resumed:
             r = self.resumed["resume"]
             self.fit.restore({**r["fit"], "model": self.resumed["model"]})
@@ -170,10 +167,7 @@ class Training:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch; a scheduler's rung inside it is validated at its step and reported at once."""
         fit = self.fit
-        if self.member is not None:  # its cohort measured the rungs; reported here, in order
-            metrics = self.member.epoch(after_step=self._at_rung, rungs=self.rungs)
-        else:
-            metrics = fit.epoch(after_step=self._at_rung if self.rungs else None, at_steps=self.rungs)
+        metrics = fit.epoch(after_step=self._at_rung if self.rungs else None, at_steps=self.rungs)
         if epoch == self.first_epoch:  # model build, weights, MLflow run, data: what a trial pays before training
             metrics["startup_seconds"] = fit.first_step_at - self.entered
             if self.worker.trials > 1:  # a reused worker: what it held after its previous trial
@@ -203,16 +197,24 @@ class Training:
             self.best, self.best_epoch = out[contract.METRIC], epoch
             if self.config.final or self.ctx.keep_search_weights:
                 # a copy, unless no epoch follows to change the weights (a 45 MB copy saved)
-                last = epoch == self.config.epochs and self.member is None and self.device.type == "cpu"
-                self.best_state = fit.model.state_dict() if last else \
-                    {k: v.detach().to("cpu", copy=True) for k, v in fit.model.state_dict().items()}
+                self.best_state = fit.weights(copy=epoch < self.config.epochs)
         out["best_val_acc"] = self.best
         out["compute_seconds"] = time.perf_counter() - self.entered  # this attempt's, from its start
         return out
 
     def test(self) -> dict[str, float]:
+        """The held-out split, once, with the best epoch's weights; each image's prediction (and validation's) is
+        logged too (``predictions.csv``: what the report's pooled verdict and chance tests resample)."""
         self.fit.model.load_state_dict(self.best_state)
         loss, acc = self.fit.evaluate("test")
+        lines = ["split,row,label,predicted,probability"]
+        for split in ("test", "val"):
+            p = self.fit.predictions(split)
+            lines += [f"{split},{r},{y},{q},{pr}" for r, y, q, pr in zip(p["row"], p["label"], p["predicted"],
+                                                                           p["probability"])]
+        path = Path(self.tmp.name) / contract.PREDICTIONS
+        path.write_text("\n".join(lines) + "\n")
+        self.run.log_artifact(path)
         return {"test_loss": loss, "test_acc": acc}
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -262,9 +264,9 @@ class Training:
     def release(self) -> None:
         """Drop what the trial holds (model, optimizer, data views, kept weights) and measure the worker."""
         self.limit.restore()
-        if self.member is not None:  # it trains no more
-            self.member.leave()
-        self.fit = self.member = self.best_state = None
+        if self.fit is not None:  # it trains no more
+            self.fit.leave()
+        self.fit = self.best_state = None
         self.worker.after_trial(self._held())
 
     def fail(self, e: BaseException) -> None:
@@ -294,9 +296,9 @@ class Training:
 
     def close(self) -> None:
         self.limit.restore()
-        if self.member is not None:  # stopped, failed or done: it trains no more
-            self.member.leave()
-        self.fit = self.member = self.best_state = None
+        if self.fit is not None:  # stopped, failed or done: it trains no more
+            self.fit.leave()
+        self.fit = self.best_state = None
         self.tmp.cleanup()
 
 
@@ -372,7 +374,7 @@ def _write(folder: Path, ckpt: dict[str, Any]):
     from ray.tune import Checkpoint
 
     folder.mkdir(exist_ok=True)
-    checkpoint.save(ckpt, folder / CHECKPOINT_FILE)
+    checkpoint.save(ckpt, folder / checkpoint.TUNE_FILE)
     return Checkpoint.from_directory(str(folder))
 
 
@@ -380,4 +382,4 @@ def _read(ckpt) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return checkpoint.load(Path(d) / CHECKPOINT_FILE)
+        return checkpoint.load(Path(d) / checkpoint.TUNE_FILE)

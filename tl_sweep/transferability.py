@@ -158,8 +158,10 @@ def _pooled(x: np.ndarray) -> np.ndarray:
     """A split's stored prefix features, globally average-pooled where spatial, float64."""
     from tl_sweep import features
 
-    t = features.to_tensor(np.asarray(x)).float()
-    return (t.flatten(2).mean(-1) if t.dim() > 2 else t).numpy().astype(np.float64)
+    import torch
+
+    t = (x if torch.is_tensor(x) else features.to_tensor(np.asarray(x))).float()  # on a GPU: the device's copy
+    return (t.flatten(2).mean(-1) if t.dim() > 2 else t).cpu().numpy().astype(np.float64)
 
 
 def _source_probabilities(arch: str, weights: str, file: str | None, images, aug, device) -> np.ndarray | None:
@@ -186,54 +188,45 @@ def _source_probabilities(arch: str, weights: str, file: str | None, images, aug
                           for x, _ in images(256, shuffle=False)]).numpy().astype(np.float64)
 
 
-def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) -> list[CellEstimate]:
-    """Every cell's estimates. The prefix features come from (and go to) the feature store the trials read
-    (:func:`tl_sweep.features.of_split`, under the same key), so what is computed here is not computed again by
-    training; with ``data.feature_cache: false`` they are computed for the estimates alone and nothing is
-    stored."""
-    import torch
+def estimate(ctx, cells: list[tuple[str, int]], log=print) -> list[CellEstimate]:
+    """Every cell's estimates, from the frozen prefix's features on the train split of ``ctx`` (a
+    :class:`~tl_sweep.contract.TrialContext`: search repeat 0's data). Each cell's features come from the same
+    call a trial of that cell makes (:meth:`tl_sweep.train.Fit.prefix_features`, the model built with that
+    trial's seed and cut at its depth), so they go to and come from the feature store the trials read: what is
+    computed here is not computed again by training. With ``data.feature_cache: false`` they are computed for the
+    estimates alone and nothing is stored."""
+    import dataclasses
 
-    from tl_sweep import data, features, models
-    from tl_sweep.train import Batches, autocast, channels_last, device_for, precision_of
+    from tl_sweep import models
+    from tl_sweep.contract import TrialConfig
+    from tl_sweep.train import Fit, device_for
 
-    s = cfg.spec
-    gpu = s.resources.gpu
-    device = device_for(torch.cuda.is_available() if gpu == "auto" else gpu > 0)
-    precision, crop = s.resources.precision, cfg.input["crop"]
-    images = Batches.of(prepared, "train", device)
-    aug = data.Augmenter(crop=crop, mean=cfg.input["mean"], std=cfg.input["std"], device=device)
+    device = device_for(ctx.use_gpu)
+    blocks = models.num_blocks(ctx.arch, ctx.input["crop"])
+    store = ctx.feature_cache
+    ctx = dataclasses.replace(ctx, feature_cache=True)  # the cut is made either way; stored only with the cache on
     out, probs = [], {}
-    for arm, depth in cells_of(cfg):
-        weights, file = arms[arm]
+    for arm, depth in cells:
+        weights, file = ctx.arms[arm]
         est = CellEstimate(arm, depth, weights)
         out.append(est)
-        if depth >= cfg.max_blocks:
+        if depth >= blocks:
             est.note = "every block trains: no frozen prefix to score"
             continue
         t0 = time.perf_counter()
-        # the model a trial of this cell builds (search repeat 0's seed), cut after its frozen prefix
-        model = models.build_seeded(s.model.arch, len(prepared.classes), s.seed, weights=weights, weights_file=file,
-                                    head=s.model.head, image_size=crop, hidden=s.model.head_hidden,
-                                    dropout=s.model.head_dropout).to(device).eval()
-        if device.type == "cuda":  # as a trial's model (train.Fit)
-            model.to(memory_format=torch.channels_last)
-        part = models.partition(model, s.model.arch)
-        cut = features.split(model, models.freeze(model, part, depth))
-        if not isinstance(cut, features.Split):
-            est.note = f"the model cannot be cut at this depth ({cut})"
+        # the fit a trial of this cell makes (search repeat 0's seed), at its depth
+        fit = Fit(ctx, TrialConfig.of(arm=arm, seed=ctx.seed, unfrozen_blocks=depth, epochs=1), device)
+        fit.store_features = store
+        fit.set_depth(depth)
+        if fit.split is None:
+            est.note = f"the model cannot be cut at this depth ({'; '.join(fit.notes)})"
             continue
-        name = features.key_for(s.model.arch, features.weights_id(weights, file, s.seed, arch=s.model.arch),
-                                len(part) - depth, cut.cut, prepared, "train", cfg.input, device.type,
-                                precision_of(device, precision)) if s.data.feature_cache else None
-        notes: list[str] = []
-        notes.append(f"k={depth}: cut after {cut.cut}")
-        x = features.of_split(cut.prefix, images, lambda b: channels_last(aug.eval(b)),
-                              lambda: autocast(device, precision), notes=notes, label="train",
-                              folder=features.folder(prepared) if name else None, name=name)
-        est.note = "; ".join(notes)
-        if x is None:
+        feats = fit.prefix_features("train")
+        est.note = "; ".join(fit.notes)
+        if feats is None:
             continue
-        f, y = _pooled(x), images.y.cpu().numpy()
+        images = fit.batches["train"]
+        f, y = _pooled(feats.x), images.y.cpu().numpy()
         est.seconds["features"] = time.perf_counter() - t0
         est.shape = f.shape
         for key, fn in (("logme", logme), ("hscore", hscore)):
@@ -242,7 +235,7 @@ def estimate(cfg, prepared, arms: dict[str, tuple[str, str | None]], log=print) 
             est.seconds[key] = time.perf_counter() - t
         if arm not in probs:
             t = time.perf_counter()
-            probs[arm] = (_source_probabilities(s.model.arch, weights, file, images, aug, device),
+            probs[arm] = (_source_probabilities(ctx.arch, weights, file, images, fit.aug, device),
                           time.perf_counter() - t)
         p, secs = probs[arm]
         if p is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tl_sweep import contract, tracking, transferability
 from tl_sweep.errors import UserError
-from tl_sweep.report import collect, render, stats
+from tl_sweep.report import budget, collect, importance, render, stats
 
 __all__ = ["Report", "build"]
 
@@ -43,27 +43,32 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     header = {"experiment": sweep.experiment, **collect.describe(sweep)}
     if "study.baseline" not in sweep.params and not any(r.config.final for r in results):
         return _sweep(uri, parent_id, sweep, header, out, log, log_artifacts)
-    a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")))
+    a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")),
+                      collect.predictions(uri, results))
     plots = set()
     render.plot_freeze_depth(a, out / "freeze_depth.png")
-    budget = stats.budget_curves(results)
-    if render.plot_budget(budget, out / "budget_curves.png"):
+    curves = budget.budget_curves(results)
+    if render.plot_budget(curves, out / "budget_curves.png"):
         plots.add("budget")
-    if render.plot_cost(a, stats.cost(results), out / "cost.png"):
+    if render.plot_cost(a, budget.cost(results), out / "cost.png"):
         plots.add("cost")
     chosen = stats.curve_runs(results, a)
     history = collect.histories(uri, [rid for _, _, rid in chosen], contract.METRIC)
     if render.plot_learning_curves([(label, style, history[rid]) for label, style, rid in chosen],
                                    out / "learning_curves.png"):
         plots.add("curves")
-    imp = stats.importance_per_arm(results)
-    study = stats.search_study(results)
+    imp = importance.importance_per_arm(results, {arm: collect.space(sweep.params, arm) for arm in a.arms})
+    study = importance.search_study(results, importance.union(
+        [collect.space(sweep.params, arm) for arm in a.arms]))
     if imp and study is not None:
         render.plot_parallel(study, out / "parallel_coordinates.png")
     est = transferability.read_metrics(sweep.metrics, a.arms)
     est_md = render.estimates_section(est, truth := stats.truth_per_cell(a), stats.agreement(est, truth)) \
         if est else None
-    markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md, render.budget_summary(budget))
+    spaces = {arm: collect.space(sweep.params, arm) for arm in a.arms}
+    capped = budget.bounds([r for r in results if r.config.final], spaces)
+    markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md, render.budget_summary(curves),
+                               capped, budget.compute(results))
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(render.trials_csv(results))
     # the resolved spec beside the report, so the folder reproduces the study on its own
@@ -73,7 +78,9 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
         tracking.log_files(uri, parent_id, files, artifact_path="report")
         for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
             tracking.log_batch(uri, parent_id, metrics, step=search)
-    key_text = render.text_table(render.key_table(a))
+        tracking.log_batch(uri, parent_id, stats.pooled_metrics(a))
+    key_text = (render.text_table(render.headline_table(a, budget.compute(results))) + "\n\nper search repeat:\n"
+                if a.verdicts else "") + render.text_table(render.key_table(a))
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
     return Report(out, markdown, key_text, a)
 
@@ -104,8 +111,8 @@ def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -
         plots.add("curves")
     if render.plot_dimensions(results, out / "dimensions.png", chance[1] if chance else None):
         plots.add("dimensions")
-    study = stats.search_study(results)
-    imp = {"all": i} if (i := stats.importance(study)) else {}
+    study = importance.search_study(results, collect.space(sweep.params))
+    imp = {"all": i} if (i := importance.importance(study)) else {}
     if imp:
         render.plot_parallel(study, out / "parallel_coordinates.png")
     markdown = render.sweep_markdown(header, parent_id, results, imp, plots, chance)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tl_sweep import tracking
-from tl_sweep.contract import Tag, TrialConfig, TrialResult
+from tl_sweep.contract import NAMES, PREDICTIONS, Tag, TrialConfig, TrialResult
 
 
 @dataclass
@@ -47,6 +47,28 @@ def sweep(uri: str, exp_id: str, parent_id: str) -> Sweep:
                  dict(parent.data.metrics))
 
 
+def predictions(uri: str, results: list[TrialResult]) -> dict[str, dict[int, int]]:
+    """Each final's per-image test outcomes (run id -> test image's cache row -> 1 right, 0 wrong) from its
+    ``predictions.csv`` artifact; finals logged without one (by tl-sweep before 2026-12-07) are left out."""
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in results:
+            if not (r.config.final and r.run_id):
+                continue
+            (Path(tmp) / r.run_id).mkdir()
+            path = tracking.download_artifact(uri, r.run_id, PREDICTIONS, Path(tmp) / r.run_id)
+            if path is None:
+                continue
+            with open(path) as f:
+                out[r.run_id] = {int(row["row"]): int(row["label"] == row["predicted"]) for row in csv.DictReader(f)
+                                 if row["split"] == "test"}
+    return out
+
+
 def histories(uri: str, run_ids: list[str], metric: str) -> dict[str, list[tuple[int, float]]]:
     """``metric`` per epoch for each run."""
     return {rid: [(m.step, m.value) for m in tracking.metric_history(uri, rid, metric)] for rid in run_ids}
@@ -61,11 +83,36 @@ def chance(single: str | None, by_search: str | None) -> dict[int, float]:
     return {} if single in (None, "?", "None") else {0: float(single)}
 
 
+def space(params: dict[str, str], arm: str | None = None) -> dict[str, dict]:
+    """How each dimension was searched (for ``arm``: with its ``study.spaces`` keys), as the sweep's resolved spec
+    declared it (its parent run's params): ``{"low", "high", "log", "int"}`` for a range, ``{"choices": [...]}`` for
+    a list; a constant is left out. A study's depths are its grid (``study.depths``), a categorical. A sweep
+    logged before a dimension existed has no param for it: it was a constant."""
+    import json
+
+    out = {}
+    for name in NAMES:
+        for key in ([f"study.spaces.{arm}.{name}"] if arm else []) + [f"search.space.{name}"]:
+            if f"{key}.low" in params:
+                low, high = json.loads(params[f"{key}.low"]), json.loads(params[f"{key}.high"])
+                out[name] = {"low": low, "high": high, "log": params.get(f"{key}.log") == "True",
+                             "int": isinstance(low, int) and isinstance(high, int)}
+            elif params.get(key, "").startswith("["):
+                out[name] = {"choices": json.loads(params[key])}
+            elif key not in params:
+                continue
+            break
+    depths = params.get("study.depths", "")
+    if depths.startswith("["):
+        out["unfrozen_blocks"] = {"choices": json.loads(depths)}
+    return out
+
+
 def describe(s: Sweep) -> dict[str, Any]:
     """The parent's context for the report's header."""
     p, t = s.params, s.tags
     return {"arch": p.get("model.arch"), "dataset": p.get("data.dataset"), "crop": p.get("resolved.input.crop", "?"),
-            "seed": p.get("seed"), **{k: t.get(f"tl_sweep.data.{k}", "?") for k in ("classes", "n_train", "n_val",
-                                                                                       "n_test", "chance")},
-            "fixed_splits": t.get("tl_sweep.data.fixed_splits"), "val_chance": t.get("tl_sweep.data.val_chance"),
-            "chance_by_search": t.get("tl_sweep.data.chance_by_search")}
+            "seed": p.get("seed"), **{k: t.get(f"{Tag.DATA}{k}", "?") for k in ("classes", "n_train", "n_val",
+                                                                                  "n_test", "chance")},
+            "fixed_splits": t.get(f"{Tag.DATA}fixed_splits"), "val_chance": t.get(f"{Tag.DATA}val_chance"),
+            "chance_by_search": t.get(Tag.CHANCE_BY_SEARCH)}

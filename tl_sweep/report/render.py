@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_sweep.contract import NAMES, TrialResult
-from tl_sweep.report import stats
+from tl_sweep.report import budget, stats
 from tl_sweep.report.stats import Analysis, Gap
 from tl_sweep.report.stats import mean_ci as _mean_ci
 
@@ -41,8 +41,32 @@ def _test(c) -> str:
     return _ci(c.test) + ("" if c.above_chance else " (not above chance)")
 
 
+def headline_table(a: Analysis, compute: dict[str, float] | None = None) -> list[list[str]]:
+    """Per source, the study's answer: its NTG pooled over the search repeats (each at its chosen depth) with an
+    interval over repeats, seeds and test images, the one-sided confidence that it beats scratch, the Holm p
+    across sources, how far the repeats disagree, the smallest |NTG| the design resolves, the verdict, and the
+    per-repeat verdicts as a stability figure; then the compute each arm spent."""
+    head = ["source", "NTG pts [95% CI]", "P(source better)", "Holm p", "between repeats: Q (p), I²",
+            "resolves |NTG| ≥", "verdict", "per repeat", "compute (s)"]
+    body = []
+    n = len(a.searches)
+    for arm, v in a.verdicts.items():
+        p = v.pooled
+        het = "–" if p.k < 2 else f"{p.q:.1f} ({p.p_q:.2g}), {100 * p.i2:.0f}%"
+        holm_p = "–" if math.isnan(p.p_holm) else f"{p.p_holm:.3g}"
+        stab = ", ".join(f"{k} {c}/{n}" for k, c in sorted(v.stability.items(), key=lambda kv: (-kv[1], kv[0])))
+        body.append([arm, _gap(stats.Gap(p.value, p.lo, p.hi, p.p, p.df, True)),
+                     "–" if math.isnan(p.below_zero) else f"{100 * p.below_zero:.0f}%", holm_p, het,
+                     "–" if not math.isfinite(v.mde) else f"{100 * v.mde:.1f} pts", v.verdict, stab,
+                     f"{(compute or {}).get(arm, math.nan):.0f}"])
+    if a.scratch and compute:
+        body.append([f"{a.scratch} (the baseline)", "", "", "", "", "", "", "", f"{compute.get(a.scratch, 0):.0f}"])
+    return [head] + body
+
+
 def key_table(a: Analysis) -> list[list[str]]:
-    """Per source and search repeat: chosen depth, test accuracy, NTG with its paired interval and Holm p."""
+    """Per source and search repeat (the headline's detail): chosen depth, test accuracy, NTG with its interval
+    (seeds and test images) and Holm p across sources."""
     head = ["arm", "search", "chosen depth", "selection val %", "test % [95% CI]", "NTG pts [95% CI]", "Holm p",
             "verdict"]
     body = []
@@ -51,7 +75,7 @@ def key_table(a: Analysis) -> list[list[str]]:
             depth = a.chosen.get((arm, s))
             if depth is None:
                 continue
-            cell = a.cells[(arm, depth, s)]
+            cell = a.at(arm, depth, s)
             comp = next((c for c in a.primary if c.arm == arm and c.search == s), None)
             chose = _pct(cell.select_val if cell.selection else cell.val)
             if arm == a.scratch:
@@ -63,8 +87,9 @@ def key_table(a: Analysis) -> list[list[str]]:
 
 
 def _md(table: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table[1:]])
+    cell = lambda c: c.replace("|", "\\|")  # noqa: E731 - a pipe inside a cell (|NTG|) would end it
+    lines = ["| " + " | ".join(map(cell, table[0])) + " |", "|" + "---|" * len(table[0])]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in table[1:]])
 
 
 def text_table(table: list[list[str]]) -> str:
@@ -72,11 +97,33 @@ def text_table(table: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
 
 
-def findings(a: Analysis) -> list[str]:
-    """Plain sentences on what the numbers show, including when they show nothing: each source's verdicts over
-    the search repeats, and which cells are not above chance, the scratch baseline first."""
+def findings(a: Analysis, capped: list | None = None) -> list[str]:
+    """Plain sentences on what the numbers show, including when they show nothing: each source's pooled verdict
+    (with what the design could resolve and whether the repeats disagree), its verdicts over the search repeats,
+    the chosen configurations at a bound of their space (the baseline first: it may be capped), and which cells
+    are not above chance."""
     out = []
     n = len(a.searches)
+    for arm, v in a.verdicts.items():
+        p = v.pooled
+        out.append(f"`{arm}` against the tuned scratch baseline, over {p.k} search repeat{'s' if p.k > 1 else ''} "
+                   f"(each at its chosen depth), seeds and test images: NTG {_gap(stats.Gap(p.value, p.lo, p.hi, 0, 0, 1))}"
+                   f" points, **{v.verdict}**.")
+    if not a.images and a.verdicts:
+        out.append("These finals logged no per-image predictions (tl-sweep before 2026-12-07): their intervals "
+                   "carry the seeds' spread only, not the test images' sampling.")
+    chosen = [b for b in capped or [] if a.chosen.get((b.cell.arm, b.cell.search)) == b.cell.depth]
+    for arm in sorted({b.cell.arm for b in chosen}, key=lambda x: (x != a.scratch, x)):
+        hits: dict[tuple[str, str, str], list[int]] = {}
+        for b in chosen:
+            if b.cell.arm == arm:
+                bound = f"{b.bound:.3g}" if isinstance(b.bound, float) else str(b.bound)
+                hits.setdefault((b.name, b.side, bound), []).append(b.cell.search)
+        what = "; ".join(f"{name} at the {side} of its space ({bound}) in search repeat{'s' if len(rs) > 1 else ''} "
+                         f"{', '.join(map(str, sorted(rs)))}" for (name, side, bound), rs in sorted(hits.items()))
+        who = ("**the baseline may be capped by its space**" if arm == a.scratch else
+               "its result may be held back by its space")
+        out.append(f"`{arm}`'s chosen configurations sit at a bound: {what}: {who}.")
     at_chance = sorted(c.search for c in a.cells.values() if c.arm == a.scratch and c.final_test and
                        not c.above_chance)
     if a.scratch and at_chance:
@@ -91,8 +138,8 @@ def findings(a: Analysis) -> list[str]:
         if counts:
             spread = ", ".join(f"{k} in {v} of {n}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
             depths = sorted({d for (x, _), d in a.chosen.items() if x == arm})
-            out.append(f"`{arm}` against the tuned scratch baseline, at its chosen depth (k = "
-                       f"{', '.join(map(str, depths))}): **{spread}** search repeats.")
+            out.append(f"`{arm}` per search repeat, at its chosen depth (k = {', '.join(map(str, depths))}): "
+                       f"{spread} (a stability figure: each repeat's own interval leaves out the others).")
         below = sorted((c.depth, c.search) for c in a.cells.values() if c.arm == arm and c.final_test
                        and not c.above_chance)
         if below:
@@ -105,15 +152,15 @@ def findings(a: Analysis) -> list[str]:
 
 def depth_table(a: Analysis) -> list[list[str]]:
     head = ["arm", "depth", "search", "trials finished / started", "best search val %", "selection val %",
-            "test % [95% CI]", "above chance (Holm p)", "NTG pts [95% CI] (descriptive, uncorrected)"]
+            "test % [95% CI]", "above chance (Holm p)", "NTG pts [95% CI] (exploratory)", "Holm p (table)"]
     body = []
-    for (arm, depth, s) in sorted(a.cells, key=lambda k: (k[0] == a.scratch, k[0], k[1], k[2])):
-        c = a.cells[(arm, depth, s)]
-        comp = next((x for x in a.per_depth if (x.arm, x.depth, x.search) == (arm, depth, s)), None)
-        mark = " ◀ chosen" if a.chosen.get((arm, s)) == depth else ""
+    for c in sorted(a.cells.values(), key=lambda c: (c.arm == a.scratch, c.arm, c.depth, c.search)):
+        comp = next((x for x in a.per_depth if x.cell == c.cell), None)
+        mark = " ◀ chosen" if a.chosen.get((c.arm, c.search)) == c.depth else ""
         chance = "–" if math.isnan(c.p_chance) else f"{'yes' if c.above_chance else 'no'} ({c.p_chance:.2g})"
-        body.append([arm, f"{depth}{mark}", str(s), f"{c.finished} / {c.trials}", _pct(c.best_val),
-                     _pct(c.select_val), _ci(c.test), chance, _gap(comp.gap, comp.verdict) if comp else "–"])
+        body.append([c.arm, f"{c.depth}{mark}", str(c.search), f"{c.finished} / {c.trials}", _pct(c.best_val),
+                     _pct(c.select_val), _ci(c.test), chance, _gap(comp.gap, comp.verdict) if comp else "–",
+                     "–" if comp is None or math.isnan(comp.gap.p_holm) else f"{comp.gap.p_holm:.2g}"])
     return [head] + body
 
 
@@ -182,7 +229,7 @@ def plot_freeze_depth(a: Analysis, path: Path) -> None:
           "Freeze depth (finals of all search repeats, mean ± 95% CI)", integer_x=True)
 
 
-def plot_budget(curves: list[stats.BudgetCurve], path: Path) -> bool:
+def plot_budget(curves: list[budget.BudgetCurve], path: Path) -> bool:
     """Expected best validation accuracy vs trials, one panel per cell, one line (and 90% bootstrap band) per
     search repeat, from full-schedule trials only (Dodge et al. 2019)."""
     import matplotlib.pyplot as plt
@@ -218,7 +265,7 @@ def plot_budget(curves: list[stats.BudgetCurve], path: Path) -> bool:
     return True
 
 
-def budget_summary(curves: list[stats.BudgetCurve]) -> str:
+def budget_summary(curves: list[budget.BudgetCurve]) -> str:
     """What a search's last trial added to its expected best, over every cell and repeat: the basis of any
     advice to give cells more (or fewer) trials."""
     if not curves:
@@ -226,10 +273,11 @@ def budget_summary(curves: list[stats.BudgetCurve]) -> str:
     gains = sorted(100 * c.last_gain for c in curves)
     median = statistics.median(gains)
     top = max(curves, key=lambda c: c.last_gain)
-    return (f"The last trial of a search added {median:.1f} points to the expected best validation accuracy "
-            f"(median over {len(curves)} searches; range {gains[0]:.1f} to {gains[-1]:.1f}, the most for "
-            f"{top.arm} k={top.depth} in search repeat {top.search}). Cells with fewer than two full-schedule "
-            f"trials have no curve.")
+    whole = sum(c.finished == c.started for c in curves)
+    return (f"The last finished trial of a search added {median:.1f} points to the expected best validation "
+            f"accuracy (median over {len(curves)} searches; range {gains[0]:.1f} to {gains[-1]:.1f}, the most for "
+            f"{top.arm} k={top.depth} in search repeat {top.search}); {whole} of the {len(curves)} searches "
+            f"finished every trial they started. Cells with fewer than two full-schedule trials have no curve.")
 
 
 def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bool:
@@ -315,7 +363,7 @@ def plot_parallel(study, path: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
+        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study, target_name="best val acc (%)")
     fig = ax.figure
     fig.set_size_inches(8, 4.5)
     fig.tight_layout()
@@ -443,7 +491,7 @@ def number(v) -> float | None:
 
 def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult], a: Analysis,
              imp: dict[str, dict[str, float]], plots: set[str], estimates: list[str] | None = None,
-             budget: str = "") -> str:
+             budget: str = "", capped: list | None = None, compute: dict[str, float] | None = None) -> str:
     search = [r for r in results if r.config.searched]
     selection = [r for r in results if r.config.candidate]
     finals = [r for r in results if r.config.final]
@@ -472,11 +520,20 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
         md += ["", f"Design: {len({(c.arm, c.depth) for c in a.cells.values()})} cells (arm × depth) × "
                f"{len(a.searches)} search repeats, {'–'.join(map(str, trials))} search trials per cell and repeat "
                f"(one seeded TPE and one ASHA per cell). Selection, declared before looking: {picked}, ties to the "
-               f"shallower depth. Finals use the same seeds in every arm, so NTG (test error of the source − test "
-               f"error of scratch, points) has a paired 95% interval; its p-value is Holm-corrected across "
-               f"sources. Each cell's finals are tested against the test split's majority-class rate (one-sided "
-               f"t-test over seeds, Holm across the study's cells); a verdict says when a cell is not above it. "
-               f"Test figures never choose anything. {_redrawn(h.get('fixed_splits'))}"]
+               f"shallower depth. Finals use the same seeds in every arm; NTG is the test error of the source − "
+               f"the test error of scratch, in points. " + (
+                   "Each final logged its prediction for every test image, so each search repeat's NTG is paired by "
+                   "seed and by image, its 95% interval over seeds and test images (a crossed design: both are "
+                   "samples); " if a.images else
+                   "These finals logged no per-image predictions: each repeat's NTG interval is a paired t over "
+                   "seeds (the test images' sampling is left out); ")
+               + "the headline pools the repeats (each with its own search, selection and depth choice) by random "
+               "effects (DerSimonian–Laird, modified Hartung–Knapp interval with k − 1 df), Holm-corrected across "
+               "sources, and says the smallest |NTG| the design resolves with 80% power (simulated from the "
+               "observed variances). Each cell's finals are tested against the test split's majority-class rate "
+               "(one-sided, " + ("over seeds and images" if a.images else "over seeds") + ", Holm across the "
+               f"study's cells); a verdict says when a cell is not above it. Test figures never choose anything. "
+               f"{_redrawn(h.get('fixed_splits'))}"]
     cut = stats.cut_cells(a)
     if cut:
         full = {r: max(c.trials for c in a.cells.values() if c.search == r) for r in a.searches}
@@ -495,18 +552,26 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
                f"cell and the cells finally chosen are trained in full either way (`benchmarks/allocate.py` "
                f"compares a halving run with a grid run of the same spec: choices, verdicts, compute and that "
                f"floor)."]
-    md += ["", "## Key results", "", _md(key_table(a)), "", "## What the numbers show", "",
-           *[f"- {f}" for f in findings(a)], "", "## Freeze depth", "", _md(depth_table(a)), "",
-           "![freeze depth](freeze_depth.png)", ""]
+    md += ["", "## Key results", ""]
+    if a.verdicts:
+        md += [_md(headline_table(a, compute)), "", "P(source better): the one-sided confidence that the pooled NTG "
+               "is below 0. \"Resolves\": the smallest |NTG| this design detects with 80% power; a result that is "
+               "not significant reads \"no difference larger than\" it only where the interval lies within it.", "",
+               "Per search repeat (detail; each interval leaves out the other repeats):", ""]
+    md += [_md(key_table(a)), "", "## What the numbers show", "",
+           *[f"- {f}" for f in findings(a, capped)], "", "## Freeze depth", "",
+           "Every cell of every search repeat. Its NTG column is exploratory: its p-values are Holm-corrected over "
+           "the whole table (the last column), and no claim rests on a cell of it alone.", "",
+           _md(depth_table(a)), "", "![freeze depth](freeze_depth.png)", ""]
     md += estimates or []
     if "budget" in plots:
         md += ["## Budget", "", "Expected best validation accuracy after n trials of one search (Dodge et al. 2019), "
                "per cell and search repeat, from the trials that ran their whole schedule (a trial ASHA stopped "
-               "scored half a run); the band is a 90% bootstrap over those trials. A curve still rising at the "
-               "budget means more trials would likely have found better configurations. A curve is computed from "
-               "the trials that ran, so a flat one at a low value does not say the budget sufficed: the search "
-               "never reached a good region, and more trials may or may not. " + budget, "",
-               "![budget](budget_curves.png)", ""]
+               "scored half a run), up to the number that did: past it a curve would extrapolate. The band is a "
+               "90% bootstrap over those trials. A curve still rising at its end means more trials would likely "
+               "have found better configurations. A curve is computed from the trials that ran, so a flat one at a "
+               "low value does not say the budget sufficed: the search never reached a good region, and more "
+               "trials may or may not. " + budget, "", "![budget](budget_curves.png)", ""]
     if "cost" in plots:
         md += ["## Cost", "", "![cost](cost.png)", ""]
     if "curves" in plots:

@@ -24,11 +24,17 @@ Declared before looking (docs/search.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
 
-from tl_sweep.contract import NAMES, TrialResult
+import numpy as np
+
+from tl_sweep import study
+from tl_sweep.contract import TrialResult
+from tl_sweep.report import pooling
+from tl_sweep.study import Cell
 
 ALPHA = 0.05
 SAME = 1e-9  # values within this share of their size are equal (float noise of a difference, not a spread)
@@ -121,8 +127,10 @@ def holm(ps: list[float]) -> list[float]:
 
 
 def above_chance_p(tests: list[float], chance: float) -> float:
-    """One-sided p-value that the finals' mean test accuracy is above the majority-class rate: a one-sample
-    t-test over seeds (with no spread: 0 when they are all above it, 1 otherwise; NaN for one seed)."""
+    """One-sided p-value that the finals' mean test accuracy is above the majority-class rate from their accuracies
+    alone (a sweep logged without per-image predictions): a one-sample t-test over seeds. Seeds that all scored
+    the same say nothing about the test images' sampling: NaN (not resolved), as for one seed. With predictions,
+    :func:`tl_sweep.report.pooling.above_chance` tests over seeds and images."""
     from scipy import stats
 
     n, m = len(tests), statistics.fmean(tests)
@@ -130,7 +138,7 @@ def above_chance_p(tests: list[float], chance: float) -> float:
         return math.nan
     sd = _spread(tests)
     if sd == 0:
-        return 0.0 if m > chance else 1.0
+        return math.nan
     return float(stats.t.sf((m - chance) / (sd / math.sqrt(n)), n - 1))
 
 
@@ -164,18 +172,13 @@ def verdict(g: Gap, *, source_above: bool = True, baseline_above: bool = True, c
     return out + ("" if source_above else NOT_ABOVE) + ("" if baseline_above else SCRATCH_AT_CHANCE)
 
 
-def expected_max(values: list[float], n: int) -> float:
-    """Expected best of ``n`` trials drawn (with replacement) from ``values`` (Dodge et al. 2019)."""
-    v = sorted(values)
-    N = len(v)
-    return sum(x * ((i / N) ** n - ((i - 1) / N) ** n) for i, x in enumerate(v, start=1))
-
-
 # -------------------------------------------------------------------------------------------- analysis
 
 
 @dataclass
-class Cell:
+class CellResults:
+    """What one cell (:class:`tl_sweep.study.Cell`) gave: its search, selection and finals."""
+
     arm: str
     depth: int
     search: int
@@ -185,14 +188,37 @@ class Cell:
     selection: dict[tuple, list[float]] = field(default_factory=dict)  # candidate config -> validation per seed
     final_val: dict[int, float] = field(default_factory=dict)  # seed -> best validation accuracy
     final_test: dict[int, float] = field(default_factory=dict)  # seed -> test accuracy
+    images: dict[int, dict[int, int]] = field(default_factory=dict)  # seed -> test image (cache row) -> 1 right
     p_chance: float = math.nan  # Holm-corrected one-sided p of "its finals are above chance"
     above_chance: bool = True
+
+    def outcomes(self, seeds: list[int] | None = None, rows: list[int] | None = None) -> np.ndarray:
+        """Its finals' per-image outcomes, seeds × test images (1 right, 0 wrong), in sorted order."""
+        seeds = sorted(self.images) if seeds is None else seeds
+        rows = sorted(set.intersection(*(set(self.images[s]) for s in seeds))) if rows is None else rows
+        return np.array([[self.images[s][r] for r in rows] for s in seeds], dtype=np.float64)
+
+    @property
+    def accuracy(self) -> pooling.Estimate | None:
+        """Its finals' test accuracy over seeds and test images (:func:`pooling.crossed`); over seeds alone for a
+        sweep logged without per-image predictions."""
+        if self.images:
+            return pooling.crossed(self.outcomes())
+        if not self.final_test:
+            return None
+        v = list(self.final_test.values())
+        return pooling.Estimate(statistics.fmean(v), _spread(v) ** 2 / len(v) if len(v) > 1 else math.nan,
+                                len(v) - 1, len(v), 0)
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.search, self.arm, self.depth)
 
     @property
     def select_val(self) -> float:
         """The chosen configuration's mean validation over its selection seeds (NaN without a selection)."""
-        means = [statistics.fmean(v) for v in self.selection.values() if v]
-        return max(means) if means else math.nan
+        chosen = study.choice(self.selection)
+        return statistics.fmean(self.selection[chosen]) if chosen is not None else math.nan
 
     @property
     def val(self) -> float:
@@ -200,7 +226,9 @@ class Cell:
 
     @property
     def test(self) -> tuple[float, float, float] | None:
-        return mean_ci(list(self.final_test.values())) if self.final_test else None
+        """Mean test accuracy and its 95% interval (seeds and images)."""
+        e = self.accuracy
+        return None if e is None else (e.value, *e.interval())
 
 
 @dataclass
@@ -210,6 +238,24 @@ class Comparison:
     depth: int
     gap: Gap
     verdict: str
+    estimate: pooling.Estimate | None = None  # the NTG with its variance over seeds and test images
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.search, self.arm, self.depth)
+
+
+@dataclass
+class Verdict:
+    """A source's headline: its NTG pooled over the search repeats (each at its chosen depth), with an interval
+    that carries the repeats', the seeds' and the test images' variance, the smallest |NTG| the design resolves,
+    and what that means in words."""
+
+    arm: str
+    pooled: pooling.Pooled
+    mde: float  # the smallest |NTG| this design detects with 80% power (a fraction, like NTG)
+    verdict: str
+    stability: dict[str, int]  # per-repeat verdicts: how often each came out
 
 
 @dataclass
@@ -218,67 +264,121 @@ class Analysis:
     scratch: str | None
     searches: list[int]
     chance: dict[int, float]  # search repeat -> majority-class rate of its test split
-    cells: dict[tuple[str, int, int], Cell] = field(default_factory=dict)
+    cells: dict[Cell, CellResults] = field(default_factory=dict)
     chosen: dict[tuple[str, int], int] = field(default_factory=dict)  # (arm, search) -> depth
-    primary: list[Comparison] = field(default_factory=list)  # source at its chosen depth vs scratch, Holm
-    per_depth: list[Comparison] = field(default_factory=list)  # descriptive, uncorrected
+    primary: list[Comparison] = field(default_factory=list)  # per repeat: source at its chosen depth vs scratch
+    per_depth: list[Comparison] = field(default_factory=list)  # exploratory, Holm over the whole table
+    verdicts: dict[str, Verdict] = field(default_factory=dict)  # per source: the pooled headline, Holm over sources
+    images: bool = False  # per-image predictions were logged: intervals carry the test images' sampling
+
+    def at(self, arm: str, depth: int, search: int) -> CellResults:
+        return self.cells[Cell(search, arm, depth)]
 
     def depths(self, arm: str) -> list[int]:
-        return sorted({d for (a, d, _) in self.cells if a == arm})
+        return sorted({c.depth for c in self.cells if c.arm == arm})
 
     def pooled_tests(self, arm: str, depth: int) -> list[float]:
         """Every final's test accuracy of (arm, depth), all search repeats (descriptive plots)."""
         return [t for c in self.cells.values() if (c.arm, c.depth) == (arm, depth) for t in c.final_test.values()]
 
     def stability(self, arm: str) -> dict[str, int]:
-        """How often each verdict came out across the search repeats."""
+        """How often each per-repeat verdict came out across the search repeats."""
         out: dict[str, int] = {}
         for c in self.primary:
             if c.arm == arm:
                 out[c.verdict] = out.get(c.verdict, 0) + 1
         return out
 
+    def winners(self) -> dict[str, Cell]:
+        """Per arm, its chosen cell worth publishing (:func:`tl_sweep.study.winner`). Validation only."""
+        out = {}
+        for arm in sorted({arm for arm, _ in self.chosen}):
+            chosen = {Cell(s, arm, d): self.at(arm, d, s).val for (a, s), d in self.chosen.items() if a == arm}
+            out[arm] = study.winner(chosen)
+        return out
 
-def choose_depth(cells: list[Cell]) -> int:
-    """The declared rule: the best selection mean (validation on seeds the finals do not use; a sweep recorded
-    before the selection existed: its finals' mean validation); ties to the shallower depth."""
-    score = lambda c: c.select_val if c.selection else c.val  # noqa: E731
-    return min(cells, key=lambda c: (-(score(c) if not math.isnan(score(c)) else -1), c.depth)).depth
+
+def compare(source: CellResults, base: CellResults) -> tuple[Gap, pooling.Estimate]:
+    """NTG of ``source`` against ``base`` (test error of the source − test error of the baseline = acc(base) −
+    acc(source)) in one search repeat: over the seeds both have and the test images both scored, paired by seed and
+    by image (:func:`pooling.crossed` of the per-image differences); from their accuracies by seed where no
+    predictions were logged (paired t, or Welch)."""
+    seeds = sorted(set(source.images) & set(base.images))
+    if seeds:
+        rows = sorted(set.intersection(*(set(c.images[s]) for c in (source, base) for s in seeds)))
+        e = pooling.crossed(base.outcomes(seeds, rows) - source.outcomes(seeds, rows))
+        lo, hi = e.interval()
+        return Gap(e.value, lo, hi, e.p(), e.df, True), e
+    g = ntg(source.final_test, base.final_test)
+    se = (g.hi - g.lo) / (2 * _t(g.df)) if not math.isnan(g.lo) else math.nan
+    return g, pooling.Estimate(g.gap, se * se if not math.isnan(se) else 0.0, g.df, len(source.final_test), 0)
 
 
-def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) -> Analysis:
+def pooled_verdict(p: pooling.Pooled, mde: float, *, source_above: bool = True, baseline_above: bool = True) -> str:
+    """A source's headline in words, from its pooled NTG (Holm-corrected across sources): a gain or negative
+    transfer where resolved; otherwise what the design could see: "no difference larger than X points" when the
+    interval lies within ±X (X: the smallest |NTG| it resolves with 80% power), else "not resolved"; and whether
+    the verdict depends on the search repeat (the repeats disagree beyond their uncertainty)."""
+    if not source_above and not baseline_above:
+        return NEITHER
+    if math.isnan(p.p_holm):
+        out = "not resolved (no spread to test against)"
+    elif p.p_holm < ALPHA:
+        out = "negative transfer" if p.value > 0 else "transfer gain"
+    elif math.isfinite(mde) and -mde < p.lo and p.hi < mde:
+        out = f"no difference larger than {100 * mde:.1f} points"
+    else:
+        out = (f"not resolved: the design resolves only |NTG| ≥ {100 * mde:.1f} points" if math.isfinite(mde)
+               else "not resolved")
+    out += ("" if source_above else NOT_ABOVE) + ("" if baseline_above else SCRATCH_AT_CHANCE)
+    if p.heterogeneous:
+        out += f"; the verdict depends on the search repeat (Q = {p.q:.1f}, p = {p.p_q:.2g})"
+    return out
+
+
+def analyze(results: list[TrialResult], chance: dict[int, float] | None = None,
+            predictions: dict[str, dict[int, int]] | None = None) -> Analysis:
+    """The study's analysis from its trials (and each final's per-image test outcomes, run id -> row -> 1 right)."""
     search = [r for r in results if r.config.searched]
     selection = [r for r in results if r.config.candidate]
     finals = [r for r in results if r.config.final and r.test_acc is not None]
     arms = sorted({r.config.arm for r in search}, key=lambda a: (a == "scratch", a))
+    predictions = predictions or {}
     a = Analysis(arms, "scratch" if "scratch" in arms else None, sorted({r.config.search for r in search}),
-                 dict(chance or {}))
+                 dict(chance or {}), images=bool(finals) and all(r.run_id in predictions for r in finals))
+
+    def of(r: TrialResult) -> CellResults:
+        cell = Cell.of(r.config)
+        return a.cells.setdefault(cell, CellResults(cell.arm, cell.depth, cell.search))
+
     for r in search:
-        c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
-                                                                                                 r.config.search))
+        c = of(r)
         c.trials += 1
         c.finished += r.status == "FINISHED"
         if r.best_val_acc is not None and not (c.best_val >= r.best_val_acc):
             c.best_val = r.best_val_acc
-    for r in selection:  # a seed that failed counts 0, as the runner's choice counted it
-        c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
-                                                                                                 r.config.search))
-        c.selection.setdefault(tuple(sorted(r.config.dims().items())), []).append(
-            0.0 if r.status == "FAILED" or r.best_val_acc is None else r.best_val_acc)
+    for r in selection:
+        of(r)
+    for cell, scores in study.selection_means(selection).items():  # a seed that failed counts 0, as chosen
+        a.cells[cell].selection = scores
     for r in finals:
-        c = a.cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), Cell(*r.config.cell,
-                                                                                                 r.config.search))
+        c = of(r)
         c.final_test[r.config.seed] = r.test_acc
         if r.best_val_acc is not None:
             c.final_val[r.config.seed] = r.best_val_acc
-    tested = [c for c in a.cells.values() if len(c.final_test) >= 2 and a.chance.get(c.search) is not None]
-    for c, p in zip(tested, holm([above_chance_p(list(c.final_test.values()), a.chance[c.search]) for c in tested])):
+        if a.images:
+            c.images[r.config.seed] = predictions[r.run_id]
+    tested = [c for c in a.cells.values() if (len(c.final_test) >= 2 or c.images) and c.search in a.chance]
+    ps = [pooling.above_chance(c.outcomes(), a.chance[c.search]) if c.images
+          else above_chance_p(list(c.final_test.values()), a.chance[c.search]) for c in tested]
+    for c, p in zip(tested, holm(ps)):
         c.p_chance, c.above_chance = p, p < ALPHA
     for arm in arms:
         for s in a.searches:
             mine = [c for c in a.cells.values() if c.arm == arm and c.search == s and c.final_val]
-            if mine:
-                a.chosen[(arm, s)] = choose_depth(mine)
+            if mine:  # on each depth's selection mean (a sweep recorded before the selection: its finals' validation)
+                a.chosen[(arm, s)] = study.choose_depth({c.depth: c.select_val if c.selection else c.val
+                                                         for c in mine})
     if a.scratch is None:
         return a
     for s in a.searches:
@@ -291,76 +391,40 @@ def analyze(results: list[TrialResult], chance: dict[int, float] | None = None) 
                 continue
             for c in sorted((c for c in a.cells.values() if c.arm == arm and c.search == s and c.final_test),
                             key=lambda c: c.depth):
-                g = ntg(c.final_test, base.final_test)
-                a.per_depth.append(Comparison(arm, s, c.depth, g, verdict(g, source_above=c.above_chance,
-                                                                          baseline_above=base.above_chance,
-                                                                          corrected=False)))
+                g, e = compare(c, base)
+                a.per_depth.append(Comparison(arm, s, c.depth, g, "", e))
                 if a.chosen.get((arm, s)) == c.depth:
-                    primary.append((arm, c, g))
-        adjusted = holm([g.p for _, _, g in primary])
-        for (arm, c, g), p in zip(primary, adjusted):
+                    primary.append((arm, c, g, e))
+        adjusted = holm([g.p for _, _, g, _ in primary])
+        for (arm, c, g, e), p in zip(primary, adjusted):
             g = Gap(g.gap, g.lo, g.hi, g.p, g.df, g.paired, p)
             a.primary.append(Comparison(arm, s, c.depth, g, verdict(g, source_above=c.above_chance,
-                                                                    baseline_above=base.above_chance)))
+                                                                    baseline_above=base.above_chance), e))
+    # the per-depth table: exploratory, Holm-corrected over all of its comparisons
+    for comp, p in zip(a.per_depth, holm([x.gap.p for x in a.per_depth])):
+        base = next(c for c in a.cells.values() if c.arm == a.scratch and c.search == comp.search and c.final_test)
+        comp.gap = Gap(comp.gap.gap, comp.gap.lo, comp.gap.hi, comp.gap.p, comp.gap.df, comp.gap.paired, p)
+        comp.verdict = verdict(comp.gap, source_above=a.cells[comp.cell].above_chance,
+                               baseline_above=base.above_chance)
+    # the headline: per source, its NTG pooled over the search repeats (random effects), Holm across sources
+    pooled = {arm: pooling.pool([c.estimate for c in sorted(a.primary, key=lambda c: c.search) if c.arm == arm])
+              for arm in arms if arm != a.scratch and any(c.arm == arm for c in a.primary)}
+    for (arm, p), p_holm in zip(pooled.items(), holm([p.p for p in pooled.values()])):
+        p = dataclasses.replace(p, p_holm=p_holm)
+        mde = pooling.mde(p, [c.estimate.df for c in a.primary if c.arm == arm])
+        chosen = [a.cells[c.cell] for c in a.primary if c.arm == arm]
+        bases = [c for c in a.cells.values() if c.arm == a.scratch and c.final_test]
+        a.verdicts[arm] = Verdict(arm, p, mde, pooled_verdict(
+            p, mde, source_above=all(c.above_chance for c in chosen),
+            baseline_above=all(c.above_chance for c in bases)), a.stability(arm))
     return a
 
 
-def cut_cells(a: Analysis) -> list[Cell]:
+def cut_cells(a: Analysis) -> list[CellResults]:
     """Cells a successive halving cut: fewer search trials than the fullest cell of their repeat, no finals."""
     full = {s: max((c.trials for c in a.cells.values() if c.search == s), default=0) for s in a.searches}
     return sorted((c for c in a.cells.values() if c.arm != a.scratch and not c.final_test
-                   and c.trials < full[c.search]), key=lambda c: (c.search, c.arm, c.depth))
-
-
-@dataclass
-class BudgetCurve:
-    """One cell's search in one repeat: expected best validation accuracy after n = 1 .. ``started`` trials
-    (Dodge et al. 2019) from the trials that ran their whole schedule, with a 90% bootstrap band."""
-
-    arm: str
-    depth: int
-    search: int
-    started: int
-    finished: int
-    mean: list[float]
-    lo: list[float]
-    hi: list[float]
-
-    @property
-    def last_gain(self) -> float:
-        """What the budget's last trial added to the expected best (0 for a budget of one trial)."""
-        return self.mean[-1] - self.mean[-2] if len(self.mean) > 1 else 0.0
-
-
-def budget_curves(results: list[TrialResult], draws: int = 500, seed: int = 0) -> list[BudgetCurve]:
-    """Per cell and search repeat with at least two full-schedule trials: its expected best validation accuracy
-    after n trials, n up to the trials it was given. Only full-schedule scores count (a trial ASHA stopped at
-    half its schedule scored a partial run); the band resamples those scores."""
-    import numpy as np
-
-    cells: dict[tuple, list[TrialResult]] = {}
-    for r in results:
-        if r.config.searched:
-            cells.setdefault((r.config.arm, r.config.unfrozen_blocks, r.config.search), []).append(r)
-    rng, out = np.random.default_rng(seed), []
-    for (arm, depth, search), rs in sorted(cells.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
-        done = [r.best_val_acc for r in rs if r.status == "FINISHED" and r.best_val_acc is not None]
-        if len(done) < 2:
-            continue
-        n = range(1, len(rs) + 1)
-        boot = np.array([[expected_max(list(rng.choice(done, len(done))), k) for k in n] for _ in range(draws)])
-        out.append(BudgetCurve(arm, depth, search, len(rs), len(done), [expected_max(done, k) for k in n],
-                               list(np.percentile(boot, 5, axis=0)), list(np.percentile(boot, 95, axis=0))))
-    return out
-
-
-def cost(results: list[TrialResult]) -> dict[tuple[str, int], float]:
-    """Compute seconds per (arm, depth): every search trial and final of the cell, all repeats."""
-    out: dict[tuple[str, int], float] = {}
-    for r in results:
-        if r.seconds is not None:
-            out[r.config.cell] = out.get(r.config.cell, 0.0) + r.seconds
-    return out
+                   and c.trials < full[c.search]), key=lambda c: c.cell)
 
 
 def curve_runs(results: list[TrialResult], a: Analysis) -> list[tuple[str, str, str]]:
@@ -380,62 +444,13 @@ def curve_runs(results: list[TrialResult], a: Analysis) -> list[tuple[str, str, 
     return out
 
 
-def search_study(results: list[TrialResult]):
-    """An in-memory Optuna study of finished search trials (importance, parallel coordinates); ``None`` when
-    fewer than three finished or nothing varied."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    done = [r for r in results if r.config.searched and r.status == "FINISHED" and r.best_val_acc is not None]
-    dists = {}
-    for d in NAMES:
-        vals = sorted({getattr(r.config, d) for r in done}, key=str)
-        if len(vals) < 2:
-            continue
-        if all(isinstance(v, int) for v in vals):
-            dists[d] = IntDistribution(min(vals), max(vals))
-        elif all(isinstance(v, (int, float)) for v in vals):
-            dists[d] = FloatDistribution(min(vals), max(vals), log=min(vals) > 0 and max(vals) / min(vals) > 20)
-        else:
-            dists[d] = CategoricalDistribution([str(v) for v in vals])
-    if len(done) < 3 or not dists:
-        return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for r in done:
-        params = {d: (str(getattr(r.config, d)) if isinstance(dist, CategoricalDistribution) else getattr(r.config, d))
-                  for d, dist in dists.items()}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r.best_val_acc))
-    return study
-
-
-def importance(study) -> dict[str, float]:
-    """fANOVA importance of each searched dimension for the best validation accuracy (seeded); none when every
-    trial scored the same (nothing to explain: fANOVA itself refuses zero variance)."""
-    import optuna
-
-    if study is None or len({t.value for t in study.trials}) < 2:
-        return {}
-    return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-
-
-def importance_per_arm(results: list[TrialResult]) -> dict[str, dict[str, float]]:
-    """fANOVA importance within each arm (depth is a dimension of a pretrained arm, never of scratch)."""
-    out = {}
-    for arm in sorted({r.config.arm for r in results if r.config.searched}):
-        imp = importance(search_study([r for r in results if r.config.arm == arm]))
-        if imp:
-            out[arm] = imp
-    return out
-
-
 def parent_metrics(a: Analysis) -> dict[int, dict[str, float]]:
     """The study's results as MLflow metrics of the parent run, per search repeat (the metric's step): per arm
     the chosen depth, its finals' validation and test accuracy with the interval, NTG with its interval and
     Holm p. Names are ``study/<arm>/<quantity>`` with the arm slugged (``source:x`` → ``source_x``)."""
     out: dict[int, dict[str, float]] = {}
     for (arm, s), depth in a.chosen.items():
-        cell, key = a.cells[(arm, depth, s)], "study/" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
+        cell, key = a.at(arm, depth, s), "study/" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
                                                                    for ch in arm)
         m = out.setdefault(s, {})
         m[f"{key}/depth"] = depth
@@ -450,15 +465,15 @@ def parent_metrics(a: Analysis) -> dict[int, dict[str, float]]:
     return {s: {k: v for k, v in m.items() if not math.isnan(v)} for s, m in out.items()}
 
 
-def winners(a: Analysis) -> dict[str, Cell]:
-    """Per arm, the chosen cell with the best finals' mean validation accuracy over the search repeats (ties:
-    shallower depth, earlier repeat): the configuration worth publishing. Validation only, like every choice."""
-    out: dict[str, Cell] = {}
-    for (arm, s), depth in sorted(a.chosen.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        c = a.cells[(arm, depth, s)]
-        if arm not in out or (c.val, -c.depth, -c.search) > (out[arm].val, -out[arm].depth, -out[arm].search):
-            out[arm] = c
-    return out
+def pooled_metrics(a: Analysis) -> dict[str, float]:
+    """Each source's headline as MLflow metrics of the parent run: ``study/<arm>/pooled_ntg`` with ``_lo``, ``_hi``,
+    ``_p_holm``, ``_p_better``, ``_q``, ``_i2`` and ``_mde`` (the smallest |NTG| the design resolves)."""
+    out = {}
+    for arm, v in a.verdicts.items():
+        key, p = "study/" + "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in arm) + "/pooled_ntg", v.pooled
+        out.update({key: p.value, f"{key}_lo": p.lo, f"{key}_hi": p.hi, f"{key}_p_holm": p.p_holm,
+                    f"{key}_p_better": p.below_zero, f"{key}_q": p.q, f"{key}_i2": p.i2, f"{key}_mde": v.mde})
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 # ------------------------------------------------------------------- transferability estimates vs truth

@@ -1,4 +1,5 @@
-"""Datasets, honest splits, the decode-once image cache, and augmentation on tensors.
+"""Datasets, honest splits, the decode-once image cache (image files are read by :mod:`~tl_sweep.data.images`;
+augmentation on tensors is :mod:`~tl_sweep.data.augment`).
 
 Every dataset becomes one cache file per node: all images decoded once into uint8 ``N×3×S×S`` (``S`` is
 the resize size, a little above the crop size) in a ``.npy`` file that trials memory-map, so a trial never
@@ -30,7 +31,6 @@ import difflib
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from tl_sweep import cachefile
+from tl_sweep.data.augment import Augmenter, to_device  # noqa: F401
+from tl_sweep.data.images import (IMAGE_SUFFIXES, MAX_ASPECT, MAX_PIXELS, Unusable, decode,  # noqa: F401
+                                  fingerprint, image_files, inside, scan_classes, square, to_rgb)
 from tl_sweep.errors import UserError
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def cache_root() -> Path:
@@ -121,150 +123,6 @@ def _mnist_5k(size: int, shuffled: bool = False) -> tuple[np.ndarray, list[int],
     x = img.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy()
     fp = hashlib.blake2b(images.tobytes() + np.asarray(target).tobytes(), digest_size=16).hexdigest()
     return x, [int(t) for t in target], [str(i) for i in range(10)], f"mnist5k{'-shuffled' if shuffled else ''}-{fp}"
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _files(folder: Path, root: Path, skipped: list[str]) -> list[Path]:
-    """The regular files under ``folder``, following links only where they stay inside ``root`` and do not
-    lead back to a folder already read (a loop): anything else is left out and listed in ``skipped``."""
-    top = os.path.realpath(root)
-    seen = {os.path.realpath(folder)}
-    out = []
-
-    def rel(p: str) -> str:
-        return os.path.relpath(p, root)
-
-    for here, dirs, names in os.walk(folder, followlinks=True):
-        keep = []
-        for d in sorted(d for d in dirs if not d.startswith(".")):
-            real = os.path.realpath(os.path.join(here, d))
-            if not _inside(real, top):
-                skipped.append(f"{rel(os.path.join(here, d))}: a link to {real}, outside the data root")
-            elif real in seen:
-                skipped.append(f"{rel(os.path.join(here, d))}: a link back to a folder already read (a loop)")
-            else:
-                seen.add(real)
-                keep.append(d)
-        dirs[:] = keep
-        for n in sorted(n for n in names if not n.startswith(".")):
-            p = os.path.join(here, n)
-            real = os.path.realpath(p)
-            if not _inside(real, top):
-                skipped.append(f"{rel(p)}: a link to {real}, outside the data root")
-            elif not os.path.exists(p):
-                skipped.append(f"{rel(p)}: a broken link or a link loop")
-            elif not os.path.isfile(p):
-                skipped.append(f"{rel(p)}: not a regular file (a pipe or a device)")
-            else:
-                out.append(Path(p))
-    return out
-
-
-def _scan_classes(folder: Path, where: str, root: Path, skipped: list[str]) -> dict[str, list[Path]]:
-    if not folder.is_dir():
-        raise UserError(f"{where}: {folder} is not a folder; it must hold one folder per class")
-    top = os.path.realpath(root)
-    classes = {}
-    for d in sorted(folder.iterdir()):
-        if d.name.startswith("."):
-            continue
-        real = os.path.realpath(d)
-        if d.is_symlink() and (not _inside(real, top) or not d.is_dir()):
-            why = f"a link to {real}, outside the data root" if d.is_dir() else "a broken link or a link loop"
-            skipped.append(f"{d.relative_to(root)}: {why}")
-        elif d.is_dir():
-            classes[d.name] = _files(d, root, skipped)
-    if not classes:
-        raise UserError(f"{where}: {folder} has no class folders; put each class's images in {folder}/<class>/")
-    empty = [c for c, f in classes.items() if not f]
-    if empty:
-        left = [x for x in skipped if x.startswith(str((folder / empty[0]).relative_to(root)) + os.sep)]
-        why = (f" ({len(left)} entries there were left out: links outside the data root, loops or non-files; "
-               f"first: {left[0]})" if left else "")
-        raise UserError(f"{where}: class folder {folder / empty[0]} has no images{why}; add images or remove it")
-    return classes
-
-
-def _fingerprint(files: list[tuple[str, Path]]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for rel, path in files:
-        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def to_rgb(img) -> "Image.Image":  # noqa: F821
-    """Any PIL mode as 8-bit RGB: alpha composited on white, 16-bit and float scaled, CMYK/P/LA converted."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray((a / top * 255).clip(0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
-
-
-class Unusable(Exception):
-    """An image file that decodes, but must not be: too many pixels, or a shape no crop can use."""
-
-
-MAX_PIXELS = 89_478_485  # PIL's own bomb threshold (a warning there; here the image is skipped)
-MAX_ASPECT = 20.0  # a centre crop of a longer strip would keep under 5% of it
-
-
-def decode(path: Path, size: int) -> np.ndarray:
-    """One image file → uint8 3×S×S, as torchvision's Resize(S) + CenterCrop(S) would see it, upright.
-
-    Its header is read first: an image over ``MAX_PIXELS`` (a decompression bomb: a small PNG that decodes
-    to gigapixels) or longer than ``MAX_ASPECT``:1 raises :class:`Unusable` before any pixel is decoded; a
-    large JPEG is decoded at a reduced scale (``draft``). EXIF orientation is applied (a phone's portrait
-    photo is stored sideways). Memory stays within a few bytes per allowed pixel.
-    """
-    import warnings
-
-    from PIL import Image, ImageOps
-
-    try:
-        with warnings.catch_warnings():  # over MAX_PIXELS PIL warns; the check below then skips the image
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise Unusable(f"a decompression bomb ({str(e).split('exceeds')[0].strip()})") from None
-    with im:
-        w, h = im.size
-        if max(w, h) > MAX_ASPECT * min(w, h):
-            raise Unusable(f"{w}×{h} pixels, longer than {MAX_ASPECT:.0f}:1; crop it to the object")
-        if w * h > MAX_PIXELS and im.format == "JPEG":
-            im.draft("RGB", (size, size))  # DCT scaling: 1/2, 1/4 or 1/8 of the pixels, still ≥ S a side
-        if im.size[0] * im.size[1] > MAX_PIXELS:
-            raise Unusable(f"{w}×{h} pixels, over the {MAX_PIXELS / 1e6:.0f} Mpx limit (a decompression bomb?); "
-                           f"downscale it")
-        im.load()  # truncated files fail here, not later
-        return square(ImageOps.exif_transpose(im), size)
-
-
-def square(img, size: int) -> np.ndarray:
-    """A PIL image of any mode → uint8 3×S×S (RGB, the centre square resized to S: only those pixels are
-    resampled, so a long image costs no more than its square)."""
-    from PIL import Image
-
-    rgb = to_rgb(img)
-    w, h = rgb.size
-    m = min(w, h)
-    left, top = (w - m) // 2, (h - m) // 2
-    rgb = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + m, top + m), reducing_gap=None)
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def _stratified(labels: list[int], fractions: tuple[float, ...], seed: int) -> list[list[int]]:
@@ -449,7 +307,7 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
             missing = "train" if "train" not in subs else "val"
             raise UserError(f"{where}: has {', '.join(subs)}/ but no {missing}/ folder; add {root / missing}/<class>/ "
                             f"or use one tree of class folders split by data.split")
-        trees = {s: _scan_classes(p, where, root, scan_skipped) for s, p in subs.items()}
+        trees = {s: scan_classes(p, where, root, scan_skipped) for s, p in subs.items()}
         names = sorted(trees["train"])
         for s, tree in trees.items():
             if sorted(tree) != names:
@@ -458,11 +316,11 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
                                 f"every split needs the same class folders")
         files = [(s, names.index(c), p) for s, tree in trees.items() for c in names for p in tree[c]]
     else:
-        tree = _scan_classes(root, where, root, scan_skipped)
+        tree = scan_classes(root, where, root, scan_skipped)
         names = sorted(tree)
         files = [("", names.index(c), p) for c in names for p in tree[c]]
     listing = [(str(p.relative_to(root)), p) for _, _, p in files]
-    fp = _fingerprint(listing)
+    fp = fingerprint(listing)
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     meta_path = cache.with_suffix(".json")
     if _whole(log, cache, meta_path):
@@ -597,8 +455,8 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
     splits = TORCHVISION_SPLITS.get(name, TRAIN_FLAG)
     idx = _idx_files(name, root) if name in IDX_DATASETS else None
     files = [(str(p.relative_to(root)), p) for p in (
-        [q for pair in idx.values() for q in pair] if idx else _files(root, root, []))]
-    fp = f"{name}-{_fingerprint(files)}"
+        [q for pair in idx.values() for q in pair] if idx else image_files(root, root, []))]
+    fp = f"{name}-{fingerprint(files)}"
     cache = cache_root() / "images" / f"{fp}-{size}.npy"
     meta_path = cache.with_suffix(".json")
     reused = _whole(log, cache, meta_path)
@@ -646,60 +504,6 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
 
 
 # ------------------------------------------------------------------------------------- augmentation
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without making the GPU wait: through pinned memory, asynchronously (torch's
-    pinned-memory cache keeps the host copy alive until the copy is done)."""
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-class Augmenter:
-    """Batched transforms on uint8 tensors (on the trial's device): random resized crop + flip, or centre crop.
-
-    The random resized crop is one affine grid per image (``F.affine_grid`` + ``grid_sample``), so each
-    image of a batch gets its own crop in one kernel, on the GPU when there is one.
-    """
-
-    def __init__(self, *, crop: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True,
-                 enabled: bool = True, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
-        self.crop, self.scale, self.ratio, self.hflip, self.enabled = crop, scale, ratio, hflip, enabled
-        self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-        self.gen = generator
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
-
-    def train(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:  # ``data.augment: none``: training sees the evaluation transform
-            return self.eval(x)
-        n = x.shape[0]
-        # the batch's random numbers in one draw and one copy to the device (the same numbers, in the same order,
-        # as one draw per quantity): a copy from pageable memory makes the GPU stream wait for the host
-        u = to_device(torch.rand(5 if self.hflip else 4, n, generator=self.gen), self.device)
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
-        logr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[1]
-        aspect = torch.exp(logr)
-        w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the side
-        h = torch.sqrt(area / aspect).clamp(max=1.0)
-        cx = (u[2] * 2 - 1) * (1 - w)
-        cy = (u[3] * 2 - 1) * (1 - h)
-        flip = torch.where(u[4] < 0.5, -1.0, 1.0) if self.hflip else torch.ones(n, device=self.device)
-        theta = torch.zeros(n, 2, 3, device=self.device)
-        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-        theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        grid = F.affine_grid(theta, (n, 3, self.crop, self.crop), align_corners=False)
-        return F.grid_sample(self._normalise(x), grid, mode="bilinear", padding_mode="reflection",
-                             align_corners=False)
-
-    def eval(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.shape[-1]
-        o = (s - self.crop) // 2
-        return self._normalise(x[..., o:o + self.crop, o:o + self.crop])
 
 
 def split_digests(p: Prepared) -> dict[str, tuple[int, str]]:
