@@ -111,9 +111,9 @@ class Progress(tune.Callback):
                             unit="training", leave=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
         return self.bar
 
-    def _status(self, trials) -> None:
-        if self._bar() is not None:
-            running = sum(t.status == "RUNNING" for t in trials)
+    def _status(self, trials, ended=None) -> None:
+        if self._bar() is not None:  # the trial that just ended may still read RUNNING in Tune's list
+            running = sum(t.status == "RUNNING" and t is not ended for t in trials)
             self.bar.set_postfix_str(f"{running} running · {duration(time.perf_counter() - self.plan.t0)} "
                                      f"{self.plan.eta()}".rstrip(), refresh=True)
 
@@ -149,11 +149,11 @@ class Progress(tune.Callback):
         else:
             stopped = contract.stopped_early(r.epochs_run, TrialConfig.from_tune(trial.config).epochs)
             self._line(trial, "(early-stopped) " if stopped else "")
-        self._status(trials)
+        self._status(trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "FAILED ")
-        self._status(trials)
+        self._status(trials, trial)
 
     def on_experiment_end(self, trials, **info):
         if self.bar is not None:

@@ -45,7 +45,7 @@ class Classifier:
         try:
             ckpt = checkpoint.load(path)
         except FileNotFoundError:
-            raise UserError(f"MODEL: no checkpoint at {path}; give runs:/<run id>/model, models:/<name>@<alias> or "
+            raise UserError(f"MODEL: no checkpoint at {path}; give models:/m-… (as tl-sweep run prints it), runs:/<run id>/<model name>, models:/<name>@<alias> or "
                             f"a tl-sweep checkpoint file") from None
         except Exception as e:  # noqa: BLE001 - any unpickling error means "not a checkpoint"
             raise UserError(f"MODEL: {path} is not a loadable checkpoint ({type(e).__name__}); give a best.pt "

@@ -10,6 +10,7 @@ import atexit
 import gc
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,11 @@ def _err(msg: str) -> None:
     print(f"tl-sweep: error: {msg}", file=sys.stderr)
 
 
+def _notes(cfg) -> None:
+    for note in cfg.notes:
+        print(f"tl-sweep: note: {note}", file=sys.stderr, flush=True)
+
+
 def _log(msg: str) -> None:
     """Progress goes to stderr; results (tables, run and job ids) to stdout."""
     print(msg, file=sys.stderr, flush=True)
@@ -36,6 +42,7 @@ def cmd_validate(args) -> int:
     from tl_sweep import sources, spec
 
     cfg = spec.load(args.spec, args.set)
+    _notes(cfg)
     sources.check(cfg)  # the spec names sources that exist, and its data is where it says
     if (problem := spec.data_problem(cfg)) is not None:
         raise UserError(f"{cfg.spec_file}: {problem}")
@@ -70,6 +77,7 @@ def cmd_run(args) -> int:
         shutil.copytree(os.getcwd(), stable, dirs_exist_ok=True)
         os.chdir(stable)
     cfg = spec.load(args.spec, args.set)  # a spec error is one line in a fraction of a second: before torch, Ray
+    _notes(cfg)
     if (problem := spec.data_problem(cfg)) is not None:
         raise UserError(f"{cfg.spec_file}: {problem}")
     from tl_sweep import tracking
@@ -78,9 +86,20 @@ def cmd_run(args) -> int:
     from tl_sweep import cluster
 
     cluster.ray_address(args.address)  # a cluster that does not answer: one line, seconds at most
+    most = "at most " if cfg.spec.study is not None and cfg.spec.study.allocate == "halving" else ""
+    _log(f"tl-sweep: {'resuming' if args.resume else 'running'} {cfg.experiment!r} ({most}{sum(cfg.trainings())} "
+         f"trainings); loading torch, Ray and MLflow…")
     from tl_sweep import runner
 
-    summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
+    again = " ".join(["tl-sweep", "run", shlex.quote(args.spec), *(f"--set {shlex.quote(s)}" for s in args.set),
+                      *(["--address", args.address] if args.address else [])])
+    try:
+        summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
+    except runner.Interrupted as e:  # the sweep had started: --resume continues it
+        raise KeyboardInterrupt(f"{e}; continue with: {again} --resume") from None
+    except KeyboardInterrupt as e:  # before its parent run existed: nothing to resume
+        raise KeyboardInterrupt(f"{e or 'interrupted before the sweep started'}; run it again with: {again}") \
+            from None
     if summary.report is not None and summary.report.key:  # a study's key table, or a sweep's line on chance
         print(summary.report.key)
     print()
@@ -116,6 +135,7 @@ def cmd_estimate(args) -> int:
     from tl_sweep import spec
 
     cfg = spec.load(args.spec, args.set)  # spec errors first, before torch is imported
+    _notes(cfg)
     from tl_sweep import runner, tracking, transferability
 
     if not args.no_log:
@@ -192,6 +212,10 @@ def cmd_predict(args) -> int:
 
         uri = tracking.resolve_uri(args.tracking_uri).uri
         model = tracking.load_pyfunc(uri, args.model)
+        tags = tracking.version_tags(uri, args.model)
+        if tags.get("below_chance"):
+            _log(f"warning: {args.model} was registered although it is not shown above chance "
+                 f"({tags['below_chance']}); its confidences below say nothing about its accuracy")
         frame = model.predict([str(p) for p in paths])
         classes = [c for c in frame.columns if c not in ("label", "probability")]
         probs = frame[classes].to_numpy()
@@ -214,9 +238,10 @@ def cmd_predict(args) -> int:
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if any(truth):
+        n = sum(bool(t) for t in truth)
         right = sum(r[1] == r[3] for r in rows if r[3])
-        print(f"accuracy on the {sum(bool(t) for t in truth)} images in class folders: "
-              f"{right / sum(bool(t) for t in truth):.3f}")
+        print(f"accuracy on the {n} images in class folders: {100 * right / n:.1f}%"
+              + (f" ({right} of {n}: too few images to say how good the model is)" if n < 30 else ""))
     if args.grid:
         _grid(paths, [r[1] for r in rows], [float(r[2]) for r in rows], truth, Path(args.grid))
         _log(f"grid: {args.grid}")
@@ -271,8 +296,7 @@ def cmd_ui(args) -> int:
     uri = tracking.resolve_uri(args.tracking_uri).uri
     tracking.check(uri)
     base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {base} for {uri}")
-    print(f"training runs of experiment N: {tracking.ui_link(base, 'N')}  (N is printed by tl-sweep run)")
+    _log(f"starting the MLflow UI for {uri} …")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     root = tracking.artifact_root(uri)
@@ -294,6 +318,10 @@ def cmd_ui(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        if _answers(f"{base}/health", server):  # the link is printed once it opens a page
+            print(f"MLflow UI on {base} for {uri}", flush=True)
+            print(f"training runs of experiment N: {tracking.ui_link(base, 'N')}  (N is printed by tl-sweep run)",
+                  flush=True)
         return server.wait()
     except (KeyboardInterrupt, Stopped):
         return 0
@@ -306,6 +334,21 @@ def cmd_ui(args) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _answers(url: str, server, timeout: float = 120) -> bool:
+    """Wait until ``url`` answers; False when the server process ended first (it said why on stderr)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return True
+        except OSError:
+            time.sleep(0.3)
+    return False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -356,7 +399,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list every torchvision model: family, blocks, input size, weights"
                    ).set_defaults(fn=cmd_models)
     pr = sub.add_parser("predict", help="classify images with a logged model or a checkpoint")
-    pr.add_argument("model", help="runs:/<run id>/model, models:/<name>@<alias>, or a tl-sweep checkpoint (best.pt)")
+    pr.add_argument("model", help="models:/m-… (as tl-sweep run prints it), runs:/<run id>/<model name> (the name "
+                    "is in the run's Artifacts), models:/<name>@<alias>, or a tl-sweep checkpoint (best.pt)")
     pr.add_argument("paths", nargs="+", help="image files or folders (in class folders: the true label is shown)")
     pr.add_argument("--grid", default=None, help="write a PNG grid of the images with their predicted labels")
     pr.add_argument("--top", type=int, default=1, help="show the K most probable classes")
@@ -385,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _err(str(e))
         return e.exit_code
+    except BrokenPipeError:  # `tl-sweep models | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # the interpreter's last flush goes nowhere
+        return 0
     except KeyboardInterrupt as e:
-        _err(str(e) or "interrupted; finished trials are in MLflow; continue with tl-sweep run SPEC --resume")
+        _err(str(e) or "interrupted before any trial started; nothing to resume: run the same command again")
         return 130
     finally:
         sys.stdout, sys.stderr = out, err

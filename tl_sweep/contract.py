@@ -318,6 +318,13 @@ class TrialContext:
     cohorts: Any = None  # resources.cohort > 1: the sweep's cohort.Registry actor (trials train in cohorts)
     worker_growth: float | None = 0.25  # resources.worker_growth: a reused worker's memory bound (limits.WorkerMemory)
 
+    def weights_of(self, arm: str) -> tuple[str, str | None]:
+        """``(model.weights, checkpoint file or None)`` of an arm. A plain sweep from scratch logged before
+        2026-12-07 called its arm ``none`` (now ``scratch``): its trials, resumed, still find their weights."""
+        if arm not in self.arms and arm == "none" and "scratch" in self.arms:
+            return self.arms["scratch"]
+        return self.arms[arm]
+
     def data_for(self, search: int):
         """The splits a trial of search repeat ``search`` trains, validates and tests on."""
         return self.repeats[search] if search < len(self.repeats) else self.data

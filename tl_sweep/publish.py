@@ -22,7 +22,7 @@ import numpy as np
 
 from tl_sweep import study, tracking
 from tl_sweep.checkpoint import TUNE_FILE
-from tl_sweep.contract import TrialResult
+from tl_sweep.contract import TrialResult, percent
 from tl_sweep.spec import Config
 
 log_fn = Callable[[str], None]
@@ -82,13 +82,30 @@ def publish(cfg: Config, finals: list[TrialResult], trials: list[TrialResult], r
             return uris
         weights, file = weights_of[champion]
         tags = {"source_weights": weights if file is None else f"sha256:{sha256(file)}", "arm": champion,
-                **lineage}
-        if analysis is not None and analysis.stability(champion):
-            tags["ntg_verdict"] = "; ".join(f"{k} in {v} of {len(analysis.searches)}"
-                                            for k, v in analysis.stability(champion).items())
-        version = tracking.register(uri, uris[champion], s.tracking.register_as, tags)
-        log(f"mlflow: registered {champion} as models:/{s.tracking.register_as}@champion (version {version})")
+                **lineage, **accuracy(winners.get(champion), analysis, report)}
+        if why:  # registered below chance on purpose: the version says so wherever it is used
+            tags["below_chance"] = why
+        if analysis is not None and champion in analysis.verdicts:
+            tags["ntg_verdict"] = analysis.verdicts[champion].verdict
+        description = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in tags.items()
+                                if k in ("val_accuracy", "test_accuracy", "majority_class_rate", "ntg_verdict"))
+        if why:
+            description += f"; REGISTERED BELOW CHANCE: {why}"
+        version = tracking.register(uri, uris[champion], s.tracking.register_as, tags, description=description)
+        log(f"mlflow: registered {champion} as models:/{s.tracking.register_as}@champion (version {version})"
+            + (" although it is not shown above chance (tracking.register_below_chance)" if why else ""))
     return uris
+
+
+def accuracy(cell, analysis, report) -> dict[str, str]:
+    """The champion's accuracy as the registered version's tags, in percent: its finals' validation and test
+    accuracy (a study) or its validation accuracy (a plain sweep), and the majority-class rate to read them by."""
+    if cell is not None:
+        c = analysis.cells[cell]
+        return {"val_accuracy": percent(c.val), "test_accuracy": percent(c.test[0] if c.test else None),
+                "majority_class_rate": percent(analysis.chance.get(cell.search))}
+    best = report.best_chance if report is not None else None
+    return {} if best is None else {"val_accuracy": percent(best[0]), "majority_class_rate": percent(best[1])}
 
 
 def model_name(experiment: str, arm: str, depth: int) -> str:

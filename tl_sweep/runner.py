@@ -184,6 +184,21 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, r
     return exp_id, parent
 
 
+def finished_so_far(uri: str, exp_id: str, parent: str) -> tuple[int, dict[str, tuple[float, str]]]:
+    """A resumed sweep's trainings that had ended (FINISHED or FAILED runs) and each arm's best validation accuracy
+    among them."""
+    n, best = 0, {}
+    for run in tracking.children(uri, exp_id, parent):
+        if run.info.status not in ("FINISHED", "FAILED"):
+            continue
+        n += 1
+        c = TrialConfig.from_params(run.data.params)
+        acc = run.data.metrics.get("best_val_acc")
+        if acc is not None and (c.arm not in best or acc > best[c.arm][0]):
+            best[c.arm] = (acc, run.data.tags.get(Tag.TRIAL_ID, ""))
+    return n, best
+
+
 def start_ray(address: str | None) -> None:
     """Join (or start) the Ray cluster ``address`` resolved by :func:`tl_sweep.cluster.ray_address`."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -194,6 +209,8 @@ def start_ray(address: str | None) -> None:
         return
     # Ray says at every start that token authentication is on (its default); it stays on, said once in the docs
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # on Ctrl-C Tune prints its own advice (Tuner.restore(path=...)) beside tl-sweep's (--resume): only ours
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     try:
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                  configure_logging=True, log_to_driver=True)
@@ -408,6 +425,9 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
         summary.delayed, _ = tracking.sync(uri)
         if summary.delayed:
             log(f"mlflow: {summary.delayed} writes held back by a tracking outage were delivered now")
+    if summary.status == "KILLED" and online:  # the trials that were running: --resume continues each in its run
+        tracking.close_orphans(uri, exp_id, parent, "the sweep was interrupted while this trial ran; tl-sweep run "
+                                                    "... --resume continues it from its last checkpoint, in this run")
     if summary.status != "KILLED" and online:  # a resumed sweep reopens its unfinished runs itself
         if resume:  # trials a killed driver started after its last saved state: the search never saw them
             known = {r.trial for r in summary.trials + summary.selection + summary.finals}
@@ -460,6 +480,10 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
+    if resume:  # the counter, the best so far and the ETA go on from what the sweep had finished
+        plan.done, plan.best = finished_so_far(uri, exp_id, parent)
+        log(f"resumed: {plan.done} of {plan.total} trainings had finished"
+            + (f"; best so far: {plan.bests()}" if plan.best else ""))
     summary = Summary(exp_id, parent, chance={k: data.chance(repeats[0], k) for k in ("val", "test")})
     ctx = trial_context(cfg, repeats[0], arms, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent,
                         repeats=tuple(repeats), run_tags=run_tags)
@@ -492,8 +516,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
             summary.status = "FAILED"
     except KeyboardInterrupt:
         summary.status = "KILLED"
-        raise Interrupted(f"interrupted; finished trials are in MLflow (parent run {parent}); continue with "
-                          f"--resume") from None
+        raise Interrupted(f"interrupted; {plan.done} finished trainings are in MLflow (parent run {parent}), the "
+                          f"trials that were running are marked KILLED there and resume from their last "
+                          f"checkpoint") from None
     except BaseException:
         summary.status = "FAILED"
         raise
@@ -541,8 +566,8 @@ def table(results: list[TrialResult], limit: int = 8) -> str:
     """The best trials as an aligned text table."""
     cols = ["trial", "arm", "unfrozen_blocks", "optimizer", "batch_size", "lr_mult", "epochs", "best_val_acc",
             "status"]
-    heads = ["trial", "arm", "k", "optimizer", "bs", "lr_mult", "epochs", "best val_acc", "status"]
-    fmt = lambda c, v: f"{v:.4f}" if c == "best_val_acc" and v is not None else (  # noqa: E731
+    heads = ["trial", "arm", "k", "optimizer", "bs", "lr_mult", "epochs", "best val %", "status"]
+    fmt = lambda c, v: contract.percent(v) if c == "best_val_acc" else (  # noqa: E731
         f"{v:.3g}" if isinstance(v, float) else str(v))
     body = [[fmt(c, r.row().get(c)) for c in cols] for r in results[:limit]]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,15 @@ def check(cfg) -> None:
                 raise UserError(f"{cfg.spec_file or 'spec'}: {e}") from None
 
 
+def _bar(what: str):
+    """A live bar with an ETA on a terminal (the first minutes of a new machine are a source's pretraining)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=None, desc=what, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
 def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False, log=print) -> Path:
     """The cached checkpoint of source ``name`` for ``arch`` at the input size; pretrain it if missing."""
     from tl_sweep import cachefile, checkpoint, data, models, train
@@ -95,9 +105,24 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
                        data=prepared, seed=seed, min_epochs=t.epochs, use_gpu=use_gpu)
     trial = TrialConfig.of(arm="scratch", seed=seed, batch_size=t.batch_size, optimizer=t.optimizer,
                            lr_mult=t.lr_mult, weight_decay=5e-4, unfrozen_blocks=n, epochs=t.epochs)
-    model, acc = train.fit_plain(ctx, trial, log=log)
+    bar = _bar(f"pretraining source:{name}")
+
+    def step(n: int, total: int) -> None:
+        if bar.total != total:  # the steps are known once the fit is built
+            bar.total = total
+        bar.update(n - bar.n)
+
+    try:
+        model, acc = train.fit_plain(ctx, trial, log=(lambda m: bar.write(m, file=sys.stderr)) if bar else log,
+                                     step=step if bar else None)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted while pretraining source:{name}: nothing of it is kept (a source is "
+                                f"cached only once pretrained) and no sweep was started") from None
+    finally:
+        if bar:
+            bar.close()
     ckpt = checkpoint.make(model.cpu().state_dict(), arch=arch, classes=list(prepared.classes),
                            head={"kind": "linear"}, input=inp, trial=trial.to_tune(), epoch=t.epochs, val_acc=acc)
     cachefile.write(path, lambda tmp: checkpoint.save(ckpt, tmp))
-    log(f"source:{name}: val_acc {acc:.3f} on held-out source images, {time.perf_counter() - t0:.0f}s; saved {path}")
+    log(f"source:{name}: val {100 * acc:.1f}% on held-out source images, {time.perf_counter() - t0:.0f}s; saved {path}")
     return path

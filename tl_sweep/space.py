@@ -100,7 +100,10 @@ class Searcher(TuneSearcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.trials and trial_id not in self.ended:
-            self.trials[trial_id].report(result[self.metric], result["training_iteration"])
+            trial, step = self.trials[trial_id], result["training_iteration"]
+            # a trial resumed from its checkpoint reports again the steps after it: each step is told once
+            if step not in self.study.get_trials(deepcopy=False)[trial.number].intermediate_values:
+                trial.report(result[self.metric], step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.trials.get(trial_id)

@@ -283,7 +283,7 @@ class Fit:
     def __init__(self, ctx: TrialContext, trial: TrialConfig, device: torch.device, weights_file=None):
         self.ctx, self.trial, self.device = ctx, trial, device
         self.data = ctx.data_for(trial.search)
-        weights, file = ctx.arms[trial.arm]
+        weights, file = ctx.weights_of(trial.arm)
         weights_file = weights_file if weights_file is not None else file
         self.model = models.build_seeded(ctx.arch, len(self.data.classes), trial.seed, weights=weights,
                                          weights_file=weights_file, head=ctx.head, image_size=ctx.input["crop"],
@@ -561,13 +561,18 @@ def step_memory(arch: str, num_classes: int, crop: int, batch_size: int, precisi
     return peak
 
 
-def fit_plain(ctx: TrialContext, trial: TrialConfig, log=print) -> tuple[nn.Module, float]:
-    """The epoch loop without Ray or MLflow (pretraining the built-in source models)."""
+def fit_plain(ctx: TrialContext, trial: TrialConfig, log=print, step=None) -> tuple[nn.Module, float]:
+    """The epoch loop without Ray or MLflow (pretraining the built-in source models): a line per epoch with its
+    loss, validation accuracy, the time so far and an ETA; ``step(done, total)`` after each optimizer step (a live
+    bar)."""
     fit = Fit(ctx, trial, device_for(ctx.use_gpu))
-    acc = 0.0
+    acc, t0 = 0.0, time.perf_counter()
+    hook = None if step is None else (lambda n: step(n, fit.steps))
     for epoch in range(1, trial.epochs + 1):
-        m = fit.epoch()
+        m = fit.epoch(after_step=hook)
         _, acc = fit.evaluate("val")
-        log(f"  epoch {epoch}: train_loss {m['train_loss']:.3f}  val_acc {acc:.3f}  "
-            f"({m['train_img_per_s']:.0f} img/s)")
+        spent = time.perf_counter() - t0
+        left = spent / epoch * (trial.epochs - epoch)
+        log(f"  epoch {epoch}/{trial.epochs}: train_loss {m['train_loss']:.3f}  val {100 * acc:.1f}%  "
+            f"({m['train_img_per_s']:.0f} img/s) · {spent:.0f}s" + (f" · eta ~{left:.0f}s" if left else ""))
     return fit.model, acc

@@ -327,7 +327,7 @@ def _open_run(ctx: TrialContext, trial: TrialConfig, run_id: str | None, device:
     import ray
     from ray import tune
 
-    weights = ctx.arms[trial.arm][0]
+    weights = ctx.weights_of(trial.arm)[0]
     gpus = ",".join(str(g) for g in ray.get_gpu_ids())
     node = ray.get_runtime_context().get_node_id()
     where = {Tag.DEVICE: "cuda:0" if device.type == "cuda" else "cpu", **({Tag.GPU_IDS: gpus} if gpus else {})}

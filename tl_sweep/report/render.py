@@ -419,7 +419,7 @@ def _redrawn(fixed: str | None) -> str:
 
 
 def _arm(arm: str) -> str:
-    return "from scratch" if arm == "none" else arm
+    return "from scratch" if arm in ("none", "scratch") else arm
 
 
 def sweep_table(results: list[TrialResult], limit: int = 10) -> list[list[str]]:

@@ -147,9 +147,27 @@ def load(path: str | Path, overrides: list[str] = ()) -> "Config":
     except ValidationError as err:
         raise _first_error(err, where, list(overrides)) from None
     try:
-        return resolve(spec, path.resolve().parent, text).model_copy(update={"spec_file": str(path.resolve())})
+        cfg = resolve(spec, path.resolve().parent, text)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
+    return cfg.model_copy(update={"spec_file": str(path.resolve()), "notes": _read_as(overrides)})
+
+
+def _read_as(overrides: list[str]) -> list[str]:
+    """How an override of a search dimension was read where a user may have meant something else: a list of two
+    numbers is the choice of those two, not the range between them."""
+    notes = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            v = yaml.safe_load(value)
+        except yaml.YAMLError:
+            continue
+        if (".space." in key or key.startswith("study.spaces.")) and isinstance(v, list) and len(v) == 2 and \
+                all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            notes.append(f"--set {item}: read as the choice of {v[0]} or {v[1]} (a list is categorical); a range "
+                         f"is --set '{key.strip()}={{low: {v[0]}, high: {v[1]}}}'")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------- resolving
@@ -170,6 +188,7 @@ class Config(BaseModel):
     max_blocks: int
     cells: list[tuple[str, int]] = []  # a study's grid: (arm, unfrozen blocks); scratch trains every block
     store: str = "sqlite"  # what kind of tracking store spec.tracking.uri is (tracking.Store.kind)
+    notes: list[str] = []  # how an override was read where it may mean something else (the CLI says them)
 
     def trainings(self) -> tuple[int, int, int]:
         """(search trials, selection re-trainings, final re-trainings) this config will run (at most, where a
@@ -304,7 +323,9 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         # an arm is named by the spec's name for it, else a checkpoint file's name, else its weights value; the
         # whole path stays in its trials' params (weights)
         name = g.name if isinstance(g, Source) else (Path(w).name if Path(w).is_absolute() else w)
-        if name in arms or name == "scratch":
+        if w == "none" and spec.study is None:  # a plain sweep from scratch: its arm is called what it is
+            name = "scratch"
+        elif name in arms or name == "scratch":
             raise UserError(f"study.sources: two arms would be called {name!r}; give each a name, e.g. "
                             f"- {{name: mine, weights: {g.weights if isinstance(g, Source) else g}}}")
         arms[name] = w

@@ -25,7 +25,7 @@ from tl_sweep.contract import Tag
 from tl_sweep.errors import UserError
 from tl_sweep.tracking.calls import RETRY_SECONDS, client, retry
 from tl_sweep.tracking.models import (SystemMetrics, link_metrics, load_pyfunc, log_model,  # noqa: F401
-                                      log_torch_model, register)
+                                      log_torch_model, register, version_tags)
 from tl_sweep.tracking.outbox import Outbox, sync, waiting  # noqa: F401
 from tl_sweep.tracking.store import Store, artifact_root, check, check_address, reachable, resolve_uri  # noqa: F401
 
@@ -150,12 +150,14 @@ def children(uri: str, exp_id: str, parent_id: str) -> list:
             return out
 
 
-def close_orphans(uri: str, exp_id: str, parent_id: str) -> int:
-    """Mark child runs still RUNNING (their process was killed) as KILLED; returns how many."""
+def close_orphans(uri: str, exp_id: str, parent_id: str,
+                  why: str = "trial process ended without closing") -> int:
+    """Mark child runs still RUNNING (their process was killed, or the sweep interrupted) as KILLED with ``why``;
+    returns how many. A resumed sweep reopens a trial's run where it continues it."""
     n = 0
     for run in children(uri, exp_id, parent_id):
         if run.info.status == "RUNNING":
-            close_run(uri, run.info.run_id, "KILLED", {ERROR_TAG: "trial process ended without closing"})
+            close_run(uri, run.info.run_id, "KILLED", {ERROR_TAG: why})
             n += 1
     return n
 

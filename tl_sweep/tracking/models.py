@@ -76,14 +76,34 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "mlflow", "pillow", "pandas", "numpy")]
 
 
-def register(uri: str, model_uri: str, name: str, tags: dict[str, str], alias: str = "champion") -> str:
-    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it, tag it; returns the version."""
+def register(uri: str, model_uri: str, name: str, tags: dict[str, str], alias: str = "champion",
+             description: str = "") -> str:
+    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it, tag and describe it (the
+    registry's version page shows both); returns the version."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     version = retry(mlflow.register_model, model_uri, name, tags=tags)
     retry(client(uri).set_registered_model_alias, name, alias, version.version)
+    if description:
+        retry(client(uri).update_model_version, name, version.version, description=description)
     return version.version
+
+
+def version_tags(uri: str, model_uri: str) -> dict[str, str]:
+    """The tags of the registered version ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` names; {} for
+    any other model URI (a logged model, a run's)."""
+    rest = model_uri.removeprefix("models:/")
+    if rest == model_uri or rest.startswith("m-"):
+        return {}
+    name, _, which = rest.replace("@", "/@").partition("/")
+    c = client(uri)
+    try:
+        v = retry(c.get_model_version_by_alias, name, which[1:]) if which.startswith("@") else \
+            retry(c.get_model_version, name, which)
+    except Exception:  # noqa: BLE001 - loading the model says what is wrong with the URI
+        return {}
+    return dict(v.tags)
 
 
 def load_pyfunc(uri: str, model_uri: str):
@@ -95,7 +115,8 @@ def load_pyfunc(uri: str, model_uri: str):
         return mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow raises several types for a missing model or version
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"MODEL: cannot load {model_uri} from {uri} ({first}); give runs:/<run id>/model, "
+        raise UserError(f"MODEL: cannot load {model_uri} from {uri} ({first}); give models:/m-… (as tl-sweep run "
+                        f"prints it), runs:/<run id>/<model name>, "
                         f"models:/<name>@<alias> or a checkpoint file") from None
 
 
