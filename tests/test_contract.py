@@ -28,9 +28,9 @@ def test_from_tune_reads_sampled_values_and_constants():
 
 
 def test_run_names_tell_trials_apart():
-    assert CONFIG.name("resnet18", several_arms=False) == "resnet18·k=2·adamw·bs32"
-    assert dataclasses.replace(CONFIG, role="final").name("resnet18", True) == \
-        "resnet18·k=2·adamw·bs32·source:digits-0-4·seed7"
+    assert CONFIG.name(several_arms=False) == "k=2·adamw·bs32·lr×0.37"
+    assert dataclasses.replace(CONFIG, role="final", search=1).name(True, repeats=True) == \
+        "digits-0-4·k=2·r1·final7·adamw·bs32·lr×0.37"  # what tells it apart first: MLflow cuts names short
 
 
 def test_status_and_early_stop_rules():

@@ -150,10 +150,15 @@ class _TrialConfigMethods:
     def dims(self) -> dict[str, Any]:
         return {d: getattr(self, d) for d in NAMES}
 
-    def name(self, arch: str, several_arms: bool) -> str:
-        """A readable run name: ``resnet18·k=2·sgd·bs32`` (``·arm``, ``·seed1000`` where they tell runs apart)."""
-        return (f"{arch}·k={self.unfrozen_blocks}·{self.optimizer}·bs{self.batch_size}"
-                + (f"·{self.arm}" if several_arms else "") + (f"·seed{self.seed}" if not self.searched else ""))
+    def name(self, several_arms: bool, repeats: bool = False) -> str:
+        """A readable run name, what tells it apart first (MLflow's runs table cuts names short):
+        ``mnist-5k·k=2·r1·final1000·sgd·bs32·lr×0.34`` (the arm where there are several, the search repeat where
+        there are several, the role and seed of a re-training)."""
+        role = {"candidate": f"select{self.seed}", "final": f"final{self.seed}"}.get(self.role)
+        parts = ([self.arm.removeprefix("source:")] if several_arms else []) + [f"k={self.unfrozen_blocks}"] \
+            + ([f"r{self.search}"] if repeats else []) + ([role] if role else []) \
+            + [self.optimizer, f"bs{self.batch_size}", f"lr×{self.lr_mult:.2g}"]
+        return "·".join(parts)
 
 
 def _field(d: Dimension) -> tuple:

@@ -340,7 +340,7 @@ def _open_run(ctx: TrialContext, trial: TrialConfig, run_id: str | None, device:
     trial_id = tune.get_context().get_trial_id()
     run = tracking.TrialRun.open(  # a run name tells trials apart at a glance; its trial id makes it unique
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
-        name=f"{trial.name(ctx.arch, len(ctx.arms) > 1)}·{trial_id}",
+        name=f"{trial.name(len(ctx.arms) > 1, len(ctx.repeats) > 1)}·{trial_id}",
         params={**trial.to_params(), "arch": ctx.arch, "weights": weights},
         tags={**ctx.run_tags, Tag.TRIAL_ID: trial_id, Tag.ROLE: trial.role,
               Tag.NODE: node, Tag.WORKER: f"{node[:8]}:{os.getpid()}", Tag.ARM: trial.arm, Tag.SOURCE: weights,

@@ -1,25 +1,23 @@
 """The study's arithmetic: pure functions of numbers and trial results (no MLflow, no files).
 
-Declared before looking (docs/search.md):
+Declared before looking (docs/search.md; the rules that choose are :mod:`tl_sweep.study`'s):
 
-* a **cell** is (arm, depth) within one search repeat. Its best configurations (search validation, trials that
-  ran their whole schedule first) are re-trained with new seeds on validation (the *selection*); the one with
-  the best mean is the cell's choice. That choice is re-trained with the study's final seeds (the same seeds in
-  every arm) and scored once on the test split;
-* an arm's **depth** is chosen on its cells' selection means (validation, seeds the finals do not use); ties go
-  to the shallower (cheaper) depth. No test figure, and no final, chooses anything: the chosen depth's test
-  figure is not the best of several noisy finals;
-* **chance** is a property of each cell: a one-sided t-test over its finals' seeds that their mean test accuracy
-  is above the test split's majority-class rate, Holm-corrected across the study's cells: *above chance* or
-  *not shown above chance*;
+* a **cell** is (arm, depth) within one search repeat; its chosen configuration is re-trained with the study's
+  final seeds (the same seeds in every arm) and scored once on the test split, each test image's prediction
+  logged; an arm's depth is chosen on validation. No test figure chooses anything;
+* **chance** is a property of each cell: a one-sided test that its finals' expected test accuracy is above the
+  test split's majority-class rate, over seeds and test images (:func:`tl_sweep.report.pooling.above_chance`;
+  over seeds alone for a sweep logged without predictions), Holm-corrected across the study's cells;
 * **NTG** (negative transfer gap, Wang et al. 2019) = test error of the source at its chosen depth − test error
-  of the tuned scratch cell, in the same search repeat. With the same seeds in both arms the interval is a
-  paired t-interval over seeds; otherwise Welch's, with the exact Welch–Satterthwaite degrees of freedom. Its
-  p-value is Holm-corrected across sources. NTG > 0 with corrected p < 0.05 is *negative transfer*, < 0 a
-  *transfer gain*; otherwise *no significant difference*. The verdict is given whenever either cell is above
-  chance, and says when one is not: *(source not above chance)*, or *(scratch did not learn within its budget)*;
-  only when neither is above chance is there none;
-* per-depth gaps are descriptive (uncorrected) and labelled so.
+  of the tuned scratch cell, in the same search repeat, paired by seed and by test image (a crossed design:
+  :func:`compare`); per repeat its p-value is Holm-corrected across sources (the detail, and the "N of M"
+  stability figure);
+* the **headline** per source is its NTG pooled over the search repeats (random effects, modified HKSJ:
+  :func:`tl_sweep.report.pooling.pool`), Holm-corrected across sources, with the repeats' heterogeneity and the
+  smallest |NTG| the design resolves with 80% power: *negative transfer* (> 0, corrected p < 0.05), *transfer
+  gain* (< 0), else *no difference larger than X points* where the interval lies within ±X, or *not resolved*.
+  A verdict is given whenever either arm is above chance, and says when one is not;
+* the per-depth table is exploratory: Holm-corrected over all of its comparisons.
 """
 
 from __future__ import annotations

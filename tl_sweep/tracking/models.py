@@ -3,10 +3,25 @@ system metrics monitor."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from tl_sweep.errors import UserError
 from tl_sweep.tracking.calls import client, retry
+
+
+@contextmanager
+def _active(uri: str, run_id: str):
+    """``run_id`` as MLflow's active run (what its ``log_model`` writes to), ended afterwards with the status it
+    had, whatever happens: a failure to log a model is not the trial's failure."""
+    import mlflow
+
+    status = retry(client(uri).get_run, run_id).info.status
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status=status if status != "RUNNING" else "FINISHED")
 
 
 def log_model(uri: str, run_id: str, ckpt_path: Path, example, *, name: str = "model") -> str:
@@ -26,9 +41,9 @@ def log_model(uri: str, run_id: str, ckpt_path: Path, example, *, name: str = "m
     import pandas as pd
 
     output = pd.DataFrame([{"label": r["label"], "probability": r["probability"], **r["probabilities"]} for r in rows])
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # tl_sweep: mlflow_model.py and the code it imports
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with _active(uri, run_id):
         info = retry(mlflow.pyfunc.log_model, name=name, python_model=str(package / "mlflow_model.py"),
                       artifacts={"checkpoint": str(ckpt_path)}, code_paths=[str(package)],
                       signature=infer_signature(None, output), input_example=example,
@@ -48,7 +63,7 @@ def log_torch_model(uri: str, run_id: str, ckpt_path: Path, *, name: str = "pyto
     model = checkpoint.build_model(ckpt)
     crop = int(ckpt["input"]["crop"])
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with _active(uri, run_id):
         info = retry(mlflow.pytorch.log_model, model, name=name, serialization_format="pt2",
                       input_example=torch.zeros(2, 3, crop, crop).numpy(), pip_requirements=_requirements())
     return info.model_uri
