@@ -59,18 +59,18 @@ def main() -> None:
         for k in args.depths:
             alone, kids_alone = sweep(k, 1, args, tmp)
             together, kids = sweep(k, args.cohort, args, tmp)
-            sizes = sorted(int(r.data.metrics.get("cohort_members", 1)) for r in kids)
+            sizes = sorted(int(r.data.metrics.get("system/cohort_members", 1)) for r in kids)
             done = sum(r.info.status == "FINISHED" for r in kids)
             key = lambda r: (r.data.params["optimizer"], r.data.params["lr_mult"])  # noqa: E731
             before = {key(r): r.data.metrics.get("val_acc") for r in kids_alone}
             both = [r for r in kids if key(r) in before]
             equal = sum(before[key(r)] == r.data.metrics.get("val_acc") for r in both)
             med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-            solo_epoch = med([r.data.metrics["epoch_seconds"] for r in kids_alone])
-            shared_epoch = med([r.data.metrics["epoch_seconds"] / r.data.metrics.get("cohort_members", 1)
+            solo_epoch = med([r.data.metrics["system/epoch_seconds"] for r in kids_alone])
+            shared_epoch = med([r.data.metrics["system/epoch_seconds"] / r.data.metrics.get("system/cohort_members", 1)
                                 for r in kids])
-            start_alone = med([r.data.metrics["startup_seconds"] for r in kids_alone])
-            start = med([r.data.metrics["startup_seconds"] for r in kids])
+            start_alone = med([r.data.metrics["system/startup_seconds"] for r in kids_alone])
+            start = med([r.data.metrics["system/startup_seconds"] for r in kids])
             print(f"k={k}, {args.trials} trials, {args.size}px, precision {args.precision}, augmentation on:")
             print(f"  wall: alone {alone:.1f}s ({args.trials * 3600 / alone:.0f} trials/h), cohorts of up to "
                   f"{args.cohort} {together:.1f}s ({args.trials * 3600 / together:.0f} trials/h): "

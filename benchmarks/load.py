@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--concurrent", type=int, default=2)
     args = ap.parse_args()
-    from tl_sweep import runner, spec, tracking
+    from tl_sweep import contract, runner, spec, tracking
 
     spec_path = Path(__file__).resolve().parents[1] / "search_spaces" / "freeze_depth.yaml"
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +54,7 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     finished = sum(1 for k in kids if k.info.status == "FINISHED")
     order = sorted(kids, key=lambda k: k.info.start_time)
-    m = lambda name: [k.data.metrics.get(name, 0.0) for k in order]  # noqa: E731
+    m = lambda name: [k.data.metrics.get(contract.mlflow_key(name), 0.0) for k in order]  # noqa: E731
     n, c, search_s = args.trials, args.concurrent, phases["search"]
     train_s, startup, compute = sum(m("epoch_seconds")), m("startup_seconds"), m("compute_seconds")
     slot = search_s * c / n  # slot-seconds each trial held, scheduling included

@@ -58,7 +58,7 @@ def main() -> None:
             summary = runner.run(cfg, log=lambda m: None)
             runner.search = search
             kids = tracking.children(cfg.spec.tracking.uri, summary.experiment_id, summary.parent_run_id)
-            images = sum(k.data.metrics.get("train_img_per_s", 0) * k.data.metrics.get("epoch_seconds", 0)
+            images = sum(k.data.metrics.get("system/train_img_per_s", 0) * k.data.metrics.get("system/epoch_seconds", 0)
                          * int(k.data.tags.get("tl_sweep.epochs_run", 0)) for k in kids)
             rates[at_once] = images / phase["s"]
             print(f"{at_once} trial(s) per GPU (resources.gpu {share:g}): {len(kids)} trials, Tuner phase "

@@ -151,8 +151,8 @@ def compare(args, augment: bool) -> None:
                     (("unfrozen_blocks", 0), ("lr_mult", 0.0), ("batch_size", 0), ("epochs", 0))} for kid in kids]
         ours_acc = sorted(kid.data.metrics["best_val_acc"] for kid in kids)
         order = sorted(kids, key=lambda k: k.info.start_time)
-        startup = [k.data.metrics.get("scheduled_to_first_step_seconds", float("nan")) for k in order]
-        members = sorted(int(k.data.metrics.get("cohort_members", 1)) for k in kids)
+        startup = [k.data.metrics.get("system/scheduled_to_first_step_seconds", float("nan")) for k in order]
+        members = sorted(int(k.data.metrics.get("system/cohort_members", 1)) for k in kids)
 
         t0 = time.perf_counter()
         ray.init(logging_level="WARNING", include_dashboard=False)

@@ -104,3 +104,30 @@ def test_first_contact_imports_neither_torch_nor_ray_nor_mlflow(tmp_path):
         assert proc.returncode == code, (args, proc.stderr[-1500:])
         assert "HEAVY []" in proc.stderr, (args, proc.stderr[-500:])
     assert "did you mean scheduler?" in proc.stderr
+
+
+def test_a_small_trap_each_is_said_not_suffered(cli, tmp_path):
+    """`tl-sweep models | head` ends quietly; a two-number list for a search range is read as two choices and
+    said so; predict's help names the model URIs that work (runs:/<run>/model never did)."""
+    shell = f"{sys.executable} -m tl_sweep.cli models | head -2"
+    proc = subprocess.run(shell, shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    code, out, err = cli("validate", SPEC, "--set", "search.space.epochs=[1, 3]")
+    assert code == 0 and "epochs: [1, 3]" in out
+    assert "note: --set search.space.epochs=[1, 3]: read as the choice of 1 or 3" in err
+    assert "search.space.epochs={low: 1, high: 3}" in err
+    proc = subprocess.run([sys.executable, "-m", "tl_sweep", "predict", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    flat = " ".join(proc.stdout.split())
+    assert "models:/m-" in flat and "runs:/<run id>/<model name>" in flat and "<run id>/model," not in flat
+
+
+def test_a_plain_sweep_from_scratch_names_its_arm_scratch_and_models_take_any_arm_name(cli):
+    from tl_sweep import publish, spec
+
+    cfg = spec.load(SPEC, ["study=null", "model.weights=none"])
+    assert cfg.arms == {"scratch": "none"}
+    for arm in ("my_weights.pth", "source:mnist-5k", "a/b:c%d"):  # MLflow refuses / : . % " ' in a model's name
+        name = publish.model_name("freeze-depth", arm, 0)
+        assert not set(name) & set("/:.%\"'") and name.startswith("freeze-depth-") and name.endswith("-k0")

@@ -113,6 +113,6 @@ def test_a_sweep_in_cohorts_keeps_one_tune_trial_and_one_mlflow_run_per_member(t
     for r in runs:  # where it trained: its cohort's worker
         assert r.data.tags["tl_sweep.device"] == "cpu" and r.data.tags["tl_sweep.cohort"].isdigit()
         assert "tl_sweep.warning" not in r.data.tags
-    sizes = [r.data.metrics["cohort_members"] for r in runs]
+    sizes = [r.data.metrics["system/cohort_members"] for r in runs]
     assert max(sizes) > 1, sizes  # some trials really trained together
     assert len({(r.data.params["optimizer"], r.data.params["lr_mult"]) for r in runs}) > 1

@@ -50,9 +50,8 @@ def test_one_table_of_dimensions_makes_the_spec_space_and_the_trial_config():
                                                             if f.name in names}
     built = TrialConfig.of(arm="a", seed=3, unfrozen_blocks=2)  # the rest from the table's defaults
     assert built.lr_mult == 1.0 and built.optimizer == "sgd" and built.epochs == 5 and built.role == "trial"
-    from tl_sweep import train
-
-    assert set(train.REFERENCE_LR) == set(contract.OPTIMIZERS)  # every optimizer a spec allows is built
+    assert set(contract.REFERENCE_LR) == set(contract.OPTIMIZERS)  # every optimizer a spec allows has its LR
+    assert built.lr == 0.1 * 1.0 * 32 / 256
 
 
 def test_a_trial_report_is_what_tune_gets_and_reads_back():

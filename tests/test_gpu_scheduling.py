@@ -91,8 +91,9 @@ def test_quarter_gpu_trials_pack_four_per_advertised_gpu_in_four_reused_workers(
         workers.setdefault(r.data.tags["tl_sweep.worker"], []).append(r.data.tags["tl_sweep.gpu_ids"])
     # 4 worker processes per GPU, each reused for later trials on its own GPU (not a process per trial)
     assert len(workers) == 4 * gpus and all(len(set(g)) == 1 for g in workers.values()), workers
-    reused = [r for r in runs if "worker_memory_mb" in r.data.metrics]  # what its worker held after its last trial
-    assert len(reused) == trials - 4 * gpus and all(r.data.metrics["worker_memory_mb"] > 0 for r in reused)
+    # what its worker held after its last trial
+    reused = [r for r in runs if "system/worker_memory_mb" in r.data.metrics]
+    assert len(reused) == trials - 4 * gpus and all(r.data.metrics["system/worker_memory_mb"] > 0 for r in reused)
     real = torch.cuda.device_count()  # 0 here: every trial falls back; on a GPU machine, those given a real one
     for r in runs:
         if int(r.data.tags["tl_sweep.gpu_ids"]) < real:

@@ -181,19 +181,20 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         driver.save_screenshot(str(shots / "mlflow_ui_failure.png"))
         raise AssertionError(f"the MLflow UI never showed {what}")
 
+    body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
     try:
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
         wait_for(lambda: parent.info.run_name in driver.page_source, "the parent run")
         # the "+" beside the parent's name (MLflow 3's run-name cell) unfolds its nested runs
         for b in driver.find_elements(By.CSS_SELECTOR, 'button[data-component-id*="runnamecellrenderer"]'):
             b.click()
-        wait_for(lambda: "resnet18·k=4·sgd·bs32" in driver.page_source, "the nested trial runs")
+        # a trial's name leads with what tells it apart (the table cuts names short): arm, depth, repeat, role
+        wait_for(lambda: "digits-0-4·k=4·r0·sgd·bs32" in driver.page_source, "the nested trial runs")
         driver.save_screenshot(str(shots / "mlflow_ui_runs.png"))
         wait_for(lambda: "builtin:digits (train)" in driver.page_source, "the Datasets column")
         # the chart view leads with the study's results; the system metrics come last
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
                    "&compareRunsMode=CHART")
-        body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
         wait_for(lambda: "System metrics" in body(), "the chart view's sections")
         text = body()
         assert text.index("study/") < text.index("transferability/") < text.index("Model metrics") \
@@ -205,7 +206,25 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         driver.save_screenshot(str(shots / "mlflow_ui_parent_artifacts.png"))
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
         wait_for(lambda: "study/source_digits-0-4/ntg" in driver.page_source, "the study's metrics on the parent")
+        # the parent's overview leads with the result: its description (NTG and the verdict) before the metrics
+        text = body()
+        assert "NTG" in text and "Majority-class rate" in text, text[:3000]
+        assert text.index("NTG") < text.index("system/"), text[:3000]
         driver.save_screenshot(str(shots / "mlflow_ui_parent_study_metrics.png"))
+        # a trial's page: its result in its description, its accuracy charts before what it cost (system/)
+        trial = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "final")
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{trial.info.run_id}")
+        wait_for(lambda: "best val" in body(), "the trial's description with its result")
+        text = body()
+        assert text.index("best val") < text.index("system/compute_seconds"), text[:3000]
+        driver.save_screenshot(str(shots / "mlflow_ui_trial_overview.png"))
+        # its charts: the accuracies and losses alone; what it cost is under System metrics
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{trial.info.run_id}/model-metrics")
+        wait_for(lambda: "val_acc" in body() and "best_val_acc" in body(), "the trial's metric charts")
+        assert "compute_seconds" not in body() and "startup_seconds" not in body(), body()[:3000]
+        driver.save_screenshot(str(shots / "mlflow_ui_trial_charts.png"))
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{trial.info.run_id}/system-metrics")
+        wait_for(lambda: "compute_seconds" in body(), "what the trial cost, under System metrics")
         models = [m for m in mlflow_search_logged_models(mlflow_server, exp.experiment_id)]
         driver.set_window_size(2400, 1000)  # the metric columns come after six others: at 1600 px they are not drawn
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/models")
@@ -218,5 +237,12 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         driver.get(f"{mlflow_server}/#/models/digits-study")
         wait_for(lambda: "champion" in driver.page_source, "the registered model with its champion alias")
         driver.save_screenshot(str(shots / "mlflow_ui_registered_champion.png"))
+        # the version itself: its accuracy, and whether it was registered below chance (the fixture allows it)
+        version = client.get_model_version("digits-study", "1")
+        assert version.tags["val_accuracy"].endswith("%") and "majority_class_rate" in version.tags
+        driver.get(f"{mlflow_server}/#/models/digits-study/versions/1")
+        wait_for(lambda: "val accuracy" in body() and ("below_chance" not in version.tags or "BELOW CHANCE" in body()),
+                 "the registered version's accuracy (and its below-chance mark, where it has one)")
+        driver.save_screenshot(str(shots / "mlflow_ui_registered_version.png"))
     finally:
         driver.quit()

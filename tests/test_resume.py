@@ -52,7 +52,14 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "tl-sweep: error: interrupted" in out and "--resume" in out, out[-2000:]
+        assert proc.returncode == 130 and "tl-sweep: error: interrupted" in out, out[-2000:]
+        error = next(line for line in out.splitlines() if line.startswith("tl-sweep: error: interrupted"))
+        assert "continue with: tl-sweep run " in error and error.endswith("--resume"), error  # the exact command
+        assert "Tuner.restore" not in out  # Tune's own advice does not compete with tl-sweep's
+        # the trials that were running are not left RUNNING: KILLED, and they say that --resume continues them
+        left = [r for r in children(db)[1] if r.info.status != "FINISHED"]
+        assert left and all(r.info.status == "KILLED" and "--resume continues it" in r.data.tags["tl_sweep.error"]
+                            for r in left)
     before = {r.info.run_id: r for r in children(db)[1] if r.info.status == "FINISHED"}
     assert before
     moved = set()
@@ -71,6 +78,13 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
     again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "(resumed)" in again.stderr  # progress goes to stderr
+    # a resumed sweep goes on from what it had: its finished count and best first, its counter from there on
+    best = max(r.data.metrics["best_val_acc"] for r in before.values())
+    assert f"resumed: {len(before)} of 4 trainings had finished; best so far: source:mnist-5k " \
+           f"{100 * best:.1f}%" in again.stderr, again.stderr[-3000:]
+    counters = [int(line.split("/")[0].strip("[ ")) for line in again.stderr.splitlines() if line.startswith("[")]
+    assert counters and counters[0] == len(before) + 1 and counters[-1] == 4, counters
+    assert "UserWarning" not in again.stderr  # Optuna is told each step once (it warned on a step told again)
     if sig == signal.SIGKILL:  # restored from its newest whole checkpoint, not failed three times
         assert f"ray: trial {witness}: Tune's saved state named checkpoint_" in again.stderr, again.stderr[-3000:]
     client, runs = children(db)

@@ -52,10 +52,10 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
         history = client.get_metric_history(t.info.run_id, "val_acc")
         epochs_run = int(t.data.tags["tl_sweep.epochs_run"])
         assert sorted(m.step for m in history) == list(range(1, epochs_run + 1))
-        for name in ("train_loss", "val_loss", "train_img_per_s"):
+        for name in ("train_loss", "val_loss", "system/train_img_per_s"):
             assert len(client.get_metric_history(t.info.run_id, name)) == epochs_run
-        assert [m.step for m in client.get_metric_history(t.info.run_id, "startup_seconds")] == [1]
-        assert 0 < t.data.metrics["scheduled_to_first_step_seconds"] < 120  # measured by the driver
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "system/startup_seconds")] == [1]
+        assert 0 < t.data.metrics["system/scheduled_to_first_step_seconds"] < 120  # measured by the driver
         if int(t.data.params["unfrozen_blocks"]) < 5:  # a frozen prefix: validation runs on its stored features
             assert "val (" in t.data.tags["tl_sweep.feature_cache"], t.data.tags
         epochs = int(t.data.params["epochs"])
@@ -120,5 +120,5 @@ def test_a_reused_worker_keeps_its_memory_level_over_many_trials(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("level").experiment_id], "tags.`tl_sweep.role` = 'trial'")
     runs.sort(key=lambda r: r.info.start_time)
     assert len({r.data.tags["tl_sweep.worker"] for r in runs}) == 1  # one process, reused: none replaced
-    held = [r.data.metrics["worker_memory_mb"] for r in runs[1:]]
+    held = [r.data.metrics["system/worker_memory_mb"] for r in runs[1:]]
     assert len(held) == 11 and max(held[3:]) - max(held[:3]) < 30, held

@@ -198,12 +198,12 @@ class Recorder(tune.Callback):
         run_id = r.mlflow_run_id or tracking.trial_run_id(self.uri, *self.where, trial.trial_id)
         if not run_id:
             return
-        tags = {Tag.EPOCHS_RUN: str(epochs_run)}
+        tags = {Tag.EPOCHS_RUN: str(epochs_run), Tag.NOTE: describe(config, r, failed, stopped)}
         if stopped:
             tags[Tag.EARLY_STOPPED] = "true"
         s = self.startup.pop(trial.trial_id, None)
         tracking.close_run(self.uri, run_id, "FAILED" if failed else "FINISHED", tags,  # with the first epoch
-                           {} if s is None else {"scheduled_to_first_step_seconds": s}, step=1)
+                           {} if s is None else {contract.mlflow_key("scheduled_to_first_step_seconds"): s}, step=1)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial's worker or node was lost and Tune restarts it from its last checkpoint: counted on its run."""
@@ -254,6 +254,18 @@ class StaleCheckpoints(tune.Callback):
         internals.forget_checkpoints(trial)  # nothing to restore from: Tune would fail the trial
         self.log(f"ray: trial {trial.trial_id}: no complete checkpoint is left in {missing.parent}; it starts "
                  f"over (its MLflow run keeps the epochs it logged)")
+
+
+def describe(config: TrialConfig, r: TrialReport, failed: bool, stopped: bool) -> str:
+    """A trial run's description (the top of its MLflow page): its result first, then what it was."""
+    role = {"candidate": "Selection re-training", "final": "Final"}.get(config.role, "Search trial")
+    how = ("failed" + (f": {r.trial_error}" if r.trial_error else "") if failed else
+           f"stopped early by ASHA after {r.epochs_run} of {config.epochs} epochs" if stopped else
+           f"ran its {config.epochs} epochs")
+    got = f"**best val {contract.percent(r.best_val_acc)}**" + (
+        f", **test {contract.percent(r.test_acc)}**" if r.test_acc is not None else "")
+    return (f"{got} — {role} of `{config.arm}` at k = {config.unfrozen_blocks} (search repeat {config.search}, seed "
+            f"{config.seed}); it {how}.")
 
 
 def newest_complete_checkpoint(folder: Path) -> Path | None:

@@ -45,8 +45,9 @@ class Classifier:
         try:
             ckpt = checkpoint.load(path)
         except FileNotFoundError:
-            raise UserError(f"MODEL: no checkpoint at {path}; give models:/m-… (as tl-sweep run prints it), runs:/<run id>/<model name>, models:/<name>@<alias> or "
-                            f"a tl-sweep checkpoint file") from None
+            raise UserError(f"MODEL: no checkpoint at {path}; give models:/m-… (as tl-sweep run prints it), "
+                            f"runs:/<run id>/<model name>, models:/<name>@<alias> or a tl-sweep checkpoint file"
+                            ) from None
         except Exception as e:  # noqa: BLE001 - any unpickling error means "not a checkpoint"
             raise UserError(f"MODEL: {path} is not a loadable checkpoint ({type(e).__name__}); give a best.pt "
                             f"that tl-sweep wrote") from None

@@ -23,7 +23,24 @@ from typing import Any, Callable, Literal
 METRIC = "val_acc"  # reported every epoch; the searcher and scheduler rank on it
 MODE = "max"
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")  # train.make_optimizer builds each
+# Reference learning rates at batch size 256 (lr_mult = 1): the torchvision ImageNet recipe for SGD, the usual 1e-3
+# for the adaptive methods. A trial's learning rate is REFERENCE_LR[optimizer] × lr_mult × batch_size / 256.
+REFERENCE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
+
+
+def learning_rate(optimizer: str, lr_mult: float, batch_size: int) -> float:
+    """The learning rate a trial's unfrozen blocks train at (the head at ``head_lr_mult`` times it)."""
+    return REFERENCE_LR[optimizer] * lr_mult * batch_size / 256
 PREDICTIONS = "predictions.csv"  # a final's artifact: per image of test and val, its row, label, prediction
+# what a trial cost, not what it found: in MLflow under system/ (the section its pages show last, after the
+# accuracy and loss charts); Tune's results keep the plain names
+BOOKKEEPING = ("compute_seconds", "startup_seconds", "epoch_seconds", "train_img_per_s", "worker_memory_mb",
+               "cohort_members", "trainable_blocks", "scheduled_to_first_step_seconds")
+
+
+def mlflow_key(metric: str) -> str:
+    """A trial metric's name in MLflow: bookkeeping under ``system/``, results as they are."""
+    return f"system/{metric}" if metric in BOOKKEEPING else metric
 
 Status = Literal["FINISHED", "EARLY_STOPPED", "FAILED"]
 
@@ -94,6 +111,7 @@ class Tag:
     SPEC_HASH = "tl_sweep.spec_hash"
     SUPERSEDED = "tl_sweep.superseded"
     PARENT = "mlflow.parentRunId"
+    NOTE = "mlflow.note.content"  # a run's description: what the MLflow UI shows at the top of its page
     # the parent (sweep) run's
     ARCH = "tl_sweep.arch"
     ARMS = "tl_sweep.arms"
@@ -146,6 +164,11 @@ class _TrialConfigMethods:
     def final(self) -> bool:
         """A study's final re-training: a cell's chosen configuration, scored once on the test split."""
         return self.role == "final"
+
+    @property
+    def lr(self) -> float:
+        """The learning rate it trains at (:func:`learning_rate`), which ``lr_mult`` alone does not say."""
+        return learning_rate(self.optimizer, self.lr_mult, self.batch_size)
 
     def dims(self) -> dict[str, Any]:
         return {d: getattr(self, d) for d in NAMES}
@@ -282,6 +305,7 @@ class TrialResult:
     def row(self) -> dict[str, Any]:
         """A flat dict (tables, CSV)."""
         return {"trial": self.trial, "run_id": self.run_id, "name": self.name, **self.config.to_tune(),
+                "lr": self.config.lr,
                 "best_val_acc": self.best_val_acc, "test_acc": self.test_acc, "epochs_run": self.epochs_run,
                 "status": self.status, "seconds": self.seconds, "retries": self.retries, "error": self.error}
 

@@ -184,6 +184,23 @@ def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, r
     return exp_id, parent
 
 
+def settle(uri: str, exp_id: str, parent: str, results: list[TrialResult]) -> int:
+    """Close every run of an ended trial as Tune knows it ended (FINISHED, with its early stop; or FAILED) where
+    MLflow says otherwise: a driver killed between a trial's end and the Recorder's close left it RUNNING (and
+    a Ctrl-C, KILLED), and Tune restores such a trial as ended, so no callback closes it again. Returns how
+    many runs it set right."""
+    status = {r.info.run_id: r.info.status for r in tracking.children(uri, exp_id, parent)}
+    n = 0
+    for r in results:
+        want = "FAILED" if r.status == "FAILED" else "FINISHED"
+        if r.run_id and status.get(r.run_id) not in (None, want):
+            tags = {Tag.EPOCHS_RUN: str(r.epochs_run), **({Tag.EARLY_STOPPED: "true"} if r.status == "EARLY_STOPPED"
+                                                          else {})}
+            tracking.close_run(uri, r.run_id, want, tags, correct=True)
+            n += 1
+    return n
+
+
 def finished_so_far(uri: str, exp_id: str, parent: str) -> tuple[int, dict[str, tuple[float, str]]]:
     """A resumed sweep's trainings that had ended (FINISHED or FAILED runs) and each arm's best validation accuracy
     among them."""
@@ -429,7 +446,10 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
         tracking.close_orphans(uri, exp_id, parent, "the sweep was interrupted while this trial ran; tl-sweep run "
                                                     "... --resume continues it from its last checkpoint, in this run")
     if summary.status != "KILLED" and online:  # a resumed sweep reopens its unfinished runs itself
-        if resume:  # trials a killed driver started after its last saved state: the search never saw them
+        if resume:  # trials that had ended before the driver was killed, their end not yet in MLflow
+            n_set = settle(uri, exp_id, parent, summary.trials + summary.selection + summary.finals)
+            if n_set:
+                log(f"mlflow: {n_set} runs of trials that had ended before the driver stopped are closed now")  # trials a killed driver started after its last saved state: the search never saw them
             known = {r.trial for r in summary.trials + summary.selection + summary.finals}
             n_gone = tracking.retire_unknown(uri, exp_id, parent, known)
             if n_gone:

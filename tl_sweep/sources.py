@@ -113,13 +113,13 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
         bar.update(n - bar.n)
 
     try:
-        model, acc = train.fit_plain(ctx, trial, log=(lambda m: bar.write(m, file=sys.stderr)) if bar else log,
-                                     step=step if bar else None)
+        model, acc = train.fit_plain(ctx, trial, step=step if bar is not None else None,
+                                     log=(lambda m: bar.write(m, file=sys.stderr)) if bar is not None else log)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted while pretraining source:{name}: nothing of it is kept (a source is "
                                 f"cached only once pretrained) and no sweep was started") from None
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     ckpt = checkpoint.make(model.cpu().state_dict(), arch=arch, classes=list(prepared.classes),
                            head={"kind": "linear"}, input=inp, trial=trial.to_tune(), epoch=t.epochs, val_acc=acc)

@@ -2,9 +2,9 @@
 plus :class:`Fit`, a model being fine-tuned at a depth (no Ray, no MLflow: :mod:`tl_sweep.trainable` wraps it
 for Ray Tune, :mod:`tl_sweep.sources` uses it to pretrain source models).
 
-Learning rate: ``lr = REFERENCE_LR[optimizer] × lr_mult × batch_size / 256`` for the unfrozen blocks, times
-``head_lr_mult`` for the new head (times ``layer_decay**distance`` per block below the head when layer
-decay is on). The schedule is a per-step cosine from ``lr`` to 0 over the trial's *own* epochs.
+Learning rate: ``contract.learning_rate`` (``REFERENCE_LR[optimizer] × lr_mult × batch_size / 256``) for the
+unfrozen blocks, times ``head_lr_mult`` for the new head (times ``layer_decay**distance`` per block below the head
+when layer decay is on). The schedule is a per-step cosine from ``lr`` to 0 over the trial's *own* epochs.
 """
 
 from __future__ import annotations
@@ -20,20 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_sweep import features, models
-from tl_sweep.contract import TrialConfig, TrialContext
+from tl_sweep.contract import TrialConfig, TrialContext, learning_rate
 from tl_sweep.data import Augmenter, Prepared, to_device
 
-# Reference learning rates at batch size 256 (lr_mult = 1): the torchvision ImageNet recipe for SGD,
-# the usual 1e-3 for the adaptive methods.
-REFERENCE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 
 
 class TrialError(RuntimeError):
     """A trial that cannot go on (e.g. its loss became NaN); it ends FAILED with this reason."""
-
-
-def learning_rate(optimizer: str, lr_mult: float, batch_size: int) -> float:
-    return REFERENCE_LR[optimizer] * lr_mult * batch_size / 256
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:

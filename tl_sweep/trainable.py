@@ -220,7 +220,8 @@ class Training:
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch > self.logged:  # a resumed trial does not log an epoch twice
             notes = self.fit.notes
-            self.run.log_epoch(epoch, metrics, {Tag.FEATURE_CACHE: "; ".join(notes)[:5000]} if notes else None)
+            self.run.log_epoch(epoch, {contract.mlflow_key(k): v for k, v in metrics.items()},
+                               {Tag.FEATURE_CACHE: "; ".join(notes)[:5000]} if notes else None)
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         """Tune's report of an epoch, with a resume checkpoint every ``checkpoint_every`` epochs, or the best

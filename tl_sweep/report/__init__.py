@@ -2,7 +2,8 @@
 
 :func:`build` reads a sweep's parent run and child runs from the tracking store (local or a remote server)
 (:mod:`~tl_sweep.report.collect`), computes the study's statistics (:mod:`~tl_sweep.report.stats`, pure
-functions) and writes ``report.md``, ``trials.csv`` and PNG plots (:mod:`~tl_sweep.report.render`), then logs
+functions) and writes ``report.md``, ``trials.csv`` (:mod:`~tl_sweep.report.render`) and PNG plots
+(:mod:`~tl_sweep.report.plots`), then logs
 them on the parent run. ``tl-sweep report`` rebuilds byte-for-byte the ``report.md`` and ``trials.csv`` that
 ``tl-sweep run`` wrote at its end.
 """
@@ -13,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl_sweep import contract, tracking, transferability
+from tl_sweep.contract import Tag
 from tl_sweep.errors import UserError
 from tl_sweep.report import budget, collect, importance, render, stats
+from tl_sweep.report import plots as plot
 
 __all__ = ["Report", "build"]
+NOTE_END = " The full report: this run's artifacts, report/report.md."
 
 
 @dataclass
@@ -46,22 +50,21 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")),
                       collect.predictions(uri, results))
     plots = set()
-    render.plot_freeze_depth(a, out / "freeze_depth.png")
+    plot.plot_freeze_depth(a, out / "freeze_depth.png")
     curves = budget.budget_curves(results)
-    if render.plot_budget(curves, out / "budget_curves.png"):
+    if plot.plot_budget(curves, out / "budget_curves.png"):
         plots.add("budget")
-    if render.plot_cost(a, budget.cost(results), out / "cost.png"):
+    if plot.plot_cost(a, budget.cost(results), out / "cost.png"):
         plots.add("cost")
     chosen = stats.curve_runs(results, a)
     history = collect.histories(uri, [rid for _, _, rid in chosen], contract.METRIC)
-    if render.plot_learning_curves([(label, style, history[rid]) for label, style, rid in chosen],
+    if plot.plot_learning_curves([(label, style, history[rid]) for label, style, rid in chosen],
                                    out / "learning_curves.png"):
         plots.add("curves")
     imp = importance.importance_per_arm(results, {arm: collect.space(sweep.params, arm) for arm in a.arms})
-    study = importance.search_study(results, importance.union(
-        [collect.space(sweep.params, arm) for arm in a.arms]))
-    if imp and study is not None:
-        render.plot_parallel(study, out / "parallel_coordinates.png")
+    if plot.plot_parallel(results, importance.union([collect.space(sweep.params, arm) for arm in a.arms]),
+                            out / "parallel_coordinates.png"):
+        plots.add("parallel")
     est = transferability.read_metrics(sweep.metrics, a.arms)
     est_md = render.estimates_section(est, truth := stats.truth_per_cell(a), stats.agreement(est, truth)) \
         if est else None
@@ -78,7 +81,8 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
         tracking.log_files(uri, parent_id, files, artifact_path="report")
         for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
             tracking.log_batch(uri, parent_id, metrics, step=search)
-        tracking.log_batch(uri, parent_id, stats.pooled_metrics(a))
+        tracking.log_batch(uri, parent_id, stats.pooled_metrics(a), {Tag.NOTE: render.description(
+            sweep.experiment, a, render.findings(a, capped)) + NOTE_END})
     key_text = (render.text_table(render.headline_table(a, budget.compute(results))) + "\n\nper search repeat:\n"
                 if a.verdicts else "") + render.text_table(render.key_table(a))
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
@@ -106,15 +110,15 @@ def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -
     curves = [(f"{r.trial} k={r.config.unfrozen_blocks} {r.config.optimizer} lr×{r.config.lr_mult:.3g}", "-",
                history[r.run_id]) for r in top]
     chance = best_chance(results, header)
-    if render.plot_learning_curves(curves, out / "learning_curves.png", "Learning curves of the best trials",
+    if plot.plot_learning_curves(curves, out / "learning_curves.png", "Learning curves of the best trials",
                                    chance[1] if chance else None):
         plots.add("curves")
-    if render.plot_dimensions(results, out / "dimensions.png", chance[1] if chance else None):
+    space = collect.space(sweep.params)
+    if plot.plot_dimensions(results, out / "dimensions.png", chance[1] if chance else None, space):
         plots.add("dimensions")
-    study = importance.search_study(results, collect.space(sweep.params))
-    imp = {"all": i} if (i := importance.importance(study)) else {}
-    if imp:
-        render.plot_parallel(study, out / "parallel_coordinates.png")
+    imp = {"all": i} if (i := importance.importance(importance.search_study(results, space))) else {}
+    if plot.plot_parallel(results, space, out / "parallel_coordinates.png"):
+        plots.add("parallel")
     markdown = render.sweep_markdown(header, parent_id, results, imp, plots, chance)
     (out / "report.md").write_text(markdown)
     (out / "trials.csv").write_text(render.trials_csv(results))
@@ -125,7 +129,9 @@ def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -
     key = ""
     if chance:
         acc, rate, p, tries = chance
-        key = (f"best val_acc {100 * acc:.1f}% against the validation split's majority-class rate {100 * rate:.1f}%: "
+        key = (f"best val {100 * acc:.1f}% against the validation split's majority-class rate {100 * rate:.1f}%: "
                f"{'above' if p < stats.ALPHA else 'NOT above'} chance (exact binomial p {p:.2g}, over {tries} trials)")
+    if log_artifacts and key:
+        tracking.log_batch(uri, parent_id, {}, {Tag.NOTE: f"**{sweep.experiment}**: {key}." + NOTE_END})
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
     return Report(out, markdown, key, None, chance)

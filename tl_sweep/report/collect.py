@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tl_sweep import tracking
-from tl_sweep.contract import NAMES, PREDICTIONS, Tag, TrialConfig, TrialResult
+from tl_sweep.contract import NAMES, PREDICTIONS, Tag, TrialConfig, TrialResult, mlflow_key
 
 
 @dataclass
@@ -32,7 +32,8 @@ def result(run) -> TrialResult:
     return TrialResult(TrialConfig.from_params(params), status, int(epochs) if epochs is not None else 0,
                        best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"),
                        trial=t.get(Tag.TRIAL_ID, ""), run_id=run.info.run_id, name=run.info.run_name,
-                       error=t.get(Tag.ERROR), seconds=m.get("compute_seconds"),
+                       error=t.get(Tag.ERROR),
+                       seconds=m.get(mlflow_key("compute_seconds"), m.get("compute_seconds")),  # (before 2026-12-07)
                        retries=int(t.get(Tag.RETRIES, 0)), delayed=int(t.get(Tag.DELAYED, 0)))
 
 

@@ -85,7 +85,7 @@ def crossed(y: np.ndarray) -> Estimate:
     ms_i = s * float(((cols - m) ** 2).sum()) / (n - 1)
     resid = y - rows[:, None] - cols[None, :] + m
     ms_e = float((resid ** 2).sum()) / ((s - 1) * (n - 1))
-    # var = σ²_s/S + σ²_i/N + σ²_e/(S·N), σ²_s = (MS_s − MS_e)/N, σ²_i = (MS_i − MS_e)/S, each at least 0;
+    # var = σ²_s/S + σ²_i/N + σ²_e/(S·N); σ²_s = (MS_s − MS_e)/N, σ²_i = (MS_i − MS_e)/S, each ≥ 0;
     # as a combination of mean squares, Σ c_j·MS_j
     c = {"s": 0.0, "i": 0.0, "e": 1.0}
     if ms_s > ms_e:

@@ -1,4 +1,5 @@
-"""Render a study: markdown and text tables, plain-sentence findings, the CSV of every run, and the plots.
+"""Render a study: markdown and text tables, plain-sentence findings, the CSV of every run (the plots are
+:mod:`~tl_sweep.report.plots`'s).
 
 Pure functions of an :class:`~tl_sweep.report.stats.Analysis` and typed results; nothing here reads MLflow.
 """
@@ -9,14 +10,11 @@ import csv
 import io
 import math
 import statistics
-import warnings
-from pathlib import Path
 from typing import Any
 
 from tl_sweep.contract import NAMES, TrialResult
 from tl_sweep.report import budget, stats
 from tl_sweep.report.stats import Analysis, Gap
-from tl_sweep.report.stats import mean_ci as _mean_ci
 
 def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -107,8 +105,8 @@ def findings(a: Analysis, capped: list | None = None) -> list[str]:
     for arm, v in a.verdicts.items():
         p = v.pooled
         out.append(f"`{arm}` against the tuned scratch baseline, over {p.k} search repeat{'s' if p.k > 1 else ''} "
-                   f"(each at its chosen depth), seeds and test images: NTG {_gap(stats.Gap(p.value, p.lo, p.hi, 0, 0, 1))}"
-                   f" points, **{v.verdict}**.")
+                   f"(each at its chosen depth), seeds and test images: NTG "
+                   f"{_gap(stats.Gap(p.value, p.lo, p.hi, 0, 0, 1))} points, **{v.verdict}**.")
     if not a.images and a.verdicts:
         out.append("These finals logged no per-image predictions (tl-sweep before 2026-12-07): their intervals "
                    "carry the seeds' spread only, not the test images' sampling.")
@@ -150,6 +148,14 @@ def findings(a: Analysis, capped: list | None = None) -> list[str]:
     return out
 
 
+def description(experiment: str, a: Analysis, findings: list[str]) -> str:
+    """The sweep's parent run's description (the top of its MLflow page): the headline findings first, then the
+    majority-class rate to read them by."""
+    rates = "/".join(_pct(c) for c in sorted(set(a.chance.values()))) or "–"
+    lead = [f for f in findings if "against the tuned scratch baseline" in f] or findings[:2]
+    return (f"**{experiment}**: " + " ".join(lead) + f" Majority-class rate of the test split: {rates}%.")
+
+
 def depth_table(a: Analysis) -> list[list[str]]:
     head = ["arm", "depth", "search", "trials finished / started", "best search val %", "selection val %",
             "test % [95% CI]", "above chance (Holm p)", "NTG pts [95% CI] (exploratory)", "Holm p (table)"]
@@ -165,104 +171,13 @@ def depth_table(a: Analysis) -> list[list[str]]:
 
 
 def trials_csv(results: list[TrialResult]) -> str:
-    cols = ["run_id", "name", "role", "arm", "seed", *NAMES, "best_val_acc", "test_acc", "epochs_run", "status"]
+    cols = ["run_id", "name", "role", "arm", "seed", *NAMES, "lr", "best_val_acc", "test_acc", "epochs_run", "status"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in results:
         w.writerow(r.row())
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: int = 8, ncol: int = 1,
-          integer_x: bool = False) -> None:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if integer_x:  # epochs, trials, blocks: whole numbers
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=legend, ncol=ncol)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _chance_line(ax, chance: float | None, label: str = "majority-class rate") -> None:
-    if chance is not None:
-        ax.axhline(100 * chance, color="red", ls=":", label=label)
-
-
-def plot_freeze_depth(a: Analysis, path: Path) -> None:
-    """Test accuracy per depth (finals of every search repeat pooled), scratch as a band, chance as a line."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in a.arms:
-        if arm == a.scratch:
-            continue
-        pts = []
-        for d in a.depths(arm):
-            tests = [t for c in a.cells.values() if (c.arm, c.depth) == (arm, d) for t in c.final_test.values()]
-            if tests:
-                pts.append((d, _mean_ci(tests)))
-        if pts:
-            err = [[0 if math.isnan(t[1]) else 100 * (t[0] - t[1]) for _, t in pts],
-                   [0 if math.isnan(t[2]) else 100 * (t[2] - t[0]) for _, t in pts]]
-            ax.errorbar([d for d, _ in pts], [100 * t[0] for _, t in pts], yerr=err, marker="o", capsize=3, label=arm)
-    base = [t for d in a.depths(a.scratch) for t in a.pooled_tests(a.scratch, d)] if a.scratch else []
-    if base:
-        m, lo, hi = _mean_ci(base)
-        ax.axhline(100 * m, color="grey", ls="--", label="scratch (tuned)")
-        if not math.isnan(lo):
-            ax.axhspan(100 * lo, 100 * hi, color="grey", alpha=0.2)
-    if a.chance:
-        ax.axhline(100 * max(a.chance.values()), color="red", ls=":", label="chance (majority class)")
-    _save(fig, ax, path, "unfrozen blocks (0 = linear probe)", "test accuracy (%)",
-          "Freeze depth (finals of all search repeats, mean ± 95% CI)", integer_x=True)
-
-
-def plot_budget(curves: list[budget.BudgetCurve], path: Path) -> bool:
-    """Expected best validation accuracy vs trials, one panel per cell, one line (and 90% bootstrap band) per
-    search repeat, from full-schedule trials only (Dodge et al. 2019)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    if not curves:
-        return False
-    cells = sorted({(c.arm, c.depth) for c in curves}, key=lambda k: (k[0] == "scratch", str(k[0]), k[1]))
-    cols = min(4, len(cells))
-    rows = math.ceil(len(cells) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(cells):]:
-        ax.axis("off")
-    for ax, (arm, depth) in zip(axes.flat, cells):
-        for c in (c for c in curves if (c.arm, c.depth) == (arm, depth)):
-            n = range(1, len(c.mean) + 1)
-            line, = ax.plot(n, [100 * y for y in c.mean], marker=".", label=f"repeat {c.search} "
-                                                                            f"({c.finished}/{c.started} full)")
-            ax.fill_between(n, [100 * y for y in c.lo], [100 * y for y in c.hi], color=line.get_color(), alpha=0.15)
-        ax.set_title(f"{arm} k={depth}", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in axes[-1]:
-        ax.set_xlabel("trials in one search", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("expected best val acc (%)", fontsize=8)
-    fig.suptitle("Budget curves (full-schedule trials; band: 90% bootstrap): still rising = more trials would help; "
-                 "flat and low = the search never found a good region", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def budget_summary(curves: list[budget.BudgetCurve]) -> str:
@@ -278,97 +193,6 @@ def budget_summary(curves: list[budget.BudgetCurve]) -> str:
             f"accuracy (median over {len(curves)} searches; range {gains[0]:.1f} to {gains[-1]:.1f}, the most for "
             f"{top.arm} k={top.depth} in search repeat {top.search}); {whole} of the {len(curves)} searches "
             f"finished every trial they started. Cells with fewer than two full-schedule trials have no curve.")
-
-
-def plot_cost(a: Analysis, cost: dict[tuple[str, int], float], path: Path) -> bool:
-    """Test accuracy vs compute seconds per (arm, depth): the price of each freeze depth."""
-    import matplotlib.pyplot as plt
-
-    pts = []
-    for (arm, depth), secs in cost.items():
-        tests = a.pooled_tests(arm, depth)
-        if tests:
-            pts.append((arm, depth, secs, statistics.fmean(tests)))
-    if not pts:
-        return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in a.arms:
-        mine = sorted((p for p in pts if p[0] == arm), key=lambda p: p[1])
-        ax.plot([p[2] for p in mine], [100 * p[3] for p in mine], marker="o", label=arm)
-        for p in mine:
-            ax.annotate(f"k={p[1]}", (p[2], 100 * p[3]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    _save(fig, ax, path, "compute seconds (search, selection and finals, all repeats)",
-          "mean test accuracy of the finals (%)",
-          "Cost of each freeze depth")
-    return True
-
-
-def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]], path: Path,
-                         title: str = "Learning curves: shallowest vs deepest fine-tuning (best trial each)",
-                         chance: float | None = None) -> bool:
-    """Validation accuracy per epoch, one line per (label, style, [(epoch, value)])."""
-    import matplotlib.pyplot as plt
-
-    if not curves:
-        return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, style, points in curves:
-        ax.plot([e for e, _ in points], [100 * v for _, v in points], style, marker=".", label=label)
-    _chance_line(ax, chance, "majority-class rate of val")
-    _save(fig, ax, path, "epoch", "validation accuracy (%)", title, legend=7, integer_x=True)
-    return True
-
-
-def plot_dimensions(results: list[TrialResult], path: Path, chance: float | None = None) -> bool:
-    """Each trial's best validation accuracy against each searched dimension (one panel per dimension that
-    varied), finished trials and early-stopped ones apart; the majority-class rate as a line."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    done = [r for r in results if r.config.searched and r.best_val_acc is not None]
-    dims = [d for d in NAMES if len({getattr(r.config, d) for r in done}) > 1]
-    if not dims:
-        return False
-    fig, axes = plt.subplots(1, len(dims), figsize=(3.0 * len(dims), 3.0), squeeze=False, sharey=True)
-    for ax, d in zip(axes[0], dims):
-        values = sorted({getattr(r.config, d) for r in done}, key=lambda v: (isinstance(v, str), v))
-        categorical = any(isinstance(v, str) for v in values)
-        for status, marker in (("FINISHED", "o"), ("EARLY_STOPPED", "x")):
-            mine = [r for r in done if r.status == status]
-            x = [values.index(getattr(r.config, d)) if categorical else getattr(r.config, d) for r in mine]
-            ax.scatter(x, [100 * r.best_val_acc for r in mine], marker=marker, s=18,
-                       label="ran its schedule" if status == "FINISHED" else "stopped early")
-        if categorical:
-            ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=7)
-        elif all(isinstance(v, int) for v in values):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        elif min(values) > 0 and max(values) / min(values) > 20:
-            ax.set_xscale("log")
-        _chance_line(ax, chance)
-        ax.set_xlabel(d, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("best validation accuracy (%)", fontsize=8)
-    axes[0][0].legend(fontsize=6)
-    fig.suptitle("Validation accuracy against each searched dimension", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_parallel(study, path: Path) -> None:
-    """Optuna's parallel coordinates of the finished search trials."""
-    import matplotlib.pyplot as plt
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study, target_name="best val acc (%)")
-    fig = ax.figure
-    fig.set_size_inches(8, 4.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def estimates_section(estimates: dict[tuple[str, int], dict[str, float]], truth: dict[tuple[str, int], float],
@@ -424,11 +248,12 @@ def _arm(arm: str) -> str:
 
 def sweep_table(results: list[TrialResult], limit: int = 10) -> list[list[str]]:
     """A plain sweep's best trials by validation accuracy (those that ran their schedule first)."""
-    head = ["trial", "run", "k", "optimizer", "bs", "lr_mult", "epochs", "best val %", "status"]
+    head = ["trial", "run", "k", "optimizer", "bs", "lr_mult", "lr", "epochs", "best val %", "status"]
     ranked = sorted((r for r in results if r.config.searched and r.best_val_acc is not None),
                     key=lambda r: (r.status != "FINISHED", -r.best_val_acc))
     return [head] + [[r.trial, r.name, str(r.config.unfrozen_blocks), r.config.optimizer, str(r.config.batch_size),
-                      f"{r.config.lr_mult:.3g}", str(r.config.epochs), _pct(r.best_val_acc), r.status]
+                      f"{r.config.lr_mult:.3g}", f"{r.config.lr:.2g}", str(r.config.epochs), _pct(r.best_val_acc),
+                      r.status]
                      for r in ranked[:limit]]
 
 
@@ -460,12 +285,24 @@ def sweep_markdown(header: dict[str, Any], parent_id: str, results: list[TrialRe
         md += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
     if "dimensions" in plots:
         md += ["## Validation accuracy against each searched dimension", "", "![dimensions](dimensions.png)", ""]
+    if imp or "parallel" in plots:
+        md += ["## Search", ""]
     if imp:
-        md += ["## Search", "", "fANOVA importance of each searched dimension for the best validation accuracy:", ""]
+        n = sum(r.config.searched and r.status == "FINISHED" for r in results)
+        at_chance = best_chance is not None and best_chance[2] >= stats.ALPHA
+        md += [f"fANOVA importance of each searched dimension for the best validation accuracy, over the {n} trials "
+               f"that ran their schedule" + (": **the best of them is not above chance, so this explains noise**"
+                                             if at_chance else _few(n)) + ":", ""]
         md += [f"- {', '.join(f'{k} {v:.2f}' for k, v in i.items())}" for i in imp.values()]
-        md += ["", "![parallel coordinates](parallel_coordinates.png)", ""]
+        md += [""]
+    if "parallel" in plots:
+        md += ["![parallel coordinates](parallel_coordinates.png)", ""]
     md += ["All trials: [trials.csv](trials.csv).", ""]
     return "\n".join(md)
+
+
+def _few(n: int) -> str:
+    return " (under ~20 trials it is a hint, not a finding)" if n < 20 else ""
 
 
 def _faults(results: list[TrialResult]) -> str:
@@ -576,10 +413,17 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
         md += ["## Cost", "", "![cost](cost.png)", ""]
     if "curves" in plots:
         md += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
+    if imp or "parallel" in plots:
+        md += ["## Search", ""]
     if imp:
-        md += ["## Search", "", "fANOVA importance of each searched dimension for the best validation accuracy, "
-               "within each arm:", ""]
-        md += [f"- `{arm}`: " + ", ".join(f"{k} {v:.2f}" for k, v in i.items()) for arm, i in imp.items()]
-        md += ["", "![parallel coordinates](parallel_coordinates.png)", ""]
+        md += ["fANOVA importance of each searched dimension for the best validation accuracy, within each arm "
+               "(over the trials that ran their schedule; under ~20 trials it is a hint, not a finding):", ""]
+        n = {arm: sum(r.config.searched and r.status == "FINISHED" and r.config.arm == arm for r in results)
+             for arm in imp}
+        md += [f"- `{arm}` ({n[arm]} trials): " + ", ".join(f"{k} {v:.2f}" for k, v in i.items())
+               for arm, i in imp.items()]
+        md += [""]
+    if "parallel" in plots:
+        md += ["![parallel coordinates](parallel_coordinates.png)", ""]
     md += ["All trials: [trials.csv](trials.csv).", ""]
     return "\n".join(md)

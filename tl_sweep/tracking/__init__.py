@@ -243,12 +243,13 @@ def log_batch(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, 
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None,
-              metrics: dict[str, float] | None = None, step: int = 0) -> None:
-    """The one way a run ends: its last tags and metrics (at ``step``), then its status (unless it ended
-    already)."""
+              metrics: dict[str, float] | None = None, step: int = 0, correct: bool = False) -> None:
+    """The one way a run ends: its last tags and metrics (at ``step``), then its status (unless it ended already;
+    with ``correct``, whatever status it has: a resumed sweep setting right what a killed driver left)."""
     if tags or metrics:
         log_batch(uri, run_id, metrics or {}, tags, step=step)
-    Outbox(uri).write(run_id, {"op": "end", "status": status, "time": int(time.time() * 1000), "only_running": True})
+    Outbox(uri).write(run_id, {"op": "end", "status": status, "time": int(time.time() * 1000),
+                               "only_running": not correct})
 
 
 # ----------------------------------------------------------------------------------------- reading
