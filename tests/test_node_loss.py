@@ -135,5 +135,7 @@ def test_a_killed_driver_fails_the_job_and_submit_resume_finishes_the_sweep(clus
     assert [p.info.run_id for p in after] == [p.info.run_id for p in parents]  # the same sweep, continued
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     runs = trial_runs(client, "driver")
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs), (
+        [(r.info.status, r.data.tags.get("tl_sweep.error"), r.data.tags.get("tl_sweep.trial_id")) for r in runs],
+        resumed.stderr[-3000:])
     assert all(epochs_logged(client, r.info.run_id) == list(range(1, EPOCHS + 1)) for r in runs)

@@ -22,7 +22,7 @@ def test_a_study_gives_every_cell_the_same_budget():
     assert {c.unfrozen_blocks for c in configs if c.arm == "scratch"} == {5}
     assert {c.seed for c in configs if c.search == 1} == {cfg.spec.seed + 1}
     st = cfg.spec.study  # 10 cells × (2 candidates × 2 seeds) selection re-trainings, × repeats finals
-    assert cfg.trainings() == (30, 10 * st.candidates * st.selection_seeds, 10 * st.repeats) == (30, 40, 50)
+    assert cfg.trainings() == (30, 10 * st.candidates * st.selection_seeds, 10 * st.repeats)
     assert (st.min_candidates, st.candidates) == (3, 2)  # ASHA leaves 3 full schedules; the best 2 re-trained
     # concurrent suggestions go to different cells: the first ten are one per cell and repeat
     assert len({(c.arm, c.unfrozen_blocks, c.search) for c in configs[:10]}) == 10

@@ -26,7 +26,7 @@ def test_cli_sweep_nests_trials_under_one_parent(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "[  4/4]" in proc.stderr and "[  4/4]" not in out  # progress on stderr, results on stdout
-    assert "best val_acc" in out
+    assert "best val %" in out and "%" in out.split("best val %")[1].splitlines()[1]  # accuracy in percent
     assert "workflowType=machine_learning" in out
 
     client = MlflowClient(f"sqlite:///{db}")

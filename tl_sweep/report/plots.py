@@ -144,7 +144,15 @@ def plot_learning_curves(curves: list[tuple[str, str, list[tuple[int, float]]]],
 def _axes(results: list[TrialResult], space: dict[str, dict]) -> list[tuple[str, dict]]:
     """The dimensions worth an axis: those the spec searched that took two values or more, then the learning rate
     those choices made (lr = reference × lr_mult × batch / 256: what lr_mult alone does not say), on a log scale."""
-    axes = [(d, space[d]) for d in NAMES if d in space and len({getattr(r.config, d) for r in results}) > 1]
+    axes = []
+    for d in NAMES:
+        seen = {getattr(r.config, d) for r in results}
+        if d not in space or len(seen) < 2:
+            continue
+        how = space[d]
+        if "choices" in how and not seen <= set(how["choices"]):  # scratch's depth (every block) is not in the grid
+            how = {"choices": how["choices"] + sorted(seen - set(how["choices"]), key=lambda v: (str(type(v)), v))}
+        axes.append((d, how))
     lrs = [r.config.lr for r in results]
     if len(set(lrs)) > 1:
         axes.append(("lr", {"low": min(lrs), "high": max(lrs), "log": True, "int": False}))
