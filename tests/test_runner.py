@@ -38,3 +38,27 @@ def test_a_trials_context_comes_from_the_resolved_config():
     assert not ctx.keep_search_weights  # a study publishes its finals only
     assert len(ctx.digests) == 2 and set(ctx.digests[0]) == {"train", "val", "test"}
     assert ctx.worker_growth == 0.25 and ctx.checkpoint_every == 1 and ctx.checkpoint_seconds == 30
+
+
+def test_a_resumed_study_counts_the_re_trainings_it_had_finished(tmp_path):
+    """What ``--resume`` reads from MLflow before it goes on: every ended training, and apart the selection and final
+    re-trainings (the search phase's own count holds only search trials: a study stopped in its finals went on
+    counting from the end of its search)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("resume-count")
+    parent = client.create_run(exp).info.run_id
+    ended = [("trial", "FINISHED", 0.6), ("trial", "FAILED", None), ("candidate", "FINISHED", 0.7),
+             ("final", "FINISHED", 0.9), ("final", "KILLED", 0.95), ("trial", "RUNNING", 0.99)]
+    for i, (role, status, acc) in enumerate(ended):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "tl_sweep.trial_id": f"t{i}"}).info.run_id
+        for k, v in TrialConfig(arm="scratch", unfrozen_blocks=5, role=role, seed=i).to_params().items():
+            client.log_param(run, k, v)
+        if acc is not None:
+            client.log_metric(run, "best_val_acc", acc)
+        client.set_terminated(run, status)
+    done, retrained, best = runner.finished_so_far(uri, exp, parent)
+    assert (done, retrained) == (4, 2)  # KILLED and RUNNING runs continue: not finished
+    assert best == {"scratch": (0.9, "t3")}

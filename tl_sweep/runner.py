@@ -201,19 +201,21 @@ def settle(uri: str, exp_id: str, parent: str, results: list[TrialResult]) -> in
     return n
 
 
-def finished_so_far(uri: str, exp_id: str, parent: str) -> tuple[int, dict[str, tuple[float, str]]]:
-    """A resumed sweep's trainings that had ended (FINISHED or FAILED runs) and each arm's best validation accuracy
-    among them."""
-    n, best = 0, {}
+def finished_so_far(uri: str, exp_id: str, parent: str) -> tuple[int, int, dict[str, tuple[float, str]]]:
+    """A resumed sweep's trainings that had ended (FINISHED or FAILED runs), how many of them were a study's
+    re-trainings (selection and finals: the search phase's count does not hold them), and each arm's best validation
+    accuracy among them."""
+    n, retrained, best = 0, 0, {}
     for run in tracking.children(uri, exp_id, parent):
         if run.info.status not in ("FINISHED", "FAILED"):
             continue
         n += 1
         c = TrialConfig.from_params(run.data.params)
+        retrained += not c.searched
         acc = run.data.metrics.get("best_val_acc")
         if acc is not None and (c.arm not in best or acc > best[c.arm][0]):
             best[c.arm] = (acc, run.data.tags.get(Tag.TRIAL_ID, ""))
-    return n, best
+    return n, retrained, best
 
 
 def start_ray(address: str | None) -> None:
@@ -500,8 +502,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
     exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
+    retrained = 0  # a resumed study's selection and final re-trainings that had finished
     if resume:  # the counter, the best so far and the ETA go on from what the sweep had finished
-        plan.done, plan.best = finished_so_far(uri, exp_id, parent)
+        plan.done, retrained, plan.best = finished_so_far(uri, exp_id, parent)
         log(f"resumed: {plan.done} of {plan.total} trainings had finished"
             + (f"; best so far: {plan.bests()}" if plan.best else ""))
     summary = Summary(exp_id, parent, chance={k: data.chance(repeats[0], k) for k in ("val", "test")})
@@ -527,7 +530,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         summary.trials = search(cfg, ctx, parent, log, resume, prior, plan)
         summary.trials.sort(key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
         if s.study is not None:
-            plan.done = len(summary.trials)  # a halving search ran fewer than its plan
+            plan.done = len(summary.trials) + retrained  # a halving search ran fewer than its plan
             plan.total = plan.done + sum(cfg.trainings()[1:])
             summary.selection = select(cfg, ctx, parent, summary.trials, log, resume, plan)
             summary.finals = retrain_finalists(cfg, ctx, parent, summary.selection, log, resume, plan)
