@@ -208,7 +208,8 @@ class CellSearch:
         return self.arm, self.depth
 
     def rank(self) -> tuple[float, float, float]:
-        """Its standing at a rung (:func:`tl_sweep.study.standing`: the selection rule's ranking)."""
+        """Its standing at a rung (:func:`tl_sweep.study.standing`: its search trials ranked as the selection's first
+        step ranks them)."""
         return study.standing(self.scores)
 
 
@@ -221,9 +222,10 @@ class StudySearcher(TuneSearcher):
 
     ``halving``: within each search repeat, successive halving across the pretrained cells (the scratch cell,
     the baseline every verdict needs, always gets the full budget). Every cell starts with the first rung's
-    trials; when all of a rung's trials have ended, the cells are ranked by the selection rule the finals use
-    (the best validation accuracy among trials that ran their whole schedule; ties: the second best, then the
-    best of any trial, then the higher transferability estimate, ``prior``) and the best ``1/eta`` go on, at
+    trials; when all of a rung's trials have ended, the cells are ranked on their search trials as the selection's
+    first step ranks a cell's configurations (the best validation accuracy among trials that ran their whole
+    schedule; ties: the second best, then the best of any trial, then the higher transferability estimate,
+    ``prior``) and the best ``1/eta`` go on, at
     least one cell per source so every source keeps a verdict. A cell without an estimate (no frozen prefix)
     tied with the last cell kept goes on too: a missing estimate says nothing. The others are cut (recorded in
     :attr:`cuts`, and visible in the trials: a cut cell has fewer trials and no finals).

@@ -45,13 +45,16 @@ class Estimate:
     def se(self) -> float:
         return math.sqrt(self.var)
 
-    def interval(self, alpha: float = ALPHA) -> tuple[float, float]:
+    def interval(self, alpha: float = ALPHA, bounds: tuple[float, float] = (-math.inf, math.inf)
+                 ) -> tuple[float, float]:
+        """The t-interval, within ``bounds`` (an accuracy is in [0, 1], a difference of two in [-1, 1]: a
+        t-interval over few seeds can reach past them)."""
         if self.var <= 0 or not math.isfinite(self.df) or self.df <= 0:
             return math.nan, math.nan
         from scipy import stats
 
         half = float(stats.t.ppf(1 - alpha / 2, self.df)) * self.se
-        return self.value - half, self.value + half
+        return max(bounds[0], self.value - half), min(bounds[1], self.value + half)
 
     def p(self, null: float = 0.0) -> float:
         """Two-sided p-value of ``value == null``."""

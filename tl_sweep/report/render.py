@@ -171,7 +171,8 @@ def depth_table(a: Analysis) -> list[list[str]]:
 
 
 def trials_csv(results: list[TrialResult]) -> str:
-    cols = ["run_id", "name", "role", "arm", "seed", *NAMES, "lr", "best_val_acc", "test_acc", "epochs_run", "status"]
+    cols = ["run_id", "name", "role", "arm", "search", "seed", *NAMES, "lr", "best_val_acc", "test_acc", "epochs_run",
+            "status"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -379,8 +380,9 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
         per = "; ".join(f"search repeat {c.search}: {c.arm}@k={c.depth} after {c.trials} trials (best search val "
                         f"{_pct(c.best_val)}%)" for c in cut)
         md += ["", f"Successive halving (`study.allocate: halving`) cut {len(cut)} cells before their full budget, "
-               f"on validation accuracy alone (the finals' selection rule: the best trial that ran its whole "
-               f"schedule; ties: the second best, then the higher LogME): {per}. Cut cells have no finals; each "
+               f"on validation accuracy alone: each cell's best search trial that ran its whole schedule (ties: the "
+               f"second best, then the best of any trial, then the higher LogME; the selection re-trainings come "
+               f"after, for the cells that reach the full budget): {per}. Cut cells have no finals; each "
                f"source kept at least one cell, the scratch cell always ran its full budget. A cell cut after "
                f"{min(c.trials for c in cut)} trials was judged on that few configurations: one that needs "
                f"tuning can be cut by chance, so a depth chosen here need not be the grid design's choice. "
@@ -397,8 +399,9 @@ def markdown(header: dict[str, Any], parent_id: str, results: list[TrialResult],
                "Per search repeat (detail; each interval leaves out the other repeats):", ""]
     md += [_md(key_table(a)), "", "## What the numbers show", "",
            *[f"- {f}" for f in findings(a, capped)], "", "## Freeze depth", "",
-           "Every cell of every search repeat. Its NTG column is exploratory: its p-values are Holm-corrected over "
-           "the whole table (the last column), and no claim rests on a cell of it alone.", "",
+           "Every cell of every search repeat. Its NTG column is exploratory: each interval is that comparison's "
+           "own 95% interval, its verdict reads the p-value Holm-corrected over the whole table (the last column), "
+           "and no claim rests on a cell of it alone.", "",
            _md(depth_table(a)), "", "![freeze depth](freeze_depth.png)", ""]
     md += estimates or []
     if "budget" in plots:

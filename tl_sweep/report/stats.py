@@ -226,7 +226,7 @@ class CellResults:
     def test(self) -> tuple[float, float, float] | None:
         """Mean test accuracy and its 95% interval (seeds and images)."""
         e = self.accuracy
-        return None if e is None else (e.value, *e.interval())
+        return None if e is None else (e.value, *e.interval(bounds=(0.0, 1.0)))
 
 
 @dataclass
@@ -305,7 +305,7 @@ def compare(source: CellResults, base: CellResults) -> tuple[Gap, pooling.Estima
     if seeds:
         rows = sorted(set.intersection(*(set(c.images[s]) for c in (source, base) for s in seeds)))
         e = pooling.crossed(base.outcomes(seeds, rows) - source.outcomes(seeds, rows))
-        lo, hi = e.interval()
+        lo, hi = e.interval(bounds=(-1.0, 1.0))
         return Gap(e.value, lo, hi, e.p(), e.df, True), e
     g = ntg(source.final_test, base.final_test)
     se = (g.hi - g.lo) / (2 * _t(g.df)) if not math.isnan(g.lo) else math.nan
