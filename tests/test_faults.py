@@ -357,6 +357,7 @@ def test_resume_refuses_what_it_cannot_resume(cli, tmp_path, monkeypatch):
     code, out, err = cli("run", SPEC, *TINY, "--set", "search.num_trials=2", "--set", f"tracking.uri={db}",
                          "--set", f"storage={tmp_path / 'tune'}", "--resume")
     assert code == 2 and "ran another spec" in err and "data:" not in err
+    assert "(search.num_trials: 1 -> 2)" in err  # which key differs
     code, out, err = cli("run", SPEC, *TINY, "--set", f"tracking.uri=http://127.0.0.1:{free_port()}", "--resume")
     assert code == 2 and "is not reachable" in err and len(err.strip().splitlines()) == 1
 

@@ -59,9 +59,9 @@ def wait_for(predicate, timeout: float, what: str):
 EPOCHS = 8  # a trial still trains for ~6 epochs after the 2 the tests wait for
 
 
-def sweep_args(mlflow_server, tmp_path, experiment, n):
+def sweep_args(mlflow_server, tmp_path, experiment, n, epochs=EPOCHS):
     return ["--set", "study=null", "--set", f"search.num_trials={n}", "--set", "search.max_concurrent=2",
-            "--set", f"search.space.epochs={EPOCHS}", "--set", "search.space.unfrozen_blocks=[4]",
+            "--set", f"search.space.epochs={epochs}", "--set", "search.space.unfrozen_blocks=[4]",
             "--set", "scheduler.kind=fifo", "--set", "model.weights=none", "--set", "failures.max_failures=2",
             "--set", "failures.checkpoint_seconds=0", "--set", "tracking.log_models=false",
             "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
@@ -107,7 +107,9 @@ def test_a_node_lost_mid_sweep_costs_a_retry_not_a_trial(cluster, mlflow_server,
 
 def test_a_killed_driver_fails_the_job_and_submit_resume_finishes_the_sweep(cluster, mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server)
-    args = ["submit", SPEC, "--address", cluster["dashboard"], *sweep_args(mlflow_server, tmp_path, "driver", 2)]
+    # 4 epochs: killed after a trial's 2nd, the rest trains on the node the first test left (one CPU)
+    args = ["submit", SPEC, "--address", cluster["dashboard"], *sweep_args(mlflow_server, tmp_path, "driver", 2,
+                                                                           epochs=4)]
     proc = tl(*args, "--no-wait", env=cluster["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job_id = proc.stdout.strip().splitlines()[-1]
@@ -138,4 +140,4 @@ def test_a_killed_driver_fails_the_job_and_submit_resume_finishes_the_sweep(clus
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs), (
         [(r.info.status, r.data.tags.get("tl_sweep.error"), r.data.tags.get("tl_sweep.trial_id")) for r in runs],
         resumed.stderr[-3000:])
-    assert all(epochs_logged(client, r.info.run_id) == list(range(1, EPOCHS + 1)) for r in runs)
+    assert all(epochs_logged(client, r.info.run_id) == list(range(1, 4 + 1)) for r in runs)
