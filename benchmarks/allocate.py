@@ -15,19 +15,24 @@ finals. Also the estimates' share of the study's training compute.
 from __future__ import annotations
 
 import argparse
+import os
 from collections import Counter
 
-from tl_sweep import tracking
+from tl_sweep import tracking, transferability
 from tl_sweep.report import collect, stats
+from tl_sweep.study import Cell
 
 
 def summarise(uri: str, run_id: str) -> dict:
     exp_id = tracking.get_run(uri, run_id).info.experiment_id
     sweep = collect.sweep(uri, exp_id, run_id)
     header = collect.describe(sweep)
-    a = stats.analyze(sweep.results, collect.chance(header["chance"], header["chance_by_search"]))
+    # the report's own analysis: each final's per-image predictions (intervals over seeds and images)
+    a = stats.analyze(sweep.results, collect.chance(header["chance"], header["chance_by_search"]),
+                      collect.predictions(uri, sweep.results))
     compute = sum(r.seconds or 0.0 for r in sweep.results)
-    estimates = sum(v for k, v in sweep.metrics.items() if k.startswith("estimate/") and k.endswith("/seconds"))
+    estimates = sum(v for k, v in sweep.metrics.items() if k.startswith(f"{transferability.PREFIX}/")
+                    and k.endswith("/seconds"))
     chosen = {k: v for k, v in sorted(a.chosen.items()) if k[0] != a.scratch}
     # the least any allocation can spend and still train what this design chose: the scratch cell's search and
     # finals (every verdict's baseline, always given its full budget) and each chosen cell's search and finals
@@ -37,6 +42,7 @@ def summarise(uri: str, run_id: str) -> dict:
     return {
         "chosen": chosen,
         "verdicts": {(c.arm, c.search): c.verdict for c in a.primary},
+        "headline": {arm: v for arm, v in a.verdicts.items()},
         "per_depth": {(c.arm, c.depth, c.search): (c.verdict, c.gap) for c in a.per_depth},
         "cells": a.cells,
         "search": sum(not r.config.final for r in sweep.results),
@@ -63,6 +69,7 @@ def main() -> None:
     ap.add_argument("--halving", required=True, help="parent run id of the halving study")
     ap.add_argument("--halving-tracking-uri", help="where the halving study is, if not in --tracking-uri")
     args = ap.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per final's predictions
     g = summarise(args.tracking_uri, args.grid)
     h = summarise(args.halving_tracking_uri or args.tracking_uri, args.halving)
     for name, s in (("grid", g), ("halving", h)):
@@ -70,13 +77,22 @@ def main() -> None:
               f"(estimates {s['estimates']:.1f} s = {100 * s['estimates'] / max(s['compute'], 1e-9):.1f}% of it)")
         for (arm, search), depth in s["chosen"].items():
             print(f"  repeat {search}: {arm} chose k={depth}; verdict {s['verdicts'].get((arm, search), '–')}")
+        for arm, v in s["headline"].items():
+            print(f"  {arm} pooled over the repeats: NTG {100 * v.pooled.value:+.1f} [{100 * v.pooled.lo:+.1f}, "
+                  f"{100 * v.pooled.hi:+.1f}] points; {v.verdict}")
         print("  chosen over the repeats: " + "; ".join(f"{arm}: {d}" for arm, d in modal(s["chosen"]).items()))
         for search, cell, n in s["cut"]:
             print(f"  cut: repeat {search}: {cell} after {n} trials")
     same_depth = sum(g["chosen"].get(k) == v for k, v in h["chosen"].items())
     same_verdict = sum(g["verdicts"].get(k) == v for k, v in h["verdicts"].items())
+    def kind(v) -> str:  # "not resolved", "transfer gain", ...: the verdict without its figures
+        return v.verdict.split(":")[0]
+
+    same_headline = sum(g["headline"].get(k) is not None and kind(g["headline"][k]) == kind(v)
+                        for k, v in h["headline"].items())
     print(f"halving vs grid: same chosen depth in {same_depth} of {len(g['chosen'])} (source, repeat) pairs; "
-          f"same verdict in {same_verdict} of {len(g['verdicts'])}; compute {100 * h['compute'] / g['compute']:.0f}% "
+          f"same per-repeat verdict in {same_verdict} of {len(g['verdicts'])}; same pooled verdict for "
+          f"{same_headline} of {len(g['headline'])} sources; compute {100 * h['compute'] / g['compute']:.0f}% "
           f"of grid's")
     print(f"floor: training only the scratch cell and the cells grid chose (search + finals) costs "
           f"{100 * g['floor'] / g['compute']:.0f}% of grid's compute: no allocation reaching grid's choices by "
@@ -86,7 +102,7 @@ def main() -> None:
         if gd == hd:
             continue
         arm, search = key
-        mine, theirs = g["cells"].get((arm, hd, search)), g["cells"].get((arm, gd, search))
+        mine, theirs = g["cells"].get(Cell(search, arm, hd)), g["cells"].get(Cell(search, arm, gd))
         line = f"  differs: {key}: grid k={gd}, halving k={hd}"
         if mine is not None and theirs is not None and mine.test and theirs.test:
             verdict, gap = g["per_depth"].get((arm, hd, search), ("–", None))
