@@ -22,6 +22,7 @@ Checked against statsmodels' meta-analysis (itself checked against R's metafor) 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -193,6 +194,19 @@ def pool(estimates: list[Estimate]) -> Pooled:
     p = float(2 * stats.t.sf(abs(mu) / se, k - 1)) if se > 0 else math.nan
     i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
     return Pooled(mu, mu - half, mu + half, p, se, k - 1, k, q, float(stats.chi2.sf(q, k - 1)), i2, tau2, tuple(v))
+
+
+def pooled_above_chance(estimates: list[Estimate], chances: list[float]) -> float:
+    """One-sided p-value that an arm's expected test accuracy, pooled over the search repeats as the headline pools
+    its NTG (:func:`pool`), is above the majority-class rate (each repeat's own: each draws its own test split)."""
+    from scipy import stats
+
+    if len(estimates) == 1:
+        return estimates[0].p_above(chances[0])
+    p = pool([dataclasses.replace(e, value=e.value - c) for e, c in zip(estimates, chances)])
+    if not p.se > 0:
+        return 0.0 if p.value > 0 else 1.0
+    return float(stats.t.sf(p.value / p.se, p.df))
 
 
 def power(effect: float, within: list[float], tau2: float, df: list[float] | None = None, sims: int = 4000,

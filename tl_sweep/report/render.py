@@ -129,6 +129,12 @@ def findings(a: Analysis, capped: list | None = None) -> list[str]:
                    f"rate) in search repeat{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))}: "
                    f"scratch did not learn within its budget there; a source above chance is compared with it all "
                    f"the same, and its verdict says so.")
+    if a.pooled_chance and any(not c.above_chance for c in a.cells.values() if c.final_test):
+        said = [f"`{arm}` {'above it' if p < stats.ALPHA else '**not shown above it**'} (p {p:.2g})"
+                for arm, p in sorted(a.pooled_chance.items(), key=lambda kv: (kv[0] == a.scratch, kv[0]))]
+        out.append(f"Against the majority-class rate, pooled over the search repeats as the headline pools NTG "
+                   f"(one-sided, Holm across the arms; the headline's chance qualifier reads this): "
+                   f"{'; '.join(said)}.")
     for arm in a.arms:
         if arm == a.scratch:
             continue

@@ -267,6 +267,8 @@ class Analysis:
     primary: list[Comparison] = field(default_factory=list)  # per repeat: source at its chosen depth vs scratch
     per_depth: list[Comparison] = field(default_factory=list)  # exploratory, Holm over the whole table
     verdicts: dict[str, Verdict] = field(default_factory=dict)  # per source: the pooled headline, Holm over sources
+    # per arm: one-sided p (Holm across the arms) that its finals, pooled over the repeats, are above chance
+    pooled_chance: dict[str, float] = field(default_factory=dict)
     images: bool = False  # per-image predictions were logged: intervals carry the test images' sampling
 
     def at(self, arm: str, depth: int, search: int) -> CellResults:
@@ -407,14 +409,28 @@ def analyze(results: list[TrialResult], chance: dict[int, float] | None = None,
     # the headline: per source, its NTG pooled over the search repeats (random effects), Holm across sources
     pooled = {arm: pooling.pool([c.estimate for c in sorted(a.primary, key=lambda c: c.search) if c.arm == arm])
               for arm in arms if arm != a.scratch and any(c.arm == arm for c in a.primary)}
+    # each arm's finals against chance, pooled over the repeats as its NTG is (Holm across the arms): one repeat
+    # whose search missed does not take the whole arm to "at chance", nor does one lucky repeat lift it
+    pooled_cells = {arm: [a.cells[c.cell] for c in a.primary if c.arm == arm] for arm in pooled}
+    pooled_cells[a.scratch] = sorted((c for c in a.cells.values() if c.arm == a.scratch and c.final_test),
+                                     key=lambda c: c.search)
+    tested = {arm: cs for arm, cs in pooled_cells.items()
+              if cs and all(c.search in a.chance and c.accuracy is not None for c in cs)}
+    ps = {arm: pooling.pooled_above_chance([c.accuracy for c in cs], [a.chance[c.search] for c in cs])
+          for arm, cs in tested.items()}
+    ps = {arm: p for arm, p in ps.items() if not math.isnan(p)}  # one repeat without spread: its cell's own test
+    a.pooled_chance = dict(zip(ps, holm(list(ps.values()))))
+
+    def above(arm: str) -> bool:
+        if arm in a.pooled_chance:
+            return a.pooled_chance[arm] < ALPHA
+        return all(c.above_chance for c in pooled_cells[arm])
+
     for (arm, p), p_holm in zip(pooled.items(), holm([p.p for p in pooled.values()])):
         p = dataclasses.replace(p, p_holm=p_holm)
         mde = pooling.mde(p, [c.estimate.df for c in a.primary if c.arm == arm])
-        chosen = [a.cells[c.cell] for c in a.primary if c.arm == arm]
-        bases = [c for c in a.cells.values() if c.arm == a.scratch and c.final_test]
-        a.verdicts[arm] = Verdict(arm, p, mde, pooled_verdict(
-            p, mde, source_above=all(c.above_chance for c in chosen),
-            baseline_above=all(c.above_chance for c in bases)), a.stability(arm))
+        a.verdicts[arm] = Verdict(arm, p, mde, pooled_verdict(p, mde, source_above=above(arm),
+                                                              baseline_above=above(a.scratch)), a.stability(arm))
     return a
 
 
