@@ -162,3 +162,33 @@ def test_estimate_under_feature_cache_false_stores_no_features(cli, cache_dir, t
                          "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
     assert code == 0, err
     assert len(stored() - before) == 1  # the store on: the train split's features
+
+
+def test_the_knn_probe_is_sklearns_leave_one_out_knn_and_separates_from_shuffled():
+    from sklearn.model_selection import LeaveOneOut, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    f, y = separable(n=60, d=8, classes=2, noise=8.0, seed=3)  # overlapping: neither 0 nor 1
+    ours = tr.knn_probe(f, y, k=5)
+    # standardised on every image (the probe uses no label to do it), then leave-one-out; odd k, 2 classes: no ties
+    theirs = cross_val_score(KNeighborsClassifier(5, metric="cosine"), StandardScaler().fit_transform(f), y,
+                             cv=LeaveOneOut()).mean()
+    assert 0.5 < ours < 1.0 and ours == pytest.approx(theirs)
+    assert tr.knn_probe(*separable(noise=0.1)) == 1.0
+    rng = np.random.default_rng(4)  # labels that have nothing to do with the features: about chance (4 classes)
+    assert tr.knn_probe(f := rng.normal(size=(400, 16)), rng.integers(0, 4, 400)) < 0.35
+    assert tr.knn_probe(f[:6], np.array([0, 0, 1, 1, 2, 2]), k=5) >= 0  # k shrinks to the smallest class - 1
+
+
+def test_the_report_says_when_no_estimator_beats_the_knn_probe():
+    from tl_sweep.report import render, stats
+
+    truth = {("a", 0): 0.9, ("a", 2): 0.8, ("b", 0): 0.6, ("b", 2): 0.5}
+    scores = {c: {"knn": v, "logme": -v, "hscore": v * 2} for c, v in truth.items()}  # H-score ties the probe
+    agree = stats.agreement(scores, truth)
+    md = "\n".join(render.estimates_section(scores, truth, agree))
+    assert "k-NN probe: Kendall τ = +1.00" in md and "**no estimator beats the k-NN probe**" in md
+    scores = {c: {"knn": -v, "logme": v} for c, v in truth.items()}
+    md = "\n".join(render.estimates_section(scores, truth, stats.agreement(scores, truth)))
+    assert "LogME beats it" in md and "one swapped pair moves τ by 0.33" in md

@@ -382,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
     rep.add_argument("--no-log", action="store_true", help="do not log the report on the parent run again")
     rep.set_defaults(fn=cmd_report)
-    es = with_spec("estimate", "transferability estimates (LogME, H-score, LEEP, NCE) per cell, without training")
+    es = with_spec("estimate", "transferability estimates (LogME, H-score, LEEP, NCE, a k-NN probe) per cell, without training")
     es.add_argument("--no-log", action="store_true", help="print only; do not log a run in MLflow")
     es.set_defaults(fn=cmd_estimate)
     sy = sub.add_parser("sync", help="deliver MLflow writes a tracking outage held back on this node")

@@ -13,8 +13,12 @@ labels, or of the source model's predicted distribution over its own labels:
 * :func:`leep` - LEEP (Nguyen et al., ICML 2020): the log-likelihood of the target labels under the source
   classifier's soft labels composed with the empirical P(y|z).
 * :func:`nce` - NCE (Tran et al., ICCV 2019): -H(Y|Z), with Z the source classifier's hard labels.
+* :func:`knn_probe` - a k-nearest-neighbour probe: the leave-one-out accuracy of a k-NN classifier on the
+  features (standardised, cosine similarity). No theory, no fitted model: the baseline an estimator must beat
+  to be worth its name (a plain k-NN probe on frozen features beat the published estimators in a large
+  comparison of them), so the report says when none does.
 
-Higher is better for all four. Each is a ranking device: compare cells of one study, never values across
+Higher is better for all five. Each is a ranking device: compare cells of one study, never values across
 datasets.
 """
 
@@ -122,7 +126,35 @@ def nce(source_labels: np.ndarray, labels: np.ndarray) -> float:
     return float(terms.sum())
 
 
-ESTIMATES = {"logme": "LogME", "hscore": "H-score", "leep": "LEEP", "nce": "NCE"}
+KNN_K = 5  # neighbours of the k-NN probe, fewer where the smallest class has fewer other members
+
+
+def knn_probe(features: np.ndarray, labels: np.ndarray, *, k: int = KNN_K) -> float:
+    """Leave-one-out accuracy of a k-NN classifier on ``features`` (n×D; each dimension standardised, cosine
+    similarity) for integer ``labels``: each image is classified by the majority label of its ``k`` most similar
+    other images (k at most the smallest class's size − 1, at least 1); a tied vote goes to the label whose
+    tied neighbours are the more similar in sum."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    f = (f - f.mean(axis=0)) / np.maximum(f.std(axis=0), 1e-12)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    _, counts = np.unique(y, return_counts=True)
+    k = max(1, min(k, int(counts.min()) - 1, len(y) - 1))
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)  # leave one out: an image is not its own neighbour
+    near = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    right = 0
+    for i, idx in enumerate(near):
+        votes: dict = {}
+        for j in idx:
+            n, total = votes.get(y[j], (0, 0.0))
+            votes[y[j]] = (n + 1, total + sim[i, j])
+        right += max(votes, key=lambda c: votes[c]) == y[i]
+    return right / len(y)
+
+
+ESTIMATES = {"logme": "LogME", "hscore": "H-score", "leep": "LEEP", "nce": "NCE", "knn": "k-NN probe"}
+BASELINE = "knn"  # the estimate every other one must beat
 
 
 # ------------------------------------------------------------------------------------- per study cell
@@ -229,7 +261,7 @@ def estimate(ctx, cells: list[tuple[str, int]], log=print) -> list[CellEstimate]
         f, y = _pooled(feats.x), images.y.cpu().numpy()
         est.seconds["features"] = time.perf_counter() - t0
         est.shape = f.shape
-        for key, fn in (("logme", logme), ("hscore", hscore)):
+        for key, fn in (("logme", logme), ("hscore", hscore), ("knn", knn_probe)):
             t = time.perf_counter()
             est.values[key] = fn(f, y)
             est.seconds[key] = time.perf_counter() - t
