@@ -285,3 +285,8 @@ def test_chance_in_the_headline_is_pooled_over_the_repeats_as_its_ntg_is():
     v = a.verdicts["src"]
     assert "neither above chance" not in v.verdict and v.verdict.endswith("(source not above chance)"), v.verdict
     assert v.pooled.value > 0.05  # the source is worse: a positive NTG
+    from tl_sweep.report import render
+
+    said = "\n".join(render.findings(a))
+    assert "`src` **not shown above it**" in said and "`scratch` above it" in said  # the pooled chance test
+    assert "the finals of k=0 in every search repeat are not shown above" in said  # one phrase, not 4 cells

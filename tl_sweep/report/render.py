@@ -95,6 +95,10 @@ def text_table(table: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
 
 
+def _repeats(searches: list[int]) -> str:
+    return f"search repeat{'s' if len(searches) > 1 else ''} {', '.join(map(str, searches))}"
+
+
 def findings(a: Analysis, capped: list | None = None) -> list[str]:
     """Plain sentences on what the numbers show, including when they show nothing: each source's pooled verdict
     (with what the design could resolve and whether the repeats disagree), its verdicts over the search repeats,
@@ -147,7 +151,11 @@ def findings(a: Analysis, capped: list | None = None) -> list[str]:
         below = sorted((c.depth, c.search) for c in a.cells.values() if c.arm == arm and c.final_test
                        and not c.above_chance)
         if below:
-            cells = ", ".join(f"k={d} (search repeat {s})" for d, s in below)
+            by_depth: dict[int, list[int]] = {}
+            for d, s in below:
+                by_depth.setdefault(d, []).append(s)
+            cells = "; ".join(f"k={d} in {'every search repeat' if len(ss) == n and n > 1 else _repeats(ss)}"
+                              for d, ss in by_depth.items())
             out.append(f"`{arm}`: the finals of {cells} are not shown above the majority-class rate.")
     if not out:
         out.append("No final evaluation on the test split (not a study): the table shows validation accuracy only.")
