@@ -54,7 +54,7 @@ def test_a_resumed_study_counts_the_re_trainings_it_had_finished(tmp_path):
              ("final", "FINISHED", 0.9), ("final", "KILLED", 0.95), ("trial", "RUNNING", 0.99)]
     for i, (role, status, acc) in enumerate(ended):
         run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "tl_sweep.trial_id": f"t{i}"}).info.run_id
-        for k, v in TrialConfig(arm="scratch", unfrozen_blocks=5, role=role, seed=i).to_params().items():
+        for k, v in TrialConfig.of(arm="scratch", unfrozen_blocks=5, role=role, seed=i).to_params().items():
             client.log_param(run, k, v)
         if acc is not None:
             client.log_metric(run, "best_val_acc", acc)
