@@ -102,7 +102,7 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
         file = None
         if weights.startswith("source:"):
             file = str(sources.checkpoint(weights.removeprefix("source:"), s.model.arch, cfg.input, s.seed,
-                                          use_gpu=_gpu_here(s), log=log))
+                                          use_gpu=_gpu_here(s), log=log, own=sources.defined(s)))
         elif weights != "none" and models.torchvision_weights(s.model.arch, weights) is None:
             file = weights
         # a bad checkpoint or missing torchvision file fails here, once, before any trial

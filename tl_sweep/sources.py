@@ -1,7 +1,8 @@
 """Source models that tl-sweep pretrains itself: ``model.weights: source:<name>``.
 
 Offline, no ImageNet weights can be downloaded, so the built-in study transfers from source models trained
-here on built-in data. A source is pretrained the first time a spec needs it (on the driver, before any
+here on built-in data (:data:`SOURCES`); a spec defines its own the same way (``sources:`` in the spec, each a
+name, a dataset as ``data`` names it and a short recipe: "pretrain on A, fine-tune on B" needs no code). A source is pretrained the first time a spec needs it (on the driver, before any
 trial) and cached under ``$TL_SWEEP_CACHE/sources/`` keyed by a hash of its own config (task, arch, input
 size, seed); a rerun reuses the file and says so. The file is an ordinary checkpoint (``{"model": state
 dict, ...}``) that loads with ``weights_only=True``, like any user checkpoint.
@@ -27,11 +28,29 @@ VERSION = 1  # bump when the pretraining recipe changes, so old caches are not r
 class SourceTask:
     description: str
     dataset: str
-    classes: tuple[int, ...]
+    classes: tuple | None  # None: every class of the dataset
     epochs: int = 8
     batch_size: int = 64
     optimizer: str = "sgd"
     lr_mult: float = 2.0
+    root: str | None = None  # a torchvision:<Name> dataset's folder
+    train_per_class: int | None = None
+
+    @classmethod
+    def of(cls, p) -> SourceTask:
+        """A spec's own source (:class:`tl_sweep.spec.schema.Pretrain`, paths resolved)."""
+        classes = tuple(p.classes) if p.classes else None
+        what = p.description or (f"{p.dataset}" + (f", classes {list(classes)}" if classes else ", every class")
+                                 + (f", {p.train_per_class} images per class" if p.train_per_class else "")
+                                 + " (defined in the spec)")
+        return cls(what, p.dataset, classes, p.epochs, p.batch_size, p.optimizer, p.lr_mult, p.root,
+                   p.train_per_class)
+
+    def key(self) -> dict:
+        """What the cache key holds of it (the fields a built-in source leaves unset are left out, so the caches
+        of sources pretrained before spec-defined sources existed stay valid)."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if v is not None or k not in ("root", "train_per_class")}
 
 
 SOURCES: dict[str, SourceTask] = {
@@ -49,20 +68,37 @@ SOURCES: dict[str, SourceTask] = {
 }
 
 
-def task(name: str) -> SourceTask:
-    if name not in SOURCES:
-        close = difflib.get_close_matches(name, list(SOURCES), n=1)
-        hint = f"did you mean source:{close[0]}?" if close else f"available: {', '.join(SOURCES)}"
+def defined(spec) -> dict[str, SourceTask]:
+    """The sources a spec defines (``sources:``), by name."""
+    return {p.name: SourceTask.of(p) for p in getattr(spec, "sources", None) or ()}
+
+
+def task(name: str, own: dict[str, SourceTask] | None = None) -> SourceTask:
+    """The source ``name``: one the spec defines (``own``), else a built-in."""
+    known = {**SOURCES, **(own or {})}
+    if name not in known:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = (f"did you mean source:{close[0]}?" if close else
+                f"available: {', '.join(known)}, or define it under sources: in the spec (name, dataset, epochs)")
         raise UserError(f"model.weights: unknown source model source:{name}; {hint}")
-    return SOURCES[name]
+    return known[name]
 
 
 def check(cfg) -> None:
-    """Every ``source:<name>`` a resolved config names exists (one line naming the spec file otherwise)."""
+    """Every ``source:<name>`` a resolved config names exists, and no defined source takes a built-in's name (one
+    line naming the spec file otherwise)."""
+    own = defined(cfg.spec)
+    for name in own:
+        if name in SOURCES:
+            raise UserError(f"{cfg.spec_file or 'spec'}: sources: {name!r} is a built-in source "
+                            f"({SOURCES[name].description}); give yours another name")
+    if len(own) != len(cfg.spec.sources):
+        dup = sorted({p.name for p in cfg.spec.sources if [q.name for q in cfg.spec.sources].count(p.name) > 1})
+        raise UserError(f"{cfg.spec_file or 'spec'}: sources: {dup[0]!r} is defined twice; give each its own name")
     for weights in cfg.arms.values():
         if weights.startswith("source:"):
             try:
-                task(weights.removeprefix("source:"))
+                task(weights.removeprefix("source:"), own)
             except UserError as e:
                 raise UserError(f"{cfg.spec_file or 'spec'}: {e}") from None
 
@@ -76,13 +112,15 @@ def _bar(what: str):
     return tqdm(total=None, desc=what, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False, log=print) -> Path:
-    """The cached checkpoint of source ``name`` for ``arch`` at the input size; pretrain it if missing."""
+def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False, log=print,
+               own: dict[str, SourceTask] | None = None) -> Path:
+    """The cached checkpoint of source ``name`` (a built-in, or one of ``own``, the spec's) for ``arch`` at the
+    input size; pretrain it if missing."""
     from tl_sweep import cachefile, checkpoint, data, models, train
     from tl_sweep.contract import TrialConfig, TrialContext
 
-    t = task(name)
-    key = json.dumps({"v": VERSION, "task": dataclasses.asdict(t), "arch": arch, "crop": inp["crop"],
+    t = task(name, own)
+    key = json.dumps({"v": VERSION, "task": t.key(), "arch": arch, "crop": inp["crop"],
                       "resize": inp["resize"], "seed": seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = data.cache_root() / "sources" / f"{name}-{arch}-{inp['crop']}px-{digest}.pt"
@@ -96,7 +134,8 @@ def checkpoint(name: str, arch: str, inp: dict, seed: int, use_gpu: bool = False
     log(f"source:{name}: pretraining {arch} on {t.description} ({t.epochs} epochs, once; cached)")
     t0 = time.perf_counter()
     prepared = data.prepare(t.dataset, size=inp["resize"], seed=seed, split=(0.9, 0.1, 0.0),
-                            classes=list(t.classes), log=log)
+                            classes=list(t.classes) if t.classes else None, train_per_class=t.train_per_class,
+                            root=t.root, log=log)
     n = models.num_blocks(arch, inp["crop"])
     # from scratch, every block trained, a linear head; the digits' mild crops and no flips
     ctx = TrialContext(arch=arch, arms={"scratch": ("none", None)}, head="linear", head_hidden=1024,

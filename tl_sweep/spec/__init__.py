@@ -355,6 +355,11 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
             raise UserError(f"data.root: torchvision:{d.dataset.split(':', 1)[1]} needs data.root, the folder "
                             f"that holds its files")
         d.root = _abs(d.root, spec_dir)
+    for src in spec.sources:  # a defined source's data paths, as data's are: relative to the spec file
+        if src.dataset.startswith("imagefolder:"):
+            src.dataset = "imagefolder:" + _abs(src.dataset.removeprefix("imagefolder:"), spec_dir)
+        if src.root is not None:
+            src.root = _abs(src.root, spec_dir)
     n = catalog.num_blocks(m.arch)
     space = spec.search.space
     ub = space.unfrozen_blocks

@@ -7,6 +7,7 @@ against this schema and resolves it into a :class:`~tl_sweep.spec.Config`.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -220,6 +221,32 @@ class Source(_Strict):
     weights: str = Field(min_length=1)
 
 
+class Pretrain(_Strict):
+    """A source model the spec defines and tl-sweep pretrains itself, from scratch, on data named as ``data`` names
+    it (``sources: [{name: fashion, dataset: torchvision:FashionMNIST, root: ../data}]``; then ``model.weights`` or
+    ``study.sources`` say ``source:fashion``). Cached by a hash of this block, the architecture and the input size,
+    like the built-in sources: a rerun reuses it, a change pretrains it again."""
+
+    name: str  # source:<name>: lowercase letters, digits and dashes
+    dataset: str = Field(min_length=1)
+    root: str | None = None  # a torchvision:<Name> dataset's folder (relative to the spec file)
+    classes: list[Union[int, str]] | None = None  # default: every class of the dataset
+    train_per_class: int | None = Field(None, ge=1)
+    description: str | None = None
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr_mult: float = Field(2.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", v):
+            raise ValueError(f"{v!r}: a source's name is lowercase letters, digits and dashes (it is used as "
+                             f"source:<name> and in file names), e.g. fashion-mnist")
+        return v
+
+
 class Study(_Strict):
     """A transfer study: a grid of cells, one per (source, depth), plus the tuned from-scratch cell.
 
@@ -330,6 +357,7 @@ class Spec(_Strict):
     scheduler: Scheduler = Scheduler()
     regime: Regime = Regime()
     study: Study | None = None
+    sources: list[Pretrain] = []  # source models pretrained here on data the spec names (source:<name>)
     failures: Failures = Failures()
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
