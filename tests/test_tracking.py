@@ -3,6 +3,8 @@ close, the latest sweep, histories and artifacts."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tl_sweep import tracking
@@ -111,3 +113,40 @@ def test_a_run_id_that_contains_a_status_code_is_not_a_server_error():
         assert transient(MlflowException(f"API request to endpoint /api/2.0/mlflow/runs/log-batch "
                                                    f"failed with error code {status} != 200. Response body: ''"))
     assert transient(MlflowException("(sqlite3.OperationalError) database is locked"))
+
+
+def _log_at(args):
+    """One trial's start as a worker process makes it: open a run, wait for the others, log the split datasets."""
+    uri, exp, start = args
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).create_run(exp).info.run_id
+    while time.time() < start:
+        pass
+    try:
+        tracking.log_datasets(uri, run, "builtin:digits", "builtin:digits",
+                              {"train": (100, "a1"), "val": (50, "b2"), "test": (50, "c3")})
+        return run, None
+    except Exception as e:  # noqa: BLE001 - what the trial would have failed with
+        return run, str(e)[:200]
+
+
+@pytest.mark.slow  # four worker processes, 10 s of imports
+def test_trials_that_start_together_each_log_the_same_new_datasets(tmp_path):
+    """Found in the Fashion-MNIST study (2026-12-07): trials starting at once each log the same new dataset, MLflow
+    looks it up and then inserts it, and the one that inserts second failed on the unique key (its trial failed
+    and was retried). Four worker processes released at one instant, as Tune starts a search repeat's trials."""
+    import multiprocessing
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = MlflowClient(uri).create_experiment("race")
+    start = time.time() + 10  # after the workers' imports
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        got = pool.map(_log_at, [(uri, exp, start)] * 4)
+    assert [e for _, e in got] == [None] * 4, got
+    client = MlflowClient(uri)
+    for run, _ in got:
+        assert {i.dataset.name for i in client.get_run(run).inputs.dataset_inputs} == {
+            "builtin:digits (train)", "builtin:digits (val)", "builtin:digits (test)"}

@@ -129,7 +129,17 @@ def log_datasets(uri: str, run_id: str, name: str, source: str, splits: dict[str
                                    source=json.dumps({"uri": source}), profile=json.dumps({"num_rows": n})),
                            tags=[InputTag("mlflow.data.context", split)])
               for split, (n, digest) in splits.items()]
-    retry(client(uri).log_inputs, run_id, datasets=inputs, window=OPEN_WAIT)
+    for attempt in range(5):
+        try:
+            return retry(client(uri).log_inputs, run_id, datasets=inputs, window=OPEN_WAIT)
+        except Exception as e:  # noqa: BLE001 - MLflow wraps sqlalchemy's IntegrityError in MlflowException
+            # trials starting together log the same new dataset: MLflow looks it up, then inserts it, and the one
+            # that inserts second fails on the table's unique key (a trial failed and was retried for it). The
+            # first one's row is there now: logging again links it.
+            said = str(e).lower()  # sqlite: "UNIQUE constraint failed: datasets..."; postgres/mysql: "duplicate"
+            if "datasets" not in said or not ("unique" in said or "duplicate" in said) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def finish_parent(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
