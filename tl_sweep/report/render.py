@@ -217,9 +217,10 @@ def estimates_section(estimates: dict[tuple[str, int], dict[str, float]], truth:
 
     names = [n for n in ESTIMATES if any(n in v for v in estimates.values())]
     md = ["## Transferability estimates (before training) against the finals", "",
-          "Computed before any trial from the frozen prefix's pooled features on the train split (LogME, H-score, "
-          "and a k-NN probe: leave-one-out accuracy of 5 nearest neighbours, the baseline an estimator must beat) "
-          "and the source's own classifier (LEEP, NCE); higher predicts better transfer. Finals' test accuracy: "
+          "Computed before any trial from the frozen prefix's pooled features on the train split (LogME, H-score"
+          + (", and a k-NN probe: leave-one-out accuracy of 5 nearest neighbours, the baseline an estimator must "
+             "beat" if "knn" in names else "")
+          + ") and the source's own classifier (LEEP, NCE); higher predicts better transfer. Finals' test accuracy: "
           "mean over every search repeat's finals.", "",
           "| cell | " + " | ".join(ESTIMATES[n] for n in names) + " | finals' test % |",
           "|---|" + "---|" * len(names) + "---|"]
