@@ -94,7 +94,7 @@ def test_tiny_study_end_to_end(tiny_study, mlflow_server):
     inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs  # the UI's Datasets column
     assert {i.tags[0].value for i in inputs} == {"train", "val", "test"}
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/report.md", "report/trials.csv", "report/freeze_depth.png"} <= names
+    assert {"report/report.md", "report/report.html", "report/trials.csv", "report/freeze_depth.png"} <= names
 
     again = tl("report", "--experiment", "study", "--tracking-uri", mlflow_server, "--out", tmp_path / "rebuilt",
                "--no-log", cwd=tmp_path, timeout=300)
@@ -204,6 +204,16 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         wait_for(lambda: "report" in driver.page_source and "resolved.yaml" in driver.page_source,
                  "the parent run's report artifacts")
         driver.save_screenshot(str(shots / "mlflow_ui_parent_artifacts.png"))
+        # the report as one page in MLflow's artifact view: the key results and the plots, without leaving the UI
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/"
+                   "report/report.html")
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, 'iframe[title="html"]'), "report.html's frame")
+        driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, 'iframe[title="html"]'))
+        wait_for(lambda: "Key results" in body(), "the report page inside the artifact view")
+        shown = driver.find_elements(By.CSS_SELECTOR, 'img[src^="data:image/png"]')
+        assert shown and all(driver.execute_script("return arguments[0].naturalWidth", i) > 0 for i in shown)
+        driver.switch_to.default_content()
+        driver.save_screenshot(str(shots / "mlflow_ui_report_page.png"))
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
         wait_for(lambda: "study/source_digits-0-4/ntg" in driver.page_source, "the study's metrics on the parent")
         # the parent's overview leads with the result: its description (NTG and the verdict) before the metrics

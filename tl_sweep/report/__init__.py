@@ -2,9 +2,9 @@
 
 :func:`build` reads a sweep's parent run and child runs from the tracking store (local or a remote server)
 (:mod:`~tl_sweep.report.collect`), computes the study's statistics (:mod:`~tl_sweep.report.stats`, pure
-functions) and writes ``report.md``, ``trials.csv`` (:mod:`~tl_sweep.report.render`) and PNG plots
-(:mod:`~tl_sweep.report.plots`), then logs
-them on the parent run. ``tl-sweep report`` rebuilds byte-for-byte the ``report.md`` and ``trials.csv`` that
+functions) and writes ``report.md``, ``trials.csv`` (:mod:`~tl_sweep.report.render`), PNG plots
+(:mod:`~tl_sweep.report.plots`) and ``report.html``, the same report as one self-contained page
+(:mod:`~tl_sweep.report.page`), then logs them on the parent run. ``tl-sweep report`` rebuilds byte-for-byte the ``report.md`` and ``trials.csv`` that
 ``tl-sweep run`` wrote at its end.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from tl_sweep import contract, tracking, transferability
 from tl_sweep.contract import Tag
 from tl_sweep.errors import UserError
-from tl_sweep.report import budget, collect, importance, render, stats
+from tl_sweep.report import budget, collect, importance, page, render, stats
 from tl_sweep.report import plots as plot
 
 __all__ = ["Report", "build"]
@@ -34,7 +34,7 @@ class Report:
 
 def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = None, log=print,
           log_artifacts: bool = True) -> Report:
-    """Write report.md, trials.csv and plots for one sweep; log them on its parent run; print the key table."""
+    """Write report.md, report.html, trials.csv and plots for one sweep; log them on its parent run; print the key table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,11 +73,12 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md, render.budget_summary(curves),
                                capped, budget.compute(results))
     (out / "report.md").write_text(markdown)
+    page.write(markdown, out, f"tl-sweep report: {sweep.experiment}")  # one page, plots inline: MLflow shows it
     (out / "trials.csv").write_text(render.trials_csv(results))
     # the resolved spec beside the report, so the folder reproduces the study on its own
     tracking.download_artifact(uri, parent_id, "resolved.yaml", out)
     if log_artifacts:
-        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))  # not resolved.yaml again
+        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".html", ".csv", ".png"))  # not resolved.yaml again
         tracking.log_files(uri, parent_id, files, artifact_path="report")
         for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
             tracking.log_batch(uri, parent_id, metrics, step=search)
@@ -121,10 +122,11 @@ def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -
         plots.add("parallel")
     markdown = render.sweep_markdown(header, parent_id, results, imp, plots, chance)
     (out / "report.md").write_text(markdown)
+    page.write(markdown, out, f"tl-sweep report: {sweep.experiment}")
     (out / "trials.csv").write_text(render.trials_csv(results))
     tracking.download_artifact(uri, parent_id, "resolved.yaml", out)
     if log_artifacts:
-        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".csv", ".png"))
+        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".html", ".csv", ".png"))
         tracking.log_files(uri, parent_id, files, artifact_path="report")
     key = ""
     if chance:
