@@ -2,9 +2,9 @@
 
 Offline, no ImageNet weights can be downloaded, so the built-in study transfers from source models trained
 here on built-in data (:data:`SOURCES`); a spec defines its own the same way (``sources:`` in the spec, each a
-name, a dataset as ``data`` names it and a short recipe: "pretrain on A, fine-tune on B" needs no code). A source is pretrained the first time a spec needs it (on the driver, before any
-trial) and cached under ``$TL_SWEEP_CACHE/sources/`` keyed by a hash of its own config (task, arch, input
-size, seed); a rerun reuses the file and says so. The file is an ordinary checkpoint (``{"model": state
+name, a dataset as ``data`` names it and a short recipe: "pretrain on A, fine-tune on B" needs no code). A
+source is pretrained the first time a spec needs it (on the driver, before any trial) and cached under
+``$TL_SWEEP_CACHE/sources/`` keyed by a hash of its own config (task, arch, input size, seed); a rerun reuses the file and says so. The file is an ordinary checkpoint (``{"model": state
 dict, ...}``) that loads with ``weights_only=True``, like any user checkpoint.
 """
 

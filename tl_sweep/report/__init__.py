@@ -4,8 +4,8 @@
 (:mod:`~tl_sweep.report.collect`), computes the study's statistics (:mod:`~tl_sweep.report.stats`, pure
 functions) and writes ``report.md``, ``trials.csv`` (:mod:`~tl_sweep.report.render`), PNG plots
 (:mod:`~tl_sweep.report.plots`) and ``report.html``, the same report as one self-contained page
-(:mod:`~tl_sweep.report.page`), then logs them on the parent run. ``tl-sweep report`` rebuilds byte-for-byte the ``report.md`` and ``trials.csv`` that
-``tl-sweep run`` wrote at its end.
+(:mod:`~tl_sweep.report.page`), then logs them on the parent run. ``tl-sweep report`` rebuilds byte-for-byte
+the ``report.md`` and ``trials.csv`` that ``tl-sweep run`` wrote at its end.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class Report:
 
 def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = None, log=print,
           log_artifacts: bool = True) -> Report:
-    """Write report.md, report.html, trials.csv and plots for one sweep; log them on its parent run; print the key table."""
+    """Write report.md, report.html, trials.csv and plots for one sweep; log them on its parent run; print the key
+    table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +79,8 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     # the resolved spec beside the report, so the folder reproduces the study on its own
     tracking.download_artifact(uri, parent_id, "resolved.yaml", out)
     if log_artifacts:
-        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".html", ".csv", ".png"))  # not resolved.yaml again
+        # not resolved.yaml again
+        files = sorted(f for f in out.iterdir() if f.suffix in (".md", ".html", ".csv", ".png"))
         tracking.log_files(uri, parent_id, files, artifact_path="report")
         for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
             tracking.log_batch(uri, parent_id, metrics, step=search)
