@@ -43,8 +43,10 @@ def test_a_fresh_cache_shows_pretraining_progress_and_ctrl_c_says_what_to_run(tm
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal's 160 columns
     t0 = time.time()
+    # a terminal's foreground process: Ctrl-C is not ignored (a shell's background job, as CI may start the
+    # suite, ignores SIGINT, and Python keeps an inherited SIG_IGN: the first minutes would not stop)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=follower, stdout=follower, stderr=follower, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(follower)
     try:
         first = read_until(leader, r"loading torch", 20)
