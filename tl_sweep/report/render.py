@@ -121,8 +121,8 @@ def findings(a: Analysis, capped: list | None = None) -> list[str]:
             if b.cell.arm == arm:
                 bound = f"{b.bound:.3g}" if isinstance(b.bound, float) else str(b.bound)
                 hits.setdefault((b.name, b.side, bound), []).append(b.cell.search)
-        what = "; ".join(f"{name} at the {side} of its space ({bound}) in search repeat{'s' if len(rs) > 1 else ''} "
-                         f"{', '.join(map(str, sorted(rs)))}" for (name, side, bound), rs in sorted(hits.items()))
+        what = "; ".join(f"{name} at the {side} of its space ({bound}) in {_repeats(sorted(rs))}"
+                         for (name, side, bound), rs in sorted(hits.items()))
         who = ("**the baseline may be capped by its space**" if arm == a.scratch else
                "its result may be held back by its space")
         out.append(f"`{arm}`'s chosen configurations sit at a bound: {what}: {who}.")
@@ -130,7 +130,7 @@ def findings(a: Analysis, capped: list | None = None) -> list[str]:
                        not c.above_chance)
     if a.scratch and at_chance:
         out.append(f"The scratch baseline's finals are **not shown above chance** (the test split's majority-class "
-                   f"rate) in search repeat{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))}: "
+                   f"rate) in {_repeats(at_chance)}: "
                    f"scratch did not learn within its budget there; a source above chance is compared with it all "
                    f"the same, and its verdict says so.")
     if a.pooled_chance and any(not c.above_chance for c in a.cells.values() if c.final_test):
