@@ -94,6 +94,11 @@ def cmd_run(args) -> int:
     again = " ".join(["tl-sweep", "run", shlex.quote(args.spec), *(f"--set {shlex.quote(s)}" for s in args.set),
                       *(["--address", args.address] if args.address else [])])
     try:
+        if cfg.matrix:
+            from tl_sweep import matrix
+
+            return _matrix_done(cfg, matrix.run(cfg, address=args.address, log=_log, report_dir=args.report_dir,
+                                                resume=args.resume))
         summary = runner.run(cfg, address=args.address, log=_log, report_dir=args.report_dir, resume=args.resume)
     except runner.Interrupted as e:  # the sweep had started: --resume continues it
         raise KeyboardInterrupt(f"{e}; continue with: {again} --resume") from None
@@ -123,11 +128,30 @@ def cmd_run(args) -> int:
         print(f"mlflow: the server is unreachable; {summary.waiting} writes wait on this node (nothing is lost): "
               f"tl-sweep sync --tracking-uri {uri}, then tl-sweep report --run {summary.parent_run_id}")
         return 0 if summary.status == "FINISHED" else 1
+    _links(uri, summary.experiment_id, summary.parent_run_id)
+    return 0 if summary.status == "FINISHED" else 1
+
+
+def _links(uri: str, exp_id: str, run_id: str, label: str = "sweep") -> None:
+    from tl_sweep import tracking
+
     base = "http://127.0.0.1:5000" if uri.startswith("sqlite:///") else uri
     if uri.startswith("sqlite:///"):
         print(f"browse: tl-sweep ui --tracking-uri {uri}   (then open the links below)")
-    print(f"runs:   {tracking.ui_link(base, summary.experiment_id)}")
-    print(f"sweep:  {tracking.ui_link(base, summary.experiment_id, summary.parent_run_id)}")
+    print(f"runs:   {tracking.ui_link(base, exp_id)}")
+    print(f"{label + ':':<7} {tracking.ui_link(base, exp_id, run_id)}")
+
+
+def _matrix_done(cfg, summary) -> int:
+    """A transfer matrix's end: its table, what ran, where to look."""
+    if summary.report is not None:
+        print(summary.report.key)
+    print()
+    ran = sum(len(s.trials) + len(s.selection) + len(s.finals) for s in summary.parts.values())
+    print(f"matrix {summary.status.lower()} in {summary.seconds:.0f}s: {len(cfg.parts)} studies, {ran} trainings "
+          f"run now" + (f", {len(summary.kept)} studies kept from before" if summary.kept else ""))
+    print()
+    _links(cfg.spec.tracking.uri, summary.experiment_id, summary.parent_run_id, "matrix")
     return 0 if summary.status == "FINISHED" else 1
 
 
@@ -137,19 +161,23 @@ def cmd_estimate(args) -> int:
     cfg = spec.load(args.spec, args.set)  # spec errors first, before torch is imported
     _notes(cfg)
     from tl_sweep import runner, tracking, transferability
+    from tl_sweep.contract import Tag
 
     if not args.no_log:
         tracking.check(cfg.spec.tracking.uri)
-    repeats, arms = runner.preflight(cfg, _log)
-    est = transferability.estimate(runner.trial_context(cfg, repeats[0], arms), transferability.cells_of(cfg),
-                                   log=_log)
-    table = transferability.table(est)
-    print(table)
-    if not args.no_log:
-        uri = cfg.spec.tracking.uri
-        run_id = tracking.log_estimates(uri, tracking.experiment_id(uri, cfg.experiment), None,
-                                        transferability.metrics_of(est), table, tracking.source_tags(cfg.spec_file))
-        _log(f"mlflow: estimates logged as run {run_id} of experiment {cfg.experiment!r}")
+    for part in cfg.parts or [cfg]:  # a matrix: each target's cells (metrics and run named by the target)
+        repeats, arms = runner.preflight(part, _log)
+        est = transferability.estimate(runner.trial_context(part, repeats[0], arms), transferability.cells_of(part),
+                                       log=_log)
+        table = transferability.table(est)
+        print(f"{part.part}:\n{table}" if part.part else table)
+        if not args.no_log:
+            uri = cfg.spec.tracking.uri
+            tags = {**tracking.source_tags(cfg.spec_file), **({Tag.TARGET: part.target} if part.part else {})}
+            run_id = tracking.log_estimates(uri, tracking.experiment_id(uri, cfg.experiment), None,
+                                            transferability.metrics_of(est), table, tags)
+            _log(f"mlflow: estimates{' of ' + part.part if part.part else ''} logged as run {run_id} of "
+                 f"experiment {cfg.experiment!r}")
     return 0
 
 
@@ -188,7 +216,10 @@ def cmd_report(args) -> int:
         exp_id, parent = tracking.get_run(uri, args.run).info.experiment_id, args.run
     else:
         exp_id, parent = tracking.find_sweep(uri, args.experiment)
-    print(report.build(uri, exp_id, parent, out_dir=args.out, log=_log, log_artifacts=not args.no_log).key)
+    from tl_sweep.contract import Tag
+
+    build = report.build_matrix if Tag.MATRIX in tracking.get_run(uri, parent).data.tags else report.build
+    print(build(uri, exp_id, parent, out_dir=args.out, log=_log, log_artifacts=not args.no_log).key)
     return 0
 
 

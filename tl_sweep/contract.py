@@ -90,7 +90,7 @@ NAMES = tuple(d.name for d in DIMENSIONS)  # the search dimensions' names, in sp
 class Tag:
     """MLflow tag names (one place; the report and the resume logic read what trials wrote)."""
 
-    ROLE = "tl_sweep.role"  # sweep | trial | final
+    ROLE = "tl_sweep.role"  # sweep | target (a matrix's part) | trial | final
     TRIAL_ID = "tl_sweep.trial_id"
     ARM = "tl_sweep.arm"
     SOURCE = "tl_sweep.source"
@@ -121,6 +121,11 @@ class Tag:
     OPTUNA_STORAGE = "tl_sweep.optuna_storage"
     BEST_TRIAL = "tl_sweep.best_trial"
     BEST = "tl_sweep.best."  # + arm and each dimension of the best trial
+    # a transfer matrix's: on its run, the parts in order (JSON: [{part, target, arch}]); on each part's run (nested
+    # under the matrix's, role "target"), its target and part names
+    MATRIX = "tl_sweep.matrix"
+    TARGET = "tl_sweep.target"
+    PART = "tl_sweep.part"
 
 
 class _TrialConfigMethods:

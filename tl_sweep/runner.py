@@ -83,7 +83,7 @@ def preflight(cfg: Config, log: log_fn = print) -> tuple[list[data.Prepared], di
     def prepare(seed: int, log: log_fn) -> data.Prepared:
         return data.prepare(s.data.dataset, size=cfg.input["resize"], seed=seed, split=s.data.split,
                             classes=s.data.classes, train_per_class=s.data.train_per_class, strict=s.data.strict,
-                            holdout=s.data.holdout, root=s.data.root, log=log)
+                            holdout=s.data.holdout, root=s.data.root, exclude=tuple(s.data.exclude), log=log)
 
     prepared = prepare(s.seed, log)
     counts = prepared.counts()
@@ -162,14 +162,18 @@ def trial_context(cfg: Config, data_: data.Prepared, arms: dict[str, tuple[str, 
 
 
 def open_sweep(cfg: Config, repeats: list[data.Prepared], resumed: str | None, run_tags: dict[str, str],
-               hashed: str) -> tuple[str, str]:
-    """The experiment and the sweep's parent run: a new one, or the one :func:`resumable` found, reopened."""
+               hashed: str, within: str | None = None) -> tuple[str, str]:
+    """The experiment and the sweep's parent run: a new one, or the one :func:`resumable` found, reopened. A
+    transfer matrix's part (``within``: the matrix's run) is a run nested under the matrix's, one per target."""
     s, uri = cfg.spec, cfg.spec.tracking.uri
     exp_id = tracking.experiment_id(uri, cfg.experiment)
     if resumed:
         tracking.reopen(uri, resumed)
         return exp_id, resumed
     run_name = f"{s.name}·{s.model.arch}·{'+'.join(cfg.arms)}·{time.strftime('%Y%m%d-%H%M%S')}"
+    if within:
+        run_name = f"{cfg.target}·{s.model.arch}·{'+'.join(cfg.arms)}"
+        run_tags = {**run_tags, Tag.PARENT: within, Tag.ROLE: "target", Tag.TARGET: cfg.target, Tag.PART: cfg.part}
     files = {"spec.yaml": cfg.spec_text or to_yaml(cfg), "resolved.yaml": to_yaml(cfg)}
     prepared = repeats[0]
     if prepared.skipped:
@@ -474,16 +478,18 @@ def close_sweep(summary: Summary, uri: str, resume: bool, log: log_fn) -> None:
 
 
 def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_dir: str | None = None,
-        resume: bool = False) -> Summary:
+        resume: bool = False, within: str | None = None, resumed: str | None = None) -> Summary:
     """Run the sweep (or study) that ``cfg`` describes; returns the trials, best first.
 
     With ``resume``, the latest sweep of the experiment (same resolved spec) continues: its parent run is
-    reused and each phase's Tuner is restored from storage with the searcher's state.
+    reused and each phase's Tuner is restored from storage with the searcher's state. A transfer matrix's part
+    (:mod:`tl_sweep.matrix`) runs ``within`` the matrix's run, resuming its own run ``resumed``.
     """
     t0 = time.perf_counter()
     uri = cfg.spec.tracking.uri  # as tracking.resolve_uri made it (a password moved to MLflow's own variables)
     tracking.check(uri)  # the quick refusals first: tracking, --resume, the Ray address
-    resumed = resumable(cfg) if resume else None
+    if within is None:
+        resumed = resumable(cfg) if resume else None
     address = cluster.ray_address(address)
     repeats, arms = preflight(cfg, log)  # data decoded, sources pretrained, weights loaded once
     hashed = cfg.digest()  # of the spec as written (resources.gpu: auto, not what auto chose here)
@@ -499,7 +505,7 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         + (f" + {most}{select_n} selection re-trainings + {most}{final_n} final re-trainings" if s.study else "")
         + f" = {most}{search_n + select_n + final_n} trainings")
     run_tags = tracking.source_tags(cfg.spec_file)
-    exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed)
+    exp_id, parent = open_sweep(cfg, repeats, resumed, run_tags, hashed, within)
     log(f"mlflow: experiment {cfg.experiment!r} ({exp_id}), parent run {parent} in {uri}"
         + (" (resumed)" if resume else ""))
     retrained = 0  # a resumed study's selection and final re-trainings that had finished

@@ -65,6 +65,7 @@ class Prepared:
     reused: bool = False
     recipe: tuple = ()  # the prepare() arguments, so another node can build its own copy of the cache
     fixed: tuple[str, ...] = ()  # splits whose images do not depend on the seed (the dataset's own folders, sets)
+    excluded: int = 0  # images left out because another dataset has them too (data.exclude)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The images (a memory-mapped view, not a copy), labels and cache rows of one split.
@@ -186,27 +187,40 @@ def _whole(log, *paths: Path) -> bool:
 
 def prepare(dataset: str, *, size: int, seed: int, split: tuple[float, float, float],
             classes: list | None = None, train_per_class: int | None = None, strict: bool = False,
-            holdout: float = 0.0, root: str | None = None, log=print) -> Prepared:
+            holdout: float = 0.0, root: str | None = None, exclude: tuple[str, ...] = (), log=print) -> Prepared:
     """Decode the dataset once into the node's cache and choose the rows of each split.
 
     ``holdout`` moves that share of a ``train/``+``val/`` dataset's validation images (stratified, seeded)
-    to a test split when the dataset has no ``test/`` folder of its own.
+    to a test split when the dataset has no ``test/`` folder of its own. ``exclude``: datasets (as ``dataset``
+    names them; ``torchvision:`` ones under ``root``) whose images are left out of every split, pixel for pixel at
+    this size: a target disjoint from the images a source was pretrained on.
     """
     recipe = (("dataset", dataset), ("size", size), ("seed", seed), ("split", tuple(split)),
               ("classes", tuple(classes) if classes else None), ("train_per_class", train_per_class),
-              ("strict", False), ("holdout", holdout), ("root", root))
-    return dataclasses.replace(_prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout,
-                                        root, log), recipe=recipe)
+              ("strict", False), ("holdout", holdout), ("root", root), ("exclude", tuple(exclude)))
+    drop = frozenset().union(*(image_hashes(prepare(d, size=size, seed=0, split=(0.6, 0.2, 0.2), root=root,
+                                                    log=lambda m: None)) for d in exclude))
+    out = _prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout, root, log, drop)
+    if exclude:
+        log(f"data: {out.excluded} images also in {', '.join(exclude)} left out")
+    return dataclasses.replace(out, recipe=recipe)
 
 
-def _prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout, root, log) -> Prepared:
+def image_hashes(p: Prepared, rows=None) -> list[bytes]:
+    """A digest of each image of a prepared dataset's cache (every row, or ``rows``), pixel for pixel."""
+    x = np.load(p.cache, mmap_mode="r")
+    return [hashlib.blake2b(np.ascontiguousarray(x[r]).tobytes(), digest_size=16).digest()
+            for r in (range(len(x)) if rows is None else rows)]
+
+
+def _prepare(dataset, size, seed, split, classes, train_per_class, strict, holdout, root, log, drop) -> Prepared:
     if dataset.startswith("builtin:"):
-        return _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log)
+        return _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log, drop)
     if dataset.startswith("torchvision:"):
         return _prepare_torchvision(dataset.removeprefix("torchvision:"), Path(root or "."), size, seed, split,
-                                    classes, train_per_class, log)
+                                    classes, train_per_class, log, drop)
     return _prepare_folder(Path(dataset.removeprefix("imagefolder:")), size, seed, split, classes,
-                           train_per_class, strict, holdout, log)
+                           train_per_class, strict, holdout, log, drop)
 
 
 def _select(all_classes: list[str], wanted: list | None, where: str) -> list[int]:
@@ -227,12 +241,18 @@ def _select(all_classes: list[str], wanted: list | None, where: str) -> list[int
 
 def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: list[str], keep: list[int],
             train_per_class: int | None, seed: int, fingerprint: str, skipped, reused: bool,
-            fixed: tuple[str, ...] = (), where: str = "data") -> Prepared:
+            fixed: tuple[str, ...] = (), where: str = "data", drop: frozenset = frozenset()) -> Prepared:
     """The prepared splits. ``fixed``: the splits the dataset itself fixes (``train_per_class`` draws from
-    train with the seed, so train is then not fixed)."""
+    train with the seed, so train is then not fixed). ``drop``: digests of images to leave out (``exclude``)."""
     remap = {old: new for new, old in enumerate(keep)}
     mapped = [remap.get(y, -1) for y in labels]
     index = {k: [r for r in v if mapped[r] >= 0] for k, v in rows.items()}
+    excluded = 0
+    if drop:
+        every = sorted(r for v in index.values() for r in v)
+        gone = {r for r, h in zip(every, image_hashes(Prepared(str(cache), (), {}, (), ""), every)) if h in drop}
+        index = {k: [r for r in v if r not in gone] for k, v in index.items()}
+        excluded = len(gone)
     if train_per_class:
         rng = np.random.default_rng(seed + 1)
         few = []
@@ -251,7 +271,7 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
                         f"add a class folder")
     fixed = tuple(k for k in fixed if index.get(k) and not (k == "train" and train_per_class))
     return Prepared(str(cache), tuple(mapped), {k: tuple(v) for k, v in index.items() if v},
-                    tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused, fixed=fixed)
+                    tuple(names[i] for i in keep), fingerprint, tuple(skipped), reused, fixed=fixed, excluded=excluded)
 
 
 def _builtin(dataset: str, size: int, log) -> tuple[Path, list[int], list[str], str, bool]:
@@ -288,15 +308,16 @@ def _builtin(dataset: str, size: int, log) -> tuple[Path, list[int], list[str], 
     return cache, labels, names, fp, reused
 
 
-def _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log) -> Prepared:
+def _prepare_builtin(dataset, size, seed, split, classes, train_per_class, log, drop=frozenset()) -> Prepared:
     cache, labels, names, fp, reused = _builtin(dataset, size, log)
     train, val, test = _stratified(labels, split, seed)
     keep = _select(names, classes, dataset)
     return _finish(cache, labels, {"train": train, "val": val, "test": test}, names, keep,
-                   train_per_class, seed, fp, (), reused)
+                   train_per_class, seed, fp, (), reused, drop=drop)
 
 
-def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, strict, holdout, log) -> Prepared:
+def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, strict, holdout, log,
+                    drop=frozenset()) -> Prepared:
     where = f"data.dataset imagefolder:{root}"
     if not root.is_dir():
         raise UserError(f"{where}: no such folder; give the path to your images (relative to the spec file)")
@@ -369,7 +390,8 @@ def _prepare_folder(root: Path, size, seed, split, classes, train_per_class, str
     else:
         rows = dict(zip(SPLITS, _stratified(labels, split, seed)))
     keep = _select(names, classes, where)
-    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused, fixed, where)
+    return _finish(cache, labels, rows, names, keep, train_per_class, seed, fp, skipped, reused, fixed, where,
+                   drop)
 
 
 # torchvision datasets: how each names its official splits (constructor kwarg → value per split). Datasets
@@ -449,7 +471,8 @@ def _idx_split(name: str, paths: tuple[Path, Path], size: int) -> tuple[np.ndarr
     return x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy(), labels.tolist()
 
 
-def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per_class, log) -> Prepared:
+def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per_class, log,
+                        drop=frozenset()) -> Prepared:
     if not root.is_dir():
         raise UserError(f"data.root: {root} is not a folder; point it at the folder holding torchvision:{name}")
     splits = TORCHVISION_SPLITS.get(name, TRAIN_FLAG)
@@ -500,7 +523,8 @@ def _prepare_torchvision(name, root: Path, size, seed, split, classes, train_per
         rows["train"], rows["val"] = [train[i] for i in keep], [train[i] for i in val]
         fixed = ("test",)
     keep_classes = _select(names, classes, f"torchvision:{name}")
-    return _finish(cache, labels, rows, names, keep_classes, train_per_class, seed, fp, (), reused, fixed)
+    return _finish(cache, labels, rows, names, keep_classes, train_per_class, seed, fp, (), reused, fixed,
+                   drop=drop)
 
 
 # ------------------------------------------------------------------------------------- augmentation

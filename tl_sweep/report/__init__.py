@@ -19,7 +19,7 @@ from tl_sweep.errors import UserError
 from tl_sweep.report import budget, collect, importance, page, render, stats
 from tl_sweep.report import plots as plot
 
-__all__ = ["Report", "build"]
+__all__ = ["Report", "build", "build_matrix"]
 NOTE_END = " The full report: this run's artifacts, report/report.md."
 
 
@@ -30,6 +30,8 @@ class Report:
     key: str  # what the CLI prints: a study's key table, a plain sweep's line on chance
     analysis: stats.Analysis | None = None  # a study's
     best_chance: tuple[float, float, float, int] | None = None  # a plain sweep's (val_acc, rate, p, trials)
+    estimates: dict | None = None  # a study's transferability estimates per cell, as logged
+    compute: dict[str, float] | None = None  # a study's compute seconds per arm
 
 
 def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = None, log=print,
@@ -89,7 +91,7 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     key_text = (render.text_table(render.headline_table(a, budget.compute(results))) + "\n\nper search repeat:\n"
                 if a.verdicts else "") + render.text_table(render.key_table(a))
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
-    return Report(out, markdown, key_text, a)
+    return Report(out, markdown, key_text, a, estimates=est, compute=budget.compute(results))
 
 
 def best_chance(results, header) -> tuple[float, float, float, int] | None:
@@ -139,3 +141,53 @@ def _sweep(uri, parent_id, sweep, header, out: Path, log, log_artifacts: bool) -
         tracking.log_batch(uri, parent_id, {}, {Tag.NOTE: f"**{sweep.experiment}**: {key}." + NOTE_END})
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
     return Report(out, markdown, key, None, chance)
+
+
+def build_matrix(uri: str, exp_id: str, matrix_id: str, out_dir: str | Path | None = None, log=print,
+                 log_artifacts: bool = True, known: dict[str, Report] | None = None) -> Report:
+    """A transfer matrix's report (:mod:`tl_sweep.report.matrix`): each target's study report (``known``: those
+    built already, by run id; the others are built here, into ``<out>/<part>``), then the matrix's heatmap,
+    per-target freeze-depth curves, best source per target, the estimates against the k-NN probe, matrix.csv and
+    the matrix as metrics, logged on the matrix's run."""
+    import json
+
+    import matplotlib
+
+    from tl_sweep.report import matrix
+
+    matplotlib.use("Agg")
+    run = tracking.get_run(uri, matrix_id)
+    layout = json.loads(run.data.tags.get(Tag.MATRIX, "[]"))
+    experiment = tracking.experiment(uri, exp_id).name
+    out = Path(out_dir or Path("reports") / f"{experiment}-{matrix_id[:8]}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {r.data.tags.get(Tag.PART): r for r in tracking.children(uri, exp_id, matrix_id)
+            if r.data.tags.get(Tag.ROLE) == "target"}
+    parts = []
+    for item in layout:
+        r = runs.get(item["part"])
+        if r is None or r.info.status != "FINISHED":
+            log(f"report: the matrix's {item['part']} has not finished; left out")
+            continue
+        rep = (known or {}).get(r.info.run_id) or build(uri, exp_id, r.info.run_id, out / item["part"],
+                                                         log=lambda m: None, log_artifacts=log_artifacts)
+        if rep.analysis is None:
+            continue
+        parts.append(matrix.Part(item["part"], item["target"], item["arch"], r.info.run_id, rep.analysis,
+                                 rep.estimates or {}, rep.compute or {}))
+    if not parts:
+        raise UserError(f"run {matrix_id}: no target of the matrix has finished; nothing to report yet")
+    m = matrix.analyze(parts)
+    plots = {name for name, drawn in (("heatmap", plot.plot_matrix(m, out / "matrix.png")),
+                                      ("curves", plot.plot_matrix_depths(m, out / "matrix_depths.png"))) if drawn}
+    markdown = matrix.markdown(m, {"experiment": experiment, "run": matrix_id}, plots)
+    (out / "report.md").write_text(markdown)
+    page.write(markdown, out, f"tl-sweep transfer matrix: {experiment}")
+    (out / "matrix.csv").write_text(matrix.csv(m))
+    if log_artifacts:
+        files = [out / f for f in ("report.md", "report.html", "matrix.csv", "matrix.png", "matrix_depths.png")
+                 if (out / f).exists()]
+        tracking.log_files(uri, matrix_id, files, artifact_path="report")
+        tracking.log_batch(uri, matrix_id, matrix.metrics(m), {Tag.NOTE: matrix.description(m) + NOTE_END})
+    log(f"report: {out / 'report.md'} (also in the matrix run's artifacts under report/)")
+    return Report(out, markdown, matrix.key_text(m))

@@ -256,3 +256,72 @@ def plot_parallel(results: list[TrialResult], space: dict[str, dict], path: Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_matrix(m, path: Path) -> bool:
+    """The transfer matrix as a heatmap: sources × targets, colour = pooled NTG in points (blue: the source helps,
+    red: negative transfer), each cell annotated with NTG [95% CI], the chosen depth and ★ where it holds after
+    Holm over the matrix (:mod:`tl_sweep.report.matrix`)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tl_sweep.report.matrix import cell_text
+
+    if not m.entries:
+        return False
+    grid = np.full((len(m.sources), len(m.targets)), np.nan)
+    for e in m.entries:
+        grid[m.sources.index(e.source), m.targets.index(e.target)] = 100 * e.pooled.value
+    span = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+    fig, ax = plt.subplots(figsize=(2.2 + 2.1 * len(m.targets), 1.2 + 1.0 * len(m.sources)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+    for e in m.entries:
+        i, j = m.sources.index(e.source), m.targets.index(e.target)
+        ax.text(j, i, cell_text(e), ha="center", va="center", fontsize=8,
+                color="white" if abs(grid[i, j]) > 0.6 * span else "black")
+    ax.set_xticks(range(len(m.targets)), m.targets, rotation=20, ha="right")
+    ax.set_yticks(range(len(m.sources)), m.sources)
+    fig.colorbar(im, ax=ax, label="NTG (points; < 0: the source helps)")
+    ax.set_title("Transfer matrix: pooled NTG [95% CI], chosen depth (★: holds after Holm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_matrix_depths(m, path: Path) -> bool:
+    """Per target, test accuracy per depth for each source (finals of every search repeat, mean ± 95% CI) with its
+    architecture's scratch baseline as a dashed line and chance as a dotted one."""
+    import matplotlib.pyplot as plt
+
+    if not m.parts:
+        return False
+    fig, axes = plt.subplots(1, len(m.targets), figsize=(4.2 * len(m.targets), 3.8), squeeze=False)
+    for ax, t in zip(axes[0], m.targets):
+        for p in (p for p in m.parts if p.target == t):
+            a = p.analysis
+            for arm in a.arms:
+                if arm == a.scratch:
+                    continue
+                pts = [(d, _mean_ci(a.pooled_tests(arm, d))) for d in a.depths(arm) if a.pooled_tests(arm, d)]
+                if pts:
+                    err = [[0 if math.isnan(c[1]) else 100 * (c[0] - c[1]) for _, c in pts],
+                           [0 if math.isnan(c[2]) else 100 * (c[2] - c[0]) for _, c in pts]]
+                    ax.errorbar([d for d, _ in pts], [100 * c[0] for _, c in pts], yerr=err, marker="o", capsize=3,
+                                label=arm)
+            base = [x for d in a.depths(a.scratch) for x in a.pooled_tests(a.scratch, d)] if a.scratch else []
+            if base:
+                ax.axhline(100 * statistics.fmean(base), ls="--", color="grey",
+                           label=f"scratch ({p.arch})" if len({q.arch for q in m.parts}) > 1 else "scratch")
+            if a.chance:
+                ax.axhline(100 * max(a.chance.values()), color="red", ls=":")
+        ax.set_title(t)
+        ax.set_xlabel("unfrozen blocks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.suptitle("Freeze depth per target (finals, mean ± 95% CI; dotted: chance)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

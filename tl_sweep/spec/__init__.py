@@ -28,8 +28,8 @@ from tl_sweep import catalog, redact, tracking
 from tl_sweep.errors import UserError
 # the schema: every key a spec may hold (the names are this module's too)
 from tl_sweep.spec.schema import (BUILTIN, Augment, DataCfg, Dim, Failures, ModelCfg, Range, Regime,  # noqa: F401
-                                  Resources, Scalar, Scheduler, Search, Source, Space, Spec, Study, Tracking,
-                                  min_epochs, space_depths, values_of)
+                                  Resources, Scalar, Scheduler, Search, Source, Space, Spec, Study, Target,
+                                  Tracking, min_epochs, space_depths, values_of)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -189,11 +189,22 @@ class Config(BaseModel):
     cells: list[tuple[str, int]] = []  # a study's grid: (arm, unfrozen blocks); scratch trains every block
     store: str = "sqlite"  # what kind of tracking store spec.tracking.uri is (tracking.Store.kind)
     notes: list[str] = []  # how an override was read where it may mean something else (the CLI says them)
+    # a transfer matrix: one single-target study per (target, architecture), each a Config of its own
+    parts: list["Config"] = []
+    target: str = ""  # a part's target name ("" for a study that is not part of a matrix)
+    part: str = ""  # a part's name: the target's, with the architecture where sources differ in it
+
+    @property
+    def matrix(self) -> bool:
+        return bool(self.parts)
 
     def trainings(self) -> tuple[int, int, int]:
         """(search trials, selection re-trainings, final re-trainings) this config will run (at most, where a
         cell ends with fewer than ``candidates`` configurations with a result)."""
         s = self.spec
+        if self.parts:
+            per = [p.trainings() for p in self.parts]
+            return sum(x[0] for x in per), sum(x[1] for x in per), sum(x[2] for x in per)
         if s.study is None:
             return s.search.num_trials, 0, 0
         st = s.study
@@ -248,6 +259,10 @@ class Config(BaseModel):
                          "max_blocks": self.max_blocks, "cells": [f"{a}@k={k}" for a, k in self.cells],
                          "trainings": {"search": search, "selection": selection, "final": finals,
                                        "total": search + selection + finals}}
+        if self.parts:
+            d["resolved"]["parts"] = {p.part: {"target": p.target, "arch": p.spec.model.arch, "arms": p.arms,
+                                               "cells": [f"{a}@k={k}" for a, k in p.cells],
+                                               "trainings": sum(p.trainings())} for p in self.parts}
         return d
 
 
@@ -281,8 +296,11 @@ def _abs(p: str, base: Path) -> str:
 def data_problem(cfg: "Config") -> str | None:
     """What is missing on this machine for the spec's data (a folder that is not there), in one line; ``None``
     when every path it names exists. (``tl-sweep submit`` does not ask: the data is the cluster's.)"""
+    if cfg.parts:  # a matrix: each target's data
+        return next((problem for problem in map(data_problem, cfg.parts) if problem), None)
     d = cfg.spec.data
-    folder = d.dataset.removeprefix("imagefolder:") if d.dataset.startswith("imagefolder:") else d.root
+    folder = d.dataset.removeprefix("imagefolder:") if d.dataset.startswith("imagefolder:") else \
+        d.root if d.dataset.startswith("torchvision:") else None
     if folder is None or Path(folder).is_dir():
         return None
     key = "data.dataset" if d.dataset.startswith("imagefolder:") else "data.root"
@@ -310,7 +328,61 @@ def _weights(w: str, arch: str, spec_dir: Path) -> str:
                     f"use one of those, source:<name> or none")
 
 
+def matrix_specs(spec: Spec) -> list[tuple[str, str, Spec]]:
+    """A transfer matrix's parts as single-target study specs: (target name, part name, spec), one per target and
+    architecture of its sources (each architecture with a scratch baseline of its own, so every NTG compares like
+    with like). A study with one target and one architecture is a plain study: ``[]``."""
+    st = spec.study
+    if st is None:
+        return []
+    given = list(st.sources or [spec.model.weights])
+    archs: dict[str, list] = {}
+    for g in given:
+        archs.setdefault(g.arch if isinstance(g, Source) and g.arch else spec.model.arch, []).append(g)
+    if st.targets is None and list(archs) == [spec.model.arch]:
+        return []
+    if spec.tracking.register_as:
+        raise UserError("tracking.register_as: a transfer matrix has a winner per target, not one model to "
+                        "register; leave register_as out (each target's winners are logged as MLflow Models)")
+    targets = st.targets or [None]
+    out = []
+    for t in targets:
+        data = spec.data if t is None else DataCfg.model_validate(
+            {**spec.data.model_dump(exclude_unset=True), **t.model_dump(exclude_unset=True, exclude={"name"})})
+        tname = t.name if t is not None else "data"
+        for arch, mine in archs.items():
+            arms = [g.name if isinstance(g, Source) else g for g in mine] + ["scratch"]
+            sub = spec.model_dump(exclude_unset=True)
+            sub["model"] = {**sub.get("model", {}), "arch": arch}
+            if "weights" in sub["model"] and not any(
+                    (g.weights if isinstance(g, Source) else g) == sub["model"]["weights"] for g in mine):
+                sub["model"]["weights"] = "none"  # the model's weights are a source of another architecture
+            sub["data"] = data.model_dump(exclude_unset=True)
+            sub["study"] = {**sub["study"], "targets": None,
+                            "sources": [g.model_dump(exclude_unset=True) if isinstance(g, Source) else g for g in mine],
+                            "spaces": {a: v for a, v in st.spaces.items() if a in arms}}
+            name = tname if len(archs) == 1 else f"{tname}-{arch.replace('_', '-')}"
+            where = f"study.targets[{tname}]" if t is not None else f"study.sources ({arch})"
+            try:
+                out.append((tname, name, Spec.model_validate(sub)))
+            except ValidationError as err:
+                raise UserError(f"{where}: {_first_error(err, '', []).args[0].lstrip(': ')}") from None
+    return out
+
+
 def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
+    parts = []
+    for target, name, sub in matrix_specs(spec):
+        try:
+            part = resolve(sub, spec_dir, text)
+        except UserError as e:
+            raise UserError(f"study.targets[{target}]: {e}" if spec.study.targets else str(e)) from None
+        parts.append(part.model_copy(update={"target": target, "part": name}))
+    if parts:  # the matrix: its own spec as written (paths as its parts resolved them), its parts
+        spec = spec.model_copy(deep=True, update={"tracking": parts[0].spec.tracking, "storage": parts[0].spec.storage})
+        arms = {a: w for p in parts for a, w in p.arms.items()}
+        return Config(spec=spec, spec_text=text, spec_dir=str(spec_dir), experiment=parts[0].experiment, arms=arms,
+                      input=parts[0].input, max_blocks=parts[0].max_blocks, store=parts[0].store, parts=parts)
     spec = spec.model_copy(deep=True)
     m, d = spec.model, spec.data
     given = [m.weights] if spec.study is None else list(spec.study.sources or [m.weights])
@@ -350,6 +422,8 @@ def resolve(spec: Spec, spec_dir: Path, text: str = "") -> Config:
         d.augment.hflip = not digits
     if d.dataset.startswith("imagefolder:"):
         d.dataset = "imagefolder:" + _abs(d.dataset.removeprefix("imagefolder:"), spec_dir)
+    d.exclude = [("imagefolder:" + _abs(x.removeprefix("imagefolder:"), spec_dir)) if x.startswith("imagefolder:")
+                 else x for x in d.exclude]
     if d.dataset.startswith("torchvision:"):
         if d.root is None:
             raise UserError(f"data.root: torchvision:{d.dataset.split(':', 1)[1]} needs data.root, the folder "

@@ -145,6 +145,9 @@ class DataCfg(_Strict):
     root: str | None = None  # folder of a torchvision:<Name> dataset (relative to the spec file)
     augment: Augment = Augment()
     feature_cache: bool = True  # compute a frozen prefix's features once and train the rest on them
+    # datasets whose images are left out of every split (pixel for pixel): e.g. [builtin:mnist-5k] keeps a few-shot
+    # MNIST target disjoint from the images the mnist-5k source was pretrained on
+    exclude: list[str] = []
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -164,6 +167,11 @@ class DataCfg(_Strict):
         if v.startswith("builtin:") and v not in BUILTIN:
             raise ValueError(f"unknown built-in dataset {v!r}; built in: {', '.join(BUILTIN)}")
         return v
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, v: list[str]) -> list[str]:
+        return [cls._kind(d) for d in v]
 
     @field_validator("split")
     @classmethod
@@ -215,10 +223,38 @@ def space_depths(space, n: int) -> list[int]:
 
 
 class Source(_Strict):
-    """A study source with a name of its own: ``{name: imagenet, weights: ckpt/resnet18.pt}``."""
+    """A study source with a name of its own: ``{name: imagenet, weights: ckpt/resnet18.pt}``, and optionally its own
+    architecture (``arch: resnet50``; default ``model.arch``). Sources of another architecture are compared with a
+    scratch baseline of their own architecture: every NTG compares like with like."""
 
     name: str = Field(min_length=1)
     weights: str = Field(min_length=1)
+    arch: str | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                catalog.entry(v)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
+class Target(DataCfg):
+    """One target of a transfer matrix (``study.targets``): a name and the keys of ``data`` that differ for it
+    (dataset, classes, train_per_class, split, image_size, root, ...); every other key as ``data`` has it."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", v):
+            raise ValueError(f"{v!r}: a target's name is lowercase letters, digits and dashes (it names its runs, "
+                             f"metrics and report folder), e.g. fashion-few")
+        return v
 
 
 class Pretrain(_Strict):
@@ -279,6 +315,20 @@ class Study(_Strict):
     allocate: Literal["grid", "halving"] = "grid"  # grid: equal budgets; halving: successive halving of cells
     eta: int = Field(2, ge=2)  # halving: the share of cells each rung keeps is 1/eta
     first_rung: int | None = Field(None, ge=1)  # halving: trials per cell before the first cut (default: budget/eta)
+    # a transfer matrix: every source on each of these targets (each a study of its own under one parent run)
+    targets: list[Target] | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("[] names no target; list at least one, or leave study.targets out")
+            names = [t.name for t in v]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"two targets are called {twice[0]!r}; give each its own name")
+        return v
 
 
 class Failures(_Strict):
