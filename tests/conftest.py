@@ -180,3 +180,40 @@ def two_node_cluster(cache: Path):
                "raylets": (min(head, default=None), min(worker, default=None))}
     finally:
         stop_every_ray(env)
+
+
+@contextmanager
+def chromium(failure_shot: str = "mlflow_ui_failure.png"):
+    """A headless Chromium (Debian's chromium and chromium-driver; skips without them) for the MLflow UI tests.
+    Yields (driver, wait_for(predicate, what), body() -> the page's text, shots folder)."""
+    import shutil
+    import time
+
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1600,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    shots = Path(os.environ.get("TL_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def wait_for(predicate, what: str, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            time.sleep(0.5)
+        driver.save_screenshot(str(shots / failure_shot))
+        raise AssertionError(f"the MLflow UI never showed {what}")
+
+    try:
+        yield driver, wait_for, lambda: driver.find_element(By.TAG_NAME, "body").text, shots
+    finally:
+        driver.quit()

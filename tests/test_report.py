@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, tl
+from conftest import SPEC, chromium, tl
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
@@ -149,40 +148,12 @@ def mlflow_search_logged_models(uri: str, exp_id: str) -> list:
 def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow_server):
     """A real browser (headless Chromium) on the MLflow UI: the parent run, its nested trials, the Datasets
     column, the study's metrics on the parent, the report, the logged models and the registered champion."""
-    import shutil
-    import time
-    from pathlib import Path
-
-    if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("study")
     parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tl_sweep.role") == "sweep")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1600,1000"):
-        opts.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=opts, service=service)
-    shots = Path(os.environ.get("TL_SWEEP_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
-    shots.mkdir(parents=True, exist_ok=True)
-
-    def wait_for(predicate, what: str, timeout: float = 60):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if predicate():
-                return
-            time.sleep(0.5)
-        driver.save_screenshot(str(shots / "mlflow_ui_failure.png"))
-        raise AssertionError(f"the MLflow UI never showed {what}")
-
-    body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
-    try:
+    with chromium() as (driver, wait_for, body, shots):
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
         wait_for(lambda: parent.info.run_name in driver.page_source, "the parent run")
         # the "+" beside the parent's name (MLflow 3's run-name cell) unfolds its nested runs
@@ -259,5 +230,3 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
         wait_for(lambda: "val accuracy" in body() and ("below_chance" not in version.tags or "BELOW CHANCE" in body()),
                  "the registered version's accuracy (and its below-chance mark, where it has one)")
         driver.save_screenshot(str(shots / "mlflow_ui_registered_version.png"))
-    finally:
-        driver.quit()

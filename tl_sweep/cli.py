@@ -47,6 +47,12 @@ def cmd_validate(args) -> int:
     if (problem := spec.data_problem(cfg)) is not None:
         raise UserError(f"{cfg.spec_file}: {problem}")
     print(spec.to_yaml(cfg), end="")
+    if cfg.matrix:  # the matrix's size, per target and in all
+        per = {}
+        for p in cfg.parts:
+            per[p.target] = per.get(p.target, 0) + sum(p.trainings())
+        _log("tl-sweep: transfer matrix: " + ", ".join(f"{t} {n} trainings" for t, n in per.items())
+             + f"; {sum(cfg.trainings())} in all")
     return 0
 
 
@@ -112,7 +118,7 @@ def cmd_run(args) -> int:
               if summary.finals else "")
     print(f"sweep {summary.status.lower()} in {summary.seconds:.0f}s: {len(summary.trials)} search trials{finals}; "
           f"best by validation:")
-    print(runner.table(summary.trials))
+    print(table(summary.trials))
     rates = [f"{k} {100 * v:.1f}%" for k, v in summary.chance.items() if v is not None]
     if rates:
         print(f"majority-class rate (what always answering the commonest class scores): {', '.join(rates)}")
@@ -130,6 +136,21 @@ def cmd_run(args) -> int:
         return 0 if summary.status == "FINISHED" else 1
     _links(uri, summary.experiment_id, summary.parent_run_id)
     return 0 if summary.status == "FINISHED" else 1
+
+
+def table(results, limit: int = 8) -> str:
+    """The best trials as an aligned text table."""
+    from tl_sweep.contract import percent
+
+    cols = ["trial", "arm", "unfrozen_blocks", "optimizer", "batch_size", "lr_mult", "epochs", "best_val_acc",
+            "status"]
+    heads = ["trial", "arm", "k", "optimizer", "bs", "lr_mult", "epochs", "best val %", "status"]
+    fmt = lambda c, v: percent(v) if c == "best_val_acc" else (  # noqa: E731
+        f"{v:.3g}" if isinstance(v, float) else str(v))
+    body = [[fmt(c, r.row().get(c)) for c in cols] for r in results[:limit]]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
+    line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(heads)] + [line(b) for b in body])
 
 
 def _links(uri: str, exp_id: str, run_id: str, label: str = "sweep") -> None:

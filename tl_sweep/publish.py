@@ -65,7 +65,8 @@ def publish(cfg: Config, finals: list[TrialResult], trials: list[TrialResult], r
                 path.parent.mkdir()
                 shutil.copy(Path(d) / TUNE_FILE, path)
             tracking.log_files(uri, r.run_id, [path])
-            name = model_name(cfg.experiment, arm, r.config.unfrozen_blocks)
+            sweep = f"{cfg.experiment}-{cfg.part}" if cfg.part else cfg.experiment  # a matrix's: per target
+            name = model_name(sweep, arm, r.config.unfrozen_blocks)
             uris[arm] = tracking.log_model(uri, r.run_id, path, example_images, name=name)
             torch_uri = tracking.log_torch_model(uri, r.run_id, path, name=f"{name}-torch")
             # the Models page compares logged models on the metrics linked to them

@@ -481,15 +481,12 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         resume: bool = False, within: str | None = None, resumed: str | None = None) -> Summary:
     """Run the sweep (or study) that ``cfg`` describes; returns the trials, best first.
 
-    With ``resume``, the latest sweep of the experiment (same resolved spec) continues: its parent run is
-    reused and each phase's Tuner is restored from storage with the searcher's state. A transfer matrix's part
-    (:mod:`tl_sweep.matrix`) runs ``within`` the matrix's run, resuming its own run ``resumed``.
-    """
+    With ``resume``, the latest sweep of the experiment (same resolved spec) continues: its parent run is reused and
+    each phase's Tuner is restored with the searcher's state. A matrix's part runs ``within`` the matrix's run."""
     t0 = time.perf_counter()
     uri = cfg.spec.tracking.uri  # as tracking.resolve_uri made it (a password moved to MLflow's own variables)
     tracking.check(uri)  # the quick refusals first: tracking, --resume, the Ray address
-    if within is None:
-        resumed = resumable(cfg) if resume else None
+    resumed = resumed if within else resumable(cfg) if resume else None
     address = cluster.ray_address(address)
     repeats, arms = preflight(cfg, log)  # data decoded, sources pretrained, weights loaded once
     hashed = cfg.digest()  # of the spec as written (resources.gpu: auto, not what auto chose here)
@@ -589,16 +586,3 @@ def start_cohorts(cfg: Config, ctx: TrialContext):
                         f"{s.resources.gpu:g} GPU, {need:.1f} GiB of memory each) could not start in 5 minutes; "
                         f"lower search.max_concurrent or resources.cohort") from None
     return registry
-
-
-def table(results: list[TrialResult], limit: int = 8) -> str:
-    """The best trials as an aligned text table."""
-    cols = ["trial", "arm", "unfrozen_blocks", "optimizer", "batch_size", "lr_mult", "epochs", "best_val_acc",
-            "status"]
-    heads = ["trial", "arm", "k", "optimizer", "bs", "lr_mult", "epochs", "best val %", "status"]
-    fmt = lambda c, v: contract.percent(v) if c == "best_val_acc" else (  # noqa: E731
-        f"{v:.3g}" if isinstance(v, float) else str(v))
-    body = [[fmt(c, r.row().get(c)) for c in cols] for r in results[:limit]]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
-    line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(heads)] + [line(b) for b in body])

@@ -265,6 +265,9 @@ def _finish(cache: Path, labels: list[int], rows: dict[str, list[int]], names: l
         index["train"] = sorted(few)
     for k, v in index.items():
         if not v and k != "test":
+            if excluded:
+                raise UserError(f"data.exclude: no image of the {k} split is left ({excluded} images are also in "
+                                f"the datasets it names); exclude another dataset")
             raise UserError(f"data: the {k} split is empty; add images or change data.split")
     if len(keep) < 2:
         raise UserError(f"{where}: one class ({', '.join(names[i] for i in keep)}); a classifier needs at least 2: "

@@ -47,7 +47,9 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
         raise UserError(f"run {parent_id} has no trial runs to report on")
     out = Path(out_dir or Path("reports") / f"{sweep.experiment}-{parent_id[:8]}")
     out.mkdir(parents=True, exist_ok=True)
-    header = {"experiment": sweep.experiment, **collect.describe(sweep)}
+    # a transfer matrix's target: its study is named by the experiment and the target
+    title = sweep.experiment + (f" / {t}" if (t := sweep.tags.get(Tag.TARGET)) else "")
+    header = {"experiment": title, **collect.describe(sweep)}
     if "study.baseline" not in sweep.params and not any(r.config.final for r in results):
         return _sweep(uri, parent_id, sweep, header, out, log, log_artifacts)
     a = stats.analyze(results, collect.chance(header.pop("chance"), header.pop("chance_by_search")),
@@ -76,7 +78,7 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
     markdown = render.markdown(header, parent_id, results, a, imp, plots, est_md, render.budget_summary(curves),
                                capped, budget.compute(results))
     (out / "report.md").write_text(markdown)
-    page.write(markdown, out, f"tl-sweep report: {sweep.experiment}")  # one page, plots inline: MLflow shows it
+    page.write(markdown, out, f"tl-sweep report: {title}")  # one page, plots inline: MLflow shows it
     (out / "trials.csv").write_text(render.trials_csv(results))
     # the resolved spec beside the report, so the folder reproduces the study on its own
     tracking.download_artifact(uri, parent_id, "resolved.yaml", out)
@@ -87,7 +89,7 @@ def build(uri: str, exp_id: str, parent_id: str, out_dir: str | Path | None = No
         for search, metrics in stats.parent_metrics(a).items():  # MLflow's chart and compare views show the study
             tracking.log_batch(uri, parent_id, metrics, step=search)
         tracking.log_batch(uri, parent_id, stats.pooled_metrics(a), {Tag.NOTE: render.description(
-            sweep.experiment, a, render.findings(a, capped)) + NOTE_END})
+            title, a, render.findings(a, capped)) + NOTE_END})
     key_text = (render.text_table(render.headline_table(a, budget.compute(results))) + "\n\nper search repeat:\n"
                 if a.verdicts else "") + render.text_table(render.key_table(a))
     log(f"report: {out / 'report.md'} (also in the parent run's artifacts under report/)")
@@ -184,6 +186,7 @@ def build_matrix(uri: str, exp_id: str, matrix_id: str, out_dir: str | Path | No
     (out / "report.md").write_text(markdown)
     page.write(markdown, out, f"tl-sweep transfer matrix: {experiment}")
     (out / "matrix.csv").write_text(matrix.csv(m))
+    tracking.download_artifact(uri, matrix_id, "resolved.yaml", out)  # the spec that reproduces the matrix
     if log_artifacts:
         files = [out / f for f in ("report.md", "report.html", "matrix.csv", "matrix.png", "matrix_depths.png")
                  if (out / f).exists()]

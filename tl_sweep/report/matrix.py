@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from tl_sweep.report import pooling
-from tl_sweep.report.stats import ALPHA, Analysis, compare, holm
+from tl_sweep.report.stats import ALPHA, NEITHER, NOT_ABOVE, SCRATCH_AT_CHANCE, Analysis, compare, holm
 
 
 @dataclass
@@ -114,6 +114,12 @@ def _chosen(a: Analysis, arm: str) -> list:
     return out
 
 
+def _clipped(p: pooling.Pooled) -> pooling.Pooled:
+    """A pooled difference of accuracies with its interval within [-1, 1], what it bounds (a t-interval over 2 to
+    5 repeats can reach past it)."""
+    return dataclasses.replace(p, lo=max(-1.0, p.lo), hi=min(1.0, p.hi))
+
+
 def _accuracy(cells: list) -> float:
     return statistics.fmean(statistics.fmean(c.final_test.values()) for c in cells) if cells else math.nan
 
@@ -127,11 +133,11 @@ def analyze(parts: list[Part]) -> Matrix:
         scratch = _accuracy(_chosen(a, a.scratch)) if a.scratch else math.nan
         for arm, v in a.verdicts.items():
             cells = _chosen(a, arm)
-            m.entries.append(Entry(p.target, arm, p.arch, v.pooled, v.verdict, [c.depth for c in cells],
+            m.entries.append(Entry(p.target, arm, p.arch, _clipped(v.pooled), v.verdict, [c.depth for c in cells],
                                    _accuracy(cells), scratch))
     for e, p_adj in zip(m.entries, holm([e.pooled.p for e in m.entries])):
         e.p_matrix = p_adj
-        e.holds = p_adj < ALPHA and "not above chance" not in e.verdict and "neither" not in e.verdict
+        e.holds = p_adj < ALPHA and not any(x in e.verdict for x in (NOT_ABOVE, SCRATCH_AT_CHANCE, NEITHER))
     for t in targets:
         mine = sorted((e for e in m.entries if e.target == t and not math.isnan(e.accuracy)),
                       key=lambda e: -e.accuracy)
@@ -162,7 +168,7 @@ def margin(parts: list[Part], target: str, best: str, other: str) -> pooling.Poo
         estimates.append(dataclasses.replace(e, value=-e.value))
     if not estimates:
         return None
-    return pooling.pool(estimates)
+    return _clipped(pooling.pool(estimates))
 
 
 def source_estimates(m: Matrix, target: str) -> dict[str, dict[str, float]]:

@@ -311,16 +311,17 @@ def plot_matrix_depths(m, path: Path) -> bool:
                                 label=arm)
             base = [x for d in a.depths(a.scratch) for x in a.pooled_tests(a.scratch, d)] if a.scratch else []
             if base:
-                ax.axhline(100 * statistics.fmean(base), ls="--", color="grey",
-                           label=f"scratch ({p.arch})" if len({q.arch for q in m.parts}) > 1 else "scratch")
+                archs = list(dict.fromkeys(q.arch for q in m.parts))
+                ax.axhline(100 * statistics.fmean(base), ls=("--", "-.", ":")[archs.index(p.arch) % 3], color="grey",
+                           label=f"scratch ({p.arch})" if len(archs) > 1 else "scratch (tuned)")
             if a.chance:
-                ax.axhline(100 * max(a.chance.values()), color="red", ls=":")
+                ax.axhline(100 * max(a.chance.values()), color="red", lw=0.8)
         ax.set_title(t)
         ax.set_xlabel("unfrozen blocks")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test accuracy (%)")
-    fig.suptitle("Freeze depth per target (finals, mean ± 95% CI; dotted: chance)")
+    fig.suptitle("Freeze depth per target (finals, mean ± 95% CI; red: chance, the majority-class rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -53,13 +53,13 @@ def _parse_yaml(text: str, where: str) -> dict:
 
 
 def _submodel(annotation) -> type[BaseModel] | None:
-    """The BaseModel class a field holds, if any (``Optional[X]``/``X | None`` included)."""
+    """The BaseModel class a field holds, if any (``Optional[X]``/``X | None`` and ``list[X]`` included)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType):
+    if typing.get_origin(annotation) in (Union, types.UnionType, list):
         for arg in typing.get_args(annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
+            if (sub := _submodel(arg)) is not None:
+                return sub
     return None
 
 
@@ -74,7 +74,10 @@ def _check_keys(raw: Any, schema: type[BaseModel], path: str, where: str) -> Non
             hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(fields)}"
             raise UserError(f"{where}: {path}{key}: unknown key; {hint}")
         sub = _submodel(fields[key].annotation)
-        if sub is not None:
+        if sub is not None and isinstance(value, list):  # a list of sections (study.targets, sources)
+            for i, item in enumerate(value):
+                _check_keys(item, sub, f"{path}{key}[{i}].", where)
+        elif sub is not None:
             _check_keys(value, sub, f"{path}{key}.", where)
 
 
@@ -97,10 +100,14 @@ def _set(raw: dict, dotted: str, value: str, where: str) -> None:
 
 
 def _first_error(err: ValidationError, where: str, overrides: list[str] = ()) -> UserError:
-    e = err.errors()[0]
+    errors = err.errors()
+    # a value that may be a string or a section (study.sources): the section's own error says what is wrong
+    e = next((x for x in errors if any(str(p)[:1].isupper() and str(p).isidentifier() for p in x["loc"])),
+             errors[0]) if errors[0]["type"] == "string_type" else errors[0]
     loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))]
     # Union members show up as loc entries (e.g. 'Range', 'list[...]'); keep only real keys and indices.
-    loc = [p for p in loc if not any(ch in p for ch in "[]()") and p not in ("Range", "int", "float", "str", "bool")]
+    loc = [p for p in loc if not any(ch in p for ch in "[]()") and p not in ("int", "float", "str", "bool")
+           and not (p[:1].isupper() and p.isidentifier())]  # a union's member (Range, Source), not a key
     msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if e["type"] == "missing":
         msg = "required key is missing; add it"
@@ -341,6 +348,11 @@ def matrix_specs(spec: Spec) -> list[tuple[str, str, Spec]]:
         archs.setdefault(g.arch if isinstance(g, Source) and g.arch else spec.model.arch, []).append(g)
     if st.targets is None and list(archs) == [spec.model.arch]:
         return []
+    names = [g.name if isinstance(g, Source) else g for g in given]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"study.sources: two sources are called {twice[0]!r}; give each its own name, e.g. "
+                        f"{{name: {twice[0].removeprefix('source:')}-small, weights: ..., arch: ...}}")
     if spec.tracking.register_as:
         raise UserError("tracking.register_as: a transfer matrix has a winner per target, not one model to "
                         "register; leave register_as out (each target's winners are logged as MLflow Models)")
