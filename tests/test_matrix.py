@@ -282,3 +282,26 @@ def test_mlflow_ui_shows_matrix_target_trials_nested_and_the_matrix_page(matrix_
                                         for i in images)  # the heatmap and the per-target curves
         driver.switch_to.default_content()
         driver.save_screenshot(str(shots / "mlflow_ui_matrix_page.png"))
+
+
+def test_submit_gives_a_matrix_its_targets_and_sources_paths_as_resolved_here(tmp_path):
+    from tl_sweep import cluster
+
+    spec_file = tmp_path / "m.yaml"
+    spec_file.write_text(
+        "name: m\ndata: {image_size: 32}\n"
+        "sources: [{name: fash, dataset: 'torchvision:FashionMNIST', root: data, classes: [0, 1]}]\n"
+        "study:\n  sources: ['source:fash']\n  targets:\n"
+        "    - {name: ants, dataset: 'imagefolder:imgs/ants'}\n"
+        "    - {name: mnist, dataset: 'torchvision:MNIST', root: data, exclude: ['imagefolder:imgs/b']}\n")
+    cfg = spec.load(spec_file)
+    sets = cluster._data_paths(cfg)
+    # the job's copy of the spec lives in another folder: loaded there with these overrides, the same data
+    elsewhere = tmp_path / "job"
+    elsewhere.mkdir()
+    (elsewhere / "m.yaml").write_text(spec_file.read_text())
+    again = spec.load(elsewhere / "m.yaml", sets)
+    assert [p.spec.data for p in again.parts] == [p.spec.data for p in cfg.parts]
+    assert again.parts[0].spec.data.dataset == f"imagefolder:{tmp_path / 'imgs' / 'ants'}"
+    assert again.parts[1].spec.data.exclude == [f"imagefolder:{tmp_path / 'imgs' / 'b'}"]
+    assert again.parts[0].spec.sources[0].root == str(tmp_path / "data")

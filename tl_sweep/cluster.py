@@ -208,6 +208,29 @@ def _explain(e: Exception, address: str) -> str:
             f"ray start --head --dashboard-host <ip>, and give its http://<head>:8265")
 
 
+def _data_paths(cfg) -> list[str]:
+    """``--set`` overrides giving the data, a matrix's targets and the spec's own sources their resolved paths."""
+    resolved = cfg.parts[0].spec if cfg.parts else cfg.spec
+    out = []
+    if cfg.parts:
+        data = {p.target: p.spec.data for p in cfg.parts}
+        targets = [{**t.model_dump(mode="json", exclude_unset=True), "dataset": data[t.name].dataset,
+                    "exclude": data[t.name].exclude,
+                    **({"root": data[t.name].root} if data[t.name].dataset.startswith("torchvision:") else {})}
+                   for t in cfg.spec.study.targets or []]
+        if targets:
+            out.append(f"study.targets={json.dumps(targets)}")
+    else:
+        out.append(f"data.dataset={resolved.data.dataset}")
+        if resolved.data.root:
+            out.append(f"data.root={resolved.data.root}")
+    if resolved.sources:
+        own = [{**src.model_dump(mode="json", exclude_unset=True), "dataset": src.dataset,
+                **({"root": src.root} if src.root else {})} for src in resolved.sources]
+        out.append(f"sources={json.dumps(own)}")
+    return out
+
+
 def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = True, resume: bool = False,
            log=print) -> tuple[str, str]:
     """Submit ``tl-sweep run`` as a Ray Job: ships the spec, its checkpoint files and this tl_sweep package.
@@ -230,11 +253,10 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shutil.copy(spec_path, work / "spec.yaml")
-        sets = list(overrides) + [f"tracking.uri={s.tracking.uri}", f"data.dataset={s.data.dataset}"]
+        # every path as this machine resolved it (the spec's copy in the job's folder is elsewhere)
+        sets = list(overrides) + [f"tracking.uri={s.tracking.uri}"] + _data_paths(cfg)
         if "storage" in s.model_fields_set or "://" in s.storage:
             sets.append(f"storage={s.storage}")
-        if s.data.root:
-            sets.append(f"data.root={s.data.root}")
         shipped = {}
         for weights in cfg.arms.values():
             if os.path.isfile(weights):  # shipped as weights/<i>/<its name>: the arm keeps its name on the cluster
