@@ -50,16 +50,16 @@ def plot_freeze_depth(a: Analysis, path: Path) -> None:
             tests = [t for c in a.cells.values() if (c.arm, c.depth) == (arm, d) for t in c.final_test.values()]
             if tests:
                 pts.append((d, _mean_ci(tests)))
-        if pts:
-            err = [[0 if math.isnan(t[1]) else 100 * (t[0] - t[1]) for _, t in pts],
-                   [0 if math.isnan(t[2]) else 100 * (t[2] - t[0]) for _, t in pts]]
+        if pts:  # an accuracy's interval within [0, 100]
+            err = [[0 if math.isnan(t[1]) else 100 * (t[0] - max(0.0, t[1])) for _, t in pts],
+                   [0 if math.isnan(t[2]) else 100 * (min(1.0, t[2]) - t[0]) for _, t in pts]]
             ax.errorbar([d for d, _ in pts], [100 * t[0] for _, t in pts], yerr=err, marker="o", capsize=3, label=arm)
     base = [t for d in a.depths(a.scratch) for t in a.pooled_tests(a.scratch, d)] if a.scratch else []
     if base:
         m, lo, hi = _mean_ci(base)
         ax.axhline(100 * m, color="grey", ls="--", label="scratch (tuned)")
         if not math.isnan(lo):
-            ax.axhspan(100 * lo, 100 * hi, color="grey", alpha=0.2)
+            ax.axhspan(100 * max(0.0, lo), 100 * min(1.0, hi), color="grey", alpha=0.2)
     if a.chance:
         ax.axhline(100 * max(a.chance.values()), color="red", ls=":", label="chance (majority class)")
     _save(fig, ax, path, "unfrozen blocks (0 = linear probe)", "test accuracy (%)",
@@ -304,9 +304,9 @@ def plot_matrix_depths(m, path: Path) -> bool:
                 if arm == a.scratch:
                     continue
                 pts = [(d, _mean_ci(a.pooled_tests(arm, d))) for d in a.depths(arm) if a.pooled_tests(arm, d)]
-                if pts:
-                    err = [[0 if math.isnan(c[1]) else 100 * (c[0] - c[1]) for _, c in pts],
-                           [0 if math.isnan(c[2]) else 100 * (c[2] - c[0]) for _, c in pts]]
+                if pts:  # an accuracy's interval within [0, 100]
+                    err = [[0 if math.isnan(c[1]) else 100 * (c[0] - max(0.0, c[1])) for _, c in pts],
+                           [0 if math.isnan(c[2]) else 100 * (min(1.0, c[2]) - c[0]) for _, c in pts]]
                     ax.errorbar([d for d, _ in pts], [100 * c[0] for _, c in pts], yerr=err, marker="o", capsize=3,
                                 label=arm)
             base = [x for d in a.depths(a.scratch) for x in a.pooled_tests(a.scratch, d)] if a.scratch else []
