@@ -134,11 +134,12 @@ def test_ray_job_submit_of_tl_sweep_run_survives_its_working_dir(two_nodes, mlfl
     assert any(p.name.startswith("_ray_pkg_") for p in (cache_dir / "jobs").iterdir())  # ran from the copy
 
 
-def test_a_submitted_matrix_killed_midway_resumes_losing_no_finished_target_or_trial(two_nodes, mlflow_server,
-                                                                                     tmp_path):
-    """A transfer matrix is the workload that outgrows one machine: submitted to the 2-node cluster, its driver
-    SIGKILLed once the first target has finished and the second has begun, then ``submit --resume``: the finished
-    target is kept as it was, the second continues in its own run, no finished trial is lost or run twice."""
+def test_a_submitted_matrix_killed_midway_resumes_losing_no_finished_target_trial_or_epoch(two_nodes, mlflow_server,
+                                                                                           tmp_path):
+    """A transfer matrix is the workload that outgrows one machine. Submitted to the 2-node cluster, its driver is
+    SIGKILLed once the first target has finished and a trial of the second has trained 2 of its 4 epochs: the job
+    fails with its reason; ``submit --resume`` keeps the finished target as it was, continues the second in its
+    own run (the trial from its checkpoint: every epoch logged once), and loses no finished trial."""
     import os
     import signal
     import time
@@ -150,33 +151,45 @@ def test_a_submitted_matrix_killed_midway_resumes_losing_no_finished_target_or_t
                   "{name: high, dataset: 'builtin:digits', classes: [7, 8, 9], train_per_class: 10}]",
                   "study.sources=[source:digits-0-4]", "study.depths=[0]", "study.trials_per_cell=1",
                   "study.min_candidates=1", "study.candidates=1", "study.selection_seeds=1", "study.search_repeats=2",
-                  "study.repeats=2", "study.spaces={}", "search.space.epochs=2", "search.space.batch_size=[32]",
-                  "scheduler.kind=fifo", "tracking.log_models=false", f"tracking.uri={mlflow_server}",
-                  "tracking.experiment=matrix-kill", f"storage={tmp_path / 'results'}")]
+                  "study.repeats=2", "study.spaces={}", "search.space.epochs=4", "search.space.batch_size=[32]",
+                  "scheduler.kind=fifo", "failures.checkpoint_seconds=0", "tracking.log_models=false",
+                  f"tracking.uri={mlflow_server}", "tracking.experiment=matrix-kill",
+                  f"storage={tmp_path / 'results'}")]
     proc = tl(*args, "--no-wait", env=two_nodes["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
     client = MlflowClient(mlflow_server)
 
     def runs():
         exp = client.get_experiment_by_name("matrix-kill")
         return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
 
-    def midway():  # the first target finished, a trial of the second finished
+    def epochs(run_id) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
+
+    def midway():  # the first target finished, a trial of the second 2 epochs into its 4
         rs = runs()
         parts = {r.data.tags.get("tl_sweep.target"): r for r in rs if r.data.tags.get("tl_sweep.role") == "target"}
         if "low" not in parts or parts["low"].info.status != "FINISHED" or "high" not in parts:
-            return None
-        return any(r.data.tags.get("mlflow.parentRunId") == parts["high"].info.run_id and r.info.status == "FINISHED"
-                   for r in rs)
+            return False
+        return any(r.data.tags.get("mlflow.parentRunId") == parts["high"].info.run_id
+                   and len(epochs(r.info.run_id)) >= 2 for r in rs)
 
     deadline = time.time() + 420
     while not midway():
         assert time.time() < deadline, "the matrix never reached its second target"
-        time.sleep(1)
+        time.sleep(0.5)
     driver = next(p.pid for p in psutil.process_iter(["cmdline"]) if "tl_sweep.cli" in (p.info["cmdline"] or [])
                   and "auto" in p.info["cmdline"])
     os.kill(driver, signal.SIGKILL)
-    time.sleep(3)
+    deadline = time.time() + 120
+    while True:  # the job fails, and says why
+        status = subprocess.run([RAY, "job", "status", job_id, "--address", two_nodes["dashboard"]],
+                                env=two_nodes["env"], capture_output=True, text=True, timeout=60).stdout
+        if "failed" in status.lower() or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert "failed" in status and "exit code 137" in status, status  # SIGKILL, said in the job's status
     before = runs()
     finished = {r.info.run_id: r.data.metrics.get("best_val_acc") for r in before
                 if r.data.tags.get("tl_sweep.role") in ("trial", "final") and r.info.status == "FINISHED"}
@@ -194,8 +207,8 @@ def test_a_submitted_matrix_killed_midway_resumes_losing_no_finished_target_or_t
     by_id = {r.info.run_id: r for r in after}
     for rid, acc in finished.items():  # every trial that had finished: still there, finished, the same figures
         assert by_id[rid].info.status == "FINISHED" and by_id[rid].data.metrics.get("best_val_acc") == acc
-    for t, r in now.items():  # 2 cells × 2 repeats × (1 search + 1 selection + 2 finals): none twice
-        mine = [x for x in after if x.data.tags.get("mlflow.parentRunId") == r.info.run_id
-                and x.info.lifecycle_stage == "active"]
+    for t, r in now.items():  # 2 cells × 2 repeats × (1 search + 1 selection + 2 finals): none twice, no epoch twice
+        mine = [x for x in after if x.data.tags.get("mlflow.parentRunId") == r.info.run_id]
         assert len(mine) == 16 and all(x.info.status == "FINISHED" for x in mine), (t, len(mine))
+        assert all(epochs(x.info.run_id) == [1, 2, 3, 4] for x in mine), t
     assert "report/report.md" in {a.path for a in client.list_artifacts(top[0].info.run_id, "report")}
