@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -276,12 +277,19 @@ def submit(spec_path: str, overrides: list[str], address: str, *, wait: bool = T
         for item in sets:
             args += ["--set", item]
         package = str(Path(__file__).resolve().parent)
-        try:
-            job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={
-                "working_dir": str(work), "py_modules": [package],
-                "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex, **WORKER_ENV}})
-        except Exception as e:  # noqa: BLE001
-            raise UserError(_explain(e, address)) from None
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={
+                    "working_dir": str(work), "py_modules": [package],
+                    "env_vars": {"TL_SWEEP_JOB": uuid.uuid4().hex, **WORKER_ENV}})
+                break
+            except Exception as e:  # noqa: BLE001
+                # a cluster that has just started: its dashboard answers before its job agent does
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(2)
+                    continue
+                raise UserError(_explain(e, address)) from None
     log(f"submitted job {job_id} to {address}")
     if not wait:
         return job_id, "SUBMITTED"
