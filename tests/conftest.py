@@ -137,20 +137,46 @@ def shutdown_in_process_ray() -> None:
         ray.shutdown()
 
 
-def stop_every_ray(env: dict | None = None) -> None:
-    """`ray stop --force` with this venv's `ray`: every Ray on this machine, pytest's own shut down first."""
-    import subprocess
-    import sys
+def kill_trees(procs) -> None:
+    """SIGKILL these processes and every process under them, and nothing else: a test stops the Ray it started (a
+    node, a killed driver's local Ray), never a Ray of someone else's on the same machine (`ray stop` would)."""
+    import psutil
 
-    shutdown_in_process_ray()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True,
-                   timeout=180)
+    every = []
+    for p in procs:
+        try:
+            every += [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in every:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(every, timeout=30)
+
+
+def stop_cluster(port: int) -> None:
+    """Every process of the Ray cluster whose GCS listens on ``port`` (each node's processes name that address in
+    their command line; its workers, and a job's driver, run under them)."""
+    import psutil
+
+    marks = (f"127.0.0.1:{port}", f"gcs_server_port={port}")
+
+    def ours(p) -> bool:
+        try:
+            return any(m in a for a in p.cmdline() for m in marks)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    kill_trees([p for p in psutil.process_iter() if ours(p)])
 
 
 @contextmanager
 def two_node_cluster(cache: Path):
     """A real two-node Ray cluster on 127.0.0.1 (1 CPU each, token auth, dashboard on 127.0.0.1): yields
-    ``{"dashboard", "gcs", "env", "raylets": (head raylet pid, worker raylet pid)}``; ``ray stop`` after."""
+    ``{"dashboard", "gcs", "env", "raylets": (head raylet pid, worker raylet pid)}``; its processes stopped after
+    (:func:`stop_cluster`: only this cluster's)."""
     import secrets
     import subprocess
     import sys
@@ -179,7 +205,8 @@ def two_node_cluster(cache: Path):
         yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "env": env,
                "raylets": (min(head, default=None), min(worker, default=None))}
     finally:
-        stop_every_ray(env)
+        shutdown_in_process_ray()
+        stop_cluster(port)
 
 
 @contextmanager

@@ -8,10 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, stop_every_ray, tl_command
+from conftest import SPEC, kill_trees, tl_command
 
 
 def children(db):
@@ -46,6 +47,7 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
             time.sleep(0.5)
         else:
             pytest.fail("no trial finished in time")
+        ray_of_driver = psutil.Process(proc.pid).children(recursive=True)  # its local Ray, started under it
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -98,8 +100,8 @@ def test_resume_after_the_driver_is_stopped(tmp_path, sig):
             assert r.info.end_time == before[r.info.run_id].info.end_time
     parents = [r for r in client.search_runs(["1"]) if r.data.tags.get("tl_sweep.role") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    if sig == signal.SIGKILL:  # the killed driver's local Ray processes may outlive it
-        stop_every_ray()
+    if sig == signal.SIGKILL:  # the killed driver's local Ray processes may outlive it: those, nothing else
+        kill_trees(ray_of_driver)
 
 
 def test_a_restored_trial_continues_from_its_newest_whole_checkpoint_when_tunes_state_names_a_gone_one(tmp_path):
