@@ -170,7 +170,8 @@ def _matrix_done(cfg, summary) -> int:
     print()
     ran = sum(len(s.trials) + len(s.selection) + len(s.finals) for s in summary.parts.values())
     print(f"matrix {summary.status.lower()} in {summary.seconds:.0f}s: {len(cfg.parts)} studies, {ran} trainings "
-          f"run now" + (f", {len(summary.kept)} studies kept from before" if summary.kept else ""))
+          f"run now" + (f", {len(summary.kept)} {'study' if len(summary.kept) == 1 else 'studies'} kept from before"
+                        if summary.kept else ""))
     print()
     _links(cfg.spec.tracking.uri, summary.experiment_id, summary.parent_run_id, "matrix")
     return 0 if summary.status == "FINISHED" else 1
