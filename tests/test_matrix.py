@@ -40,6 +40,8 @@ def test_targets_make_one_study_per_target_with_the_data_keys_each_overrides():
     assert low.spec.study.targets is None and low.experiment == high.experiment == cfg.experiment
     assert cfg.trainings() == tuple(a + b for a, b in zip(low.trainings(), high.trainings()))
     assert spec.load(SPEC).parts == []  # a single-target spec stays as it is
+    # halving cuts cells within each target: every part is a study with the matrix's allocation
+    assert {p.spec.study.allocate for p in load(TARGETS, "study.allocate=halving").parts} == {"halving"}
 
 
 def test_sources_of_another_architecture_get_their_own_scratch_baseline():
