@@ -552,4 +552,5 @@ def describe(p: Prepared) -> dict[str, Any]:
     return {"classes": list(p.classes), "fingerprint": p.fingerprint, "chance": chance(p),
             "val_chance": chance(p, "val"), "fixed_splits": ",".join(p.fixed),
             **{f"n_{k}": c.get(k, 0) for k in SPLITS}, "skipped_files": len(p.skipped),
-            "test_split": "held out" if c.get("test") else "none (this dataset has no test split)"}
+            "test_split": "held out" if c.get("test") else "none (this dataset has no test split)",
+            **({"excluded": p.excluded} if p.excluded else {})}
