@@ -56,4 +56,6 @@ def test_a_chosen_configuration_at_a_bound_of_its_space_is_flagged():
     assert "epochs = 6 at the top of its space (6)" in [str(b) for b in got]
     lr = spaces["src"]["lr_mult"]  # on its log scale: 0.12 is 4% from the bottom, 0.2 is 15%
     assert budget.at_bound(0.12, lr) == ("bottom", 0.1) and budget.at_bound(0.2, lr) is None
+    # a two-value list has no inside: either value is an end, and says nothing about a cap
+    assert budget.at_bound(16, {"choices": [16, 32]}) is None and budget.at_bound(16, {"choices": [16, 32, 64]})
     assert budget.compute(finals) == {"scratch": 4.0, "src": 4.0}

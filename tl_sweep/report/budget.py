@@ -105,10 +105,11 @@ class Bound:
 
 def at_bound(value, how: dict) -> tuple[str, Any] | None:
     """``(side, bound)`` when ``value`` sits at an end of how its dimension was searched: an int range's end, a
-    float range's outer 5% (on a log scale where searched so), a numeric list's largest or smallest; else None."""
+    float range's outer 5% (on a log scale where searched so), a numeric list's largest or smallest (a list of 3 or
+    more: every value of a two-value list is an end, so being at one says nothing); else None."""
     if "choices" in how:
         nums = [c for c in how["choices"] if isinstance(c, (int, float)) and not isinstance(c, bool)]
-        if len(nums) < 2 or len(nums) != len(how["choices"]):
+        if len(nums) < 3 or len(nums) != len(how["choices"]):
             return None
         return ("top", max(nums)) if value == max(nums) else ("bottom", min(nums)) if value == min(nums) else None
     lo, hi = how["low"], how["high"]
