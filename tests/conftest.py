@@ -158,18 +158,20 @@ def kill_trees(procs) -> None:
 
 def stop_cluster(port: int) -> None:
     """Every process of the Ray cluster whose GCS listens on ``port`` (each node's processes name that address in
-    their command line; its workers, and a job's driver, run under them)."""
+    their command line, with 127.0.0.1 or the machine's own address; its workers, and a job's driver, run under
+    them), and the note by which a later ``ray.init()`` on this machine would join it."""
     import psutil
-
-    marks = (f"127.0.0.1:{port}", f"gcs_server_port={port}")
 
     def ours(p) -> bool:
         try:
-            return any(m in a for a in p.cmdline() for m in marks)
+            return any(a.endswith((f":{port}", f"={port}")) for a in p.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
 
     kill_trees([p for p in psutil.process_iter() if ours(p)])
+    note = Path("/tmp/ray/ray_current_cluster")
+    if note.is_file() and note.read_text().strip().endswith(f":{port}"):
+        note.unlink()
 
 
 @contextmanager
