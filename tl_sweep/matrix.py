@@ -103,7 +103,9 @@ def run(cfg: Config, *, address: str | None = None, log: log_fn = print, report_
         return out
     from tl_sweep import report
 
-    out.report = report.build_matrix(uri, exp_id, parent, out_dir=report_dir, log=log,
-                                     known={s.parent_run_id: s.report for s in out.parts.values() if s.report})
-    tracking.finish_parent(uri, parent, {"matrix_seconds": out.seconds}, {}, out.status)
+    try:
+        out.report = report.build_matrix(uri, exp_id, parent, out_dir=report_dir, log=log,
+                                         known={s.parent_run_id: s.report for s in out.parts.values() if s.report})
+    finally:  # the matrix's run ends whatever its report does
+        tracking.finish_parent(uri, parent, {"matrix_seconds": out.seconds}, {}, out.status)
     return out
