@@ -246,3 +246,24 @@ def chromium(failure_shot: str = "mlflow_ui_failure.png"):
         yield driver, wait_for, lambda: driver.find_element(By.TAG_NAME, "body").text, shots
     finally:
         driver.quit()
+
+
+def open_report_page(driver, wait_for, body, artifacts_url: str, text: str) -> int:
+    """Open ``report/report.html`` in MLflow's artifact view at ``artifacts_url``, wait for ``text`` inside its frame
+    and return how many inline plots it drew (each checked to have decoded); back on the page after."""
+    from selenium.webdriver.common.by import By
+
+    def shown(name: str) -> list:  # the tree's node, not a hidden copy of the name elsewhere on the page
+        return [e for e in driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{name}']") if e.is_displayed()]
+
+    driver.get(artifacts_url)
+    for name in ("report", "report.html"):  # the folder, then the file
+        wait_for(lambda: shown(name), f"{name} in the artifact tree")
+        shown(name)[0].click()
+    wait_for(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "report.html's frame")
+    driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+    wait_for(lambda: text in body(), "the report page inside the artifact view")
+    images = driver.find_elements(By.CSS_SELECTOR, 'img[src^="data:image/png"]')
+    drawn = all(driver.execute_script("return arguments[0].naturalWidth", i) > 0 for i in images)
+    driver.switch_to.default_content()
+    return len(images) if drawn else 0

@@ -11,7 +11,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SPEC, chromium, sets, tl
+from conftest import ROOT, SPEC, chromium, open_report_page, sets, tl
 from tl_sweep import spec
 from tl_sweep.errors import UserError
 from tl_sweep.report import pooling
@@ -268,21 +268,9 @@ def test_mlflow_ui_shows_matrix_target_trials_nested_and_the_matrix_page(matrix_
         wait_for(lambda: "Transfer matrix" in body() and "matrix/low/" in driver.page_source,
                  "the matrix's description and metrics")
 
-        def shown(text: str) -> list:
-            return [e for e in driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
-                    if e.is_displayed()]
-
-        driver.get(f"{base}/#/experiments/{exp_id}/runs/{top.info.run_id}/artifacts")
-        for name in ("report", "report.html"):
-            wait_for(lambda: shown(name), f"{name} in the artifact tree")
-            shown(name)[0].click()
-        wait_for(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "report.html's frame")
-        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
-        wait_for(lambda: "Best source per target" in body(), "the matrix page inside the artifact view")
-        images = driver.find_elements(By.CSS_SELECTOR, 'img[src^="data:image/png"]')
-        assert len(images) == 2 and all(driver.execute_script("return arguments[0].naturalWidth", i) > 0
-                                        for i in images)  # the heatmap and the per-target curves
-        driver.switch_to.default_content()
+        artifacts = f"{base}/#/experiments/{exp_id}/runs/{top.info.run_id}/artifacts"
+        # the heatmap and the per-target curves, drawn
+        assert open_report_page(driver, wait_for, body, artifacts, "Best source per target") == 2
         driver.save_screenshot(str(shots / "mlflow_ui_matrix_page.png"))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC, chromium, tl
+from conftest import SPEC, chromium, open_report_page, tl
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or a server process
 
@@ -176,19 +176,8 @@ def test_mlflow_ui_shows_parent_with_nested_trials_and_report(tiny_study, mlflow
                  "the parent run's report artifacts")
         driver.save_screenshot(str(shots / "mlflow_ui_parent_artifacts.png"))
         # the report as one page in MLflow's artifact view: the key results and the plots, without leaving the UI
-        def shown(text: str) -> list:  # the tree's node, not a hidden copy of the name elsewhere on the page
-            return [e for e in driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
-                    if e.is_displayed()]
-
-        for name in ("report", "report.html"):  # the folder, then the file
-            wait_for(lambda: shown(name), f"{name} in the artifact tree")
-            shown(name)[0].click()
-        wait_for(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "report.html's frame")
-        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
-        wait_for(lambda: "Key results" in body(), "the report page inside the artifact view")
-        shown = driver.find_elements(By.CSS_SELECTOR, 'img[src^="data:image/png"]')
-        assert shown and all(driver.execute_script("return arguments[0].naturalWidth", i) > 0 for i in shown)
-        driver.switch_to.default_content()
+        artifacts = f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts"
+        assert open_report_page(driver, wait_for, body, artifacts, "Key results") > 0
         driver.save_screenshot(str(shots / "mlflow_ui_report_page.png"))
         driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
         wait_for(lambda: "study/source_digits-0-4/ntg" in driver.page_source, "the study's metrics on the parent")

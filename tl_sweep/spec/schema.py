@@ -20,6 +20,22 @@ Scalar = Union[bool, int, float, str]
 BUILTIN = ("builtin:digits", "builtin:digits-shuffled", "builtin:mnist-5k", "builtin:mnist-5k-shuffled")
 
 
+def known_arch(v: str) -> str:
+    """A torchvision model name the catalog knows (a ValueError with the closest names otherwise)."""
+    try:
+        catalog.entry(v)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
+def slug(v: str, what: str, why: str, example: str) -> str:
+    """A name that is lowercase letters, digits and dashes (it goes into file names and MLflow keys)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", v):
+        raise ValueError(f"{v!r}: {what} is lowercase letters, digits and dashes ({why}), e.g. {example}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -111,14 +127,7 @@ class ModelCfg(_Strict):
     head_hidden: int = Field(1024, ge=1)
     head_dropout: float = Field(0.5, ge=0, lt=1)
 
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        try:
-            catalog.entry(v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        return v
+    _arch = field_validator("arch")(classmethod(lambda cls, v: known_arch(v)))
 
 
 class Augment(_Strict):
@@ -231,15 +240,7 @@ class Source(_Strict):
     weights: str = Field(min_length=1)
     arch: str | None = None
 
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                catalog.entry(v)
-            except UserError as e:
-                raise ValueError(str(e)) from None
-        return v
+    _arch = field_validator("arch")(classmethod(lambda cls, v: v if v is None else known_arch(v)))
 
 
 class Target(DataCfg):
@@ -248,13 +249,8 @@ class Target(DataCfg):
 
     name: str
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", v):
-            raise ValueError(f"{v!r}: a target's name is lowercase letters, digits and dashes (it names its runs, "
-                             f"metrics and report folder), e.g. fashion-few")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: slug(
+        v, "a target's name", "it names its runs, metrics and report folder", "fashion-few")))
 
 
 class Pretrain(_Strict):
@@ -274,13 +270,8 @@ class Pretrain(_Strict):
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr_mult: float = Field(2.0, gt=0)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", v):
-            raise ValueError(f"{v!r}: a source's name is lowercase letters, digits and dashes (it is used as "
-                             f"source:<name> and in file names), e.g. fashion-mnist")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: slug(
+        v, "a source's name", "it is used as source:<name> and in file names", "fashion-mnist")))
 
 
 class Study(_Strict):
