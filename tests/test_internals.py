@@ -146,3 +146,14 @@ def test_a_local_ray_lists_its_monitor_process_where_the_exit_hook_looks():
         moved("end_local_monitor_at_exit", "Node lost all_processes")
     assert "PROCESS_TYPE_MONITOR" in inspect.getsource(Node.start_monitor), \
         moved("end_local_monitor_at_exit", "the monitor is no longer a process of the node's table")
+
+
+def test_tune_saves_its_trials_where_saved_trials_reads_them():
+    from ray.tune.execution import experiment_state
+    from ray.tune.execution.tune_controller import TuneController
+
+    save = inspect.getsource(TuneController.save_to_dir)
+    assert TuneController.CKPT_FILE_TMPL == "experiment_state-{}.json" and '"trial_data"' in save, \
+        moved("saved_trials", "Tune's experiment state file or its trial_data moved")
+    assert "max(matching)" in inspect.getsource(experiment_state._find_newest_experiment_checkpoint), \
+        moved("saved_trials", "Tune no longer restores the experiment state with the greatest name")

@@ -152,3 +152,57 @@ def test_a_restored_trial_continues_from_its_newest_whole_checkpoint_when_tunes_
     stale.on_trial_start(0, [trial], trial)
     assert trial.latest_checkpoint_result is None
     assert lines[-1].startswith("ray: trial c: no complete checkpoint is left")
+
+
+@pytest.mark.slow
+def test_a_restored_re_training_phase_runs_each_configuration_once_whichever_saved_file_is_newer(tmp_path):
+    """A driver's Tune state is two files (Tune's trials, the searcher's) copied to storage one after the other:
+    a driver killed between the two copies leaves them disagreeing (a 2-node CI run lost a selection re-training
+    and its cell's finals that way). Both ways are made here on a real Tune phase of re-trainings: Tune's trials
+    older (a finished configuration missing), then the searcher's state older (a configuration it gave out
+    missing from its own record). Restored, the phase trains each configuration exactly once."""
+    import json
+    import pickle
+
+    import ray
+    from ray import tune
+
+    from tl_sweep import space
+
+    def fit_one(config):
+        tune.report({"val_acc": config["x"] / 10, "best_val_acc": config["x"] / 10})
+
+    configs = [{"x": i, "role": "final"} for i in range(4)]
+    path = tmp_path / "phase"
+
+    def fit(restore: bool) -> list[int]:
+        if restore:
+            tuner = tune.Tuner.restore(str(path), fit_one, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(fit_one, tune_config=tune.TuneConfig(
+                search_alg=space.Agreeing(space.Points(configs, 2)), num_samples=-1),
+                run_config=tune.RunConfig(name="phase", storage_path=str(tmp_path), verbose=0))
+        return sorted(r.config["x"] for r in tuner.fit())
+
+    def newest(pattern: str) -> Path:
+        return sorted(path.glob(pattern))[-1]
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert fit(restore=False) == [0, 1, 2, 3]
+        state = json.loads(newest("experiment_state-*.json").read_text())  # Tune's trials older: x=2 not yet made
+        state["trial_data"] = [t for t in state["trial_data"] if json.loads(t[0])["config"]["x"] != 2]
+        newest("experiment_state-*.json").write_text(json.dumps(state))
+        time.sleep(1.1)  # the restored session's files get a newer name
+        assert fit(restore=True) == [0, 1, 2, 3]  # x=2 trained again (Tune's BasicVariantGenerator: [0, 1, 3])
+
+        searcher = pickle.loads(newest("searcher-state-*.pkl").read_bytes())  # the searcher's older: x=3 not given
+        three = next(t for t, i in searcher["given"].items() if configs[i]["x"] == 3)
+        searcher["given"].pop(three)
+        newest("searcher-state-*.pkl").write_bytes(pickle.dumps(searcher))
+        generator = pickle.loads(newest("search_gen_state-*.json").read_bytes())  # (a pickle, named .json)
+        newest("search_gen_state-*.json").write_bytes(pickle.dumps({**generator, "finished": False}))
+        time.sleep(1.1)
+        assert fit(restore=True) == [0, 1, 2, 3]  # x=3 not trained twice
+    finally:
+        ray.shutdown()

@@ -62,3 +62,39 @@ def test_a_resumed_study_counts_the_re_trainings_it_had_finished(tmp_path):
     done, retrained, best = runner.finished_so_far(uri, exp, parent)
     assert (done, retrained) == (4, 2)  # KILLED and RUNNING runs continue: not finished
     assert best == {"scratch": (0.9, "t3")}
+
+
+def test_a_restored_study_search_agrees_with_the_trials_tune_saved():
+    """A killed driver can leave the searcher's file newer than Tune's trials, or older. The searcher follows
+    Tune's trials: a trial it gave out that Tune never had is given again in its cell (its Optuna trial ends
+    FAIL, so TPE neither waits on it nor lies about it); a trial Tune has that it never gave counts in its cell.
+    Either way every cell ends with exactly its budget."""
+    from optuna.trial import TrialState
+
+    cfg = spec.load(SPEC, ["study.trials_per_cell=2", "study.min_candidates=1", "study.candidates=1",
+                           "study.search_repeats=1", "study.depths=[0]"])
+    searcher = space.StudySearcher(cfg.spec, cfg.cells, max_concurrent=2)
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert searcher.suggest("c") is None  # two at a time
+    cell = {"a": (a["arm"], a["unfrozen_blocks"]), "b": (b["arm"], b["unfrozen_blocks"])}
+    assert cell["a"] != cell["b"]
+    assert searcher.agree({"a": ("RUNNING", a, {})}) == 1  # Tune's file was saved before b was created
+    lost = next(c for c in searcher.searches if c.cell == cell["b"])
+    assert lost.issued == 0 and "b" not in searcher.owner and not searcher.done()
+    assert lost.tpe.study.get_trials(deepcopy=False)[0].state == TrialState.FAIL
+    # the other way: Tune has a finished trial of a's cell that this (older) state never gave
+    z = dict(a, lr_mult=0.5)
+    assert searcher.agree({"a": ("RUNNING", a, {}),
+                           "z": ("TERMINATED", z, {"best_val_acc": 0.6, "epoch": a["epochs"]})}) == 1
+    mine = next(c for c in searcher.searches if c.cell == cell["a"])
+    assert mine.issued == 2 and mine.scores == [(True, 0.6)]  # a's cell: a (running) and z (ended)
+    given = {cell["a"]: 2}
+    searcher.on_trial_complete("a", {"best_val_acc": 0.7, "epoch": a["epochs"]})
+    n = 0
+    while (c := searcher.suggest(f"n{n}")) is not searcher.FINISHED:
+        assert c is not None, "the searcher waits on a trial that does not run"
+        given[(c["arm"], c["unfrozen_blocks"])] = given.get((c["arm"], c["unfrozen_blocks"]), 0) + 1
+        searcher.on_trial_complete(f"n{n}", {"best_val_acc": 0.5, "epoch": c["epochs"]})
+        n += 1
+    assert given == dict.fromkeys(cfg.cells, 2)  # b's cell given its two again, a's no third
+    assert searcher.done()

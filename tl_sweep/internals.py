@@ -69,6 +69,33 @@ def forget_checkpoints(trial: Any) -> None:
     trial.invalidate_json_state()
 
 
+def saved_trials(experiment_dir: str) -> dict[str, tuple[str, dict, dict]] | None:
+    """The trials of the newest experiment state Tune saved in ``experiment_dir``: trial id -> (status, config,
+    last result); None where it holds none.
+
+    Why: a driver writes Tune's experiment state (its trials) and the searcher's state to a staging folder, and a
+    background thread then copies them to ``storage`` one file after the other. A driver killed between the two
+    copies leaves a pair that disagree: a trial the searcher gave out that Tune never heard of (it would never
+    run: a study one training short), or one Tune has that the searcher does not know (a cell over its budget).
+    A searcher that is restored (``restore_from_dir``, after Tune read its trials from the same folder) reads
+    Tune's trials here and agrees with them. There is no public API for the trials of a saved experiment short of
+    ``Tuner.restore(...).get_results()``, which reads results, not the trials that had not reported yet.
+    The file is ``experiment_state-<session>.json`` (the newest name is the one Tune restores,
+    ``_find_newest_experiment_checkpoint``); ``trial_data`` holds each trial's JSON state and runtime metadata.
+    """
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(experiment_dir).glob("experiment_state-*.json"))
+    if not files:
+        return None
+    out = {}
+    for state, meta in json.loads(files[-1].read_text())["trial_data"]:
+        trial, meta = json.loads(state), json.loads(meta)
+        out[trial["trial_id"]] = (trial["status"], trial["config"], meta.get("last_result") or {})
+    return out
+
+
 def end_local_monitor_at_exit() -> None:
     """At the interpreter's exit, before Ray's own shutdown, SIGKILL the autoscaler monitor of the Ray this
     process started (nothing where it joined a cluster).

@@ -35,7 +35,6 @@ import ray
 import torch
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tl_sweep import cluster, cohort, contract, data, internals, limits, models, publish, redact, sources, space, \
     study, tracking, train, trainable, transferability
@@ -283,9 +282,11 @@ def check_cluster(cfg: Config) -> int:
 
 
 def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, plan: Plan | None, *,
-           scheduler=None, param_space: dict | None = None, resume: bool = False) -> tune.Tuner:
+           scheduler=None, resume: bool = False,
+           until_finished: bool = False) -> tune.Tuner:
     """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming, with this
-    process's callbacks."""
+    process's callbacks. ``until_finished``: the searcher alone says when the phase is done (a study's searchers
+    count their trials themselves, and agree with Tune's on --resume; Tune's own count could not be corrected)."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
     if ctx.memory_limit:
@@ -303,8 +304,9 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         internals.use_callbacks(tuner, callbacks)
         return tuner
     return tune.Tuner(
-        fn, param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=total,
+        fn,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=-1 if until_finished else total,
                                     # a new process per trial costs seconds of imports (and on a GPU a CUDA
                                     # context and cuDNN's autotuning); a worker whose memory grew is replaced
                                     # instead (trainable.Worker, space.Scheduler; ray#32698)
@@ -397,7 +399,7 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior), plan,
-                           scheduler=space.make_scheduler(s, log), resume=resume))
+                           scheduler=space.make_scheduler(s, log), resume=resume, until_finished=True))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
@@ -412,11 +414,9 @@ def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: l
              resume: bool, plan: Plan | None = None) -> list[TrialResult]:
     """A phase that re-trains given configurations (a study's selection, its finals): one Tuner over them."""
     s = cfg.spec
-    points = BasicVariantGenerator(points_to_evaluate=[c.to_tune() for c in configs],
-                                   max_concurrent=s.trials_at_once)
-    keys = {k: None for k in configs[0].to_tune()} if configs else {}  # the points fill every key in
-    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, plan, param_space=keys,
-                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
+    points = space.Agreeing(space.Points([c.to_tune() for c in configs], s.trials_at_once))
+    return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, plan,
+                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume, until_finished=True))
 
 
 def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,

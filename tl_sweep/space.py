@@ -13,6 +13,7 @@ import copy
 import functools
 import math
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search import Searcher as TuneSearcher
+from ray.tune.search.search_generator import SearchGenerator
 
 from tl_sweep import contract, internals, study
 from tl_sweep.contract import NAMES, TrialConfig, TrialReport
@@ -125,6 +127,14 @@ class Searcher(TuneSearcher):
         self.ended.add(trial_id)
         if self.mirror:
             self._copy(trial_id, trial)
+
+    def forget(self, trial_id: str) -> None:
+        """A trial it gave out that Tune never ran (:meth:`StudySearcher.agree`): its Optuna trial ends FAIL, so
+        the sampler neither waits on it nor counts it as a lie (``constant_liar``), and it is not mirrored."""
+        trial = self.trials.pop(trial_id, None)
+        self.schedules.pop(trial_id, None)
+        if trial is not None and not self.study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            self.study.tell(trial, state=TrialState.FAIL)
 
     def _copy(self, trial_id: str, trial: optuna.Trial) -> None:
         frozen = self.study.get_trials(deepcopy=False)[trial.number]
@@ -231,10 +241,13 @@ class StudySearcher(TuneSearcher):
     :attr:`cuts`, and visible in the trials: a cut cell has fewer trials and no finals).
     """
 
+    max_concurrent = 1_000_000  # in a state saved before it had its own limit, the ConcurrencyLimiter around it
+
     def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
-                 prior: dict[tuple[str, int], float] | None = None):
+                 prior: dict[tuple[str, int], float] | None = None, max_concurrent: int = 1_000_000):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         st = s.study
+        self.max_concurrent = max_concurrent  # trials running at once
         self.searches: list[CellSearch] = []
         for r in range(st.search_repeats):
             for arm, depth in cells:
@@ -264,6 +277,8 @@ class StudySearcher(TuneSearcher):
         return True  # each cell's searcher has its own space, metric and mode
 
     def suggest(self, trial_id: str):
+        if len(self.owner) >= self.max_concurrent:
+            return None
         for _ in range(2):  # a second pass after a rung's promotion
             n = len(self.searches)
             for i in range(n):
@@ -319,6 +334,41 @@ class StudySearcher(TuneSearcher):
             whole = not error and not contract.stopped_early(report.epochs_run, epochs)
             c.scores.append((whole, -1.0 if error or report.best_val_acc is None else float(report.best_val_acc)))
 
+    def done(self) -> bool:
+        """Every search has had its trials (or was cut) and none runs."""
+        return not self.owner and all(c.issued >= self._quota(c) for c in self.searches) and not (
+            self.halving and any(self.rung[r] < len(self.rungs) - 1 and self.alive[r] for r in self.rung))
+
+    def agree(self, saved: dict[str, tuple[str, dict, dict]]) -> int:
+        """Agree with the trials Tune restored (:func:`tl_sweep.internals.saved_trials`): a trial given out that
+        Tune does not have is given again (its cell's count goes back, its Optuna trial ends FAIL); a trial Tune
+        has that this state never gave is counted in its cell (running: it is followed to its end; ended: its
+        score counts at the rung, though its TPE never saw it). Returns how many trials it corrected."""
+        n = 0
+        for trial_id in [t for t in self.owner if t not in saved]:
+            c = self.owner.pop(trial_id)
+            c.issued -= 1
+            self.epochs.pop(trial_id, None)
+            c.tpe.forget(trial_id)
+            n += 1
+        for trial_id, (status, config, result) in saved.items():
+            if trial_id in self.owner or any(trial_id in c.tpe.trials for c in self.searches):
+                continue
+            tc = TrialConfig.from_tune(config)
+            c = next((c for c in self.searches if (c.search, c.arm, c.depth) == (tc.search, tc.arm,
+                                                                                  tc.unfrozen_blocks)), None)
+            if c is None:
+                continue
+            c.issued += 1
+            n += 1
+            if status == "TERMINATED":
+                report = TrialReport.of(result)
+                whole = not report.trial_error and not contract.stopped_early(report.epochs_run, tc.epochs)
+                c.scores.append((whole, -1.0 if report.best_val_acc is None else float(report.best_val_acc)))
+            else:  # running, pending or errored: Tune runs it (again) and tells its end
+                self.owner[trial_id], self.epochs[trial_id] = c, tc.epochs
+        return n
+
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
@@ -337,11 +387,97 @@ class StudySearcher(TuneSearcher):
 
 
 def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
-                   prior: dict[tuple[str, int], float] | None = None) -> ConcurrencyLimiter:
+                   prior: dict[tuple[str, int], float] | None = None) -> Agreeing:
     """A study's searcher: one Optuna study per cell and search repeat, named ``<prefix><arm>@k=<depth>/search<r>``
     in ``storage`` (optuna-dashboard opens them)."""
-    return ConcurrencyLimiter(StudySearcher(s, cells, storage, prefix, prior),
-                              max_concurrent=s.trials_at_once)
+    return Agreeing(StudySearcher(s, cells, storage, prefix, prior, max_concurrent=s.trials_at_once))
+
+
+class Agreeing(SearchGenerator):
+    """Tune's search loop around a study's searcher (:class:`StudySearcher`, :class:`Points`), which on ``--resume``
+    agrees with the trials Tune restored.
+
+    A driver writes Tune's trials and the searcher's state to a staging folder, and a background thread copies
+    them to ``storage`` one file after the other; a driver killed between the two copies leaves a pair that
+    disagree. Restored from it, a searcher would never run a trial it gave out that Tune never heard of (a
+    study one re-training and its cell's finals short: seen on the 2-node cluster), or give a cell a trial more
+    than its budget. Here the searcher corrects its count from Tune's trials
+    (:func:`tl_sweep.internals.saved_trials`), and where work is left the search is not finished, whatever the
+    saved flag says. Its trials are counted by the searcher alone (``num_samples=-1``): Tune's count would
+    include the lost trial.
+    """
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        saved = internals.saved_trials(dirpath)
+        if saved is None:
+            return
+        n = self.searcher.agree(saved)
+        if n:
+            print(f"ray: the searcher's saved state and Tune's saved trials disagreed on {n} trial(s) (the driver "
+                  f"was killed while saving them); the searcher now follows Tune's trials", file=sys.stderr)
+        if not self.searcher.done():  # work left: Tune asks again
+            self.set_state({**self.get_state(), "finished": False})
+
+
+class Points(TuneSearcher):
+    """A study's re-trainings (its selection, its finals): the given configurations, each trained once, at most
+    ``max_concurrent`` at a time; finished when each has been given out and none runs.
+
+    Which were given out is Tune's own record: restored (``--resume``), it is rebuilt from the trials Tune saved
+    (:func:`tl_sweep.internals.saved_trials`), so a configuration Tune never heard of is given again and one it has
+    is not given twice, whichever of Tune's two files a killed driver left newer (Tune's ``BasicVariantGenerator``
+    trusts its own file: a study then lost a selection re-training and the finals of its cell).
+    """
+
+    def __init__(self, configs: list[dict[str, Any]], max_concurrent: int):
+        super().__init__(metric=contract.METRIC, mode=contract.MODE)
+        self.configs, self.max_concurrent = [dict(c) for c in configs], max(1, max_concurrent)
+        self.given: dict[str, int] = {}  # trial id -> its configuration's index
+        self.running: set[str] = set()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if len(self.running) >= self.max_concurrent:
+            return None
+        taken = set(self.given.values())
+        left = next((i for i in range(len(self.configs)) if i not in taken), None)
+        if left is None:
+            return None if self.running else TuneSearcher.FINISHED
+        self.given[trial_id] = left
+        self.running.add(trial_id)
+        return dict(self.configs[left])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.running.discard(trial_id)
+
+    def done(self) -> bool:
+        return not self.running and len(self.given) >= len(self.configs)
+
+    def agree(self, saved: dict[str, tuple[str, dict, dict]]) -> int:
+        """Rebuild what was given from Tune's restored trials; returns how many trials that changed."""
+        before = dict(self.given)
+        self.given, self.running = {}, set()
+        free = list(range(len(self.configs)))
+        for trial_id, (status, config, _) in saved.items():
+            i = next((j for j in free if all(config.get(k) == v for k, v in self.configs[j].items())), None)
+            if i is None:
+                continue
+            free.remove(i)
+            self.given[trial_id] = i
+            if status != "TERMINATED":  # Tune runs it (again) and tells its end
+                self.running.add(trial_id)
+        return len(set(before) ^ set(self.given))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
 
 
 def rungs(s: Spec) -> tuple[float, ...]:
