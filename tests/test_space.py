@@ -228,3 +228,21 @@ def test_asha_never_leaves_a_cell_fewer_than_min_candidates_full_schedules():
         plain.on_trial_add(None, t)
     assert [plain.on_trial_result(None, t, rung(acc)) for t, acc in zip(trials, (0.9, 0.2, 0.1, 0.05))] == [
         plain.CONTINUE, plain.STOP, plain.STOP, plain.STOP]  # ASHA alone, with no floor
+
+
+def test_a_restored_plain_search_follows_the_trials_tune_saved():
+    """Tune's trials saved before the searcher's: the trial the searcher gave out after them is given again, and
+    the sweep still gets exactly ``num_trials`` (Ray's ConcurrencyLimiter would have counted the lost one)."""
+    cfg = spec.load(SPEC, ["study=null", "search.num_trials=3", "search.max_concurrent=2"])
+    searcher = space.make_searcher(cfg.spec, "a")
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert searcher.suggest("c") is None  # two at a time
+    assert searcher.agree({"a": ("RUNNING", a, {})}) == 1 and (searcher.issued, searcher.running) == (1, {"a"})
+    given = ["a"]
+    for tid in ("c", "d", "e"):
+        if (config := searcher.suggest(tid)) not in (None, searcher.FINISHED):
+            given.append(tid)
+            searcher.on_trial_complete(tid, {"best_val_acc": 0.5, "epoch": config["epochs"]})
+    searcher.on_trial_complete("a", {"best_val_acc": 0.5, "epoch": a["epochs"]})
+    assert given == ["a", "c", "d"] and searcher.suggest("f") == searcher.FINISHED and searcher.done()
+    assert "b" not in searcher.searcher.trials

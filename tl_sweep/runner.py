@@ -282,11 +282,10 @@ def check_cluster(cfg: Config) -> int:
 
 
 def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, search_alg, plan: Plan | None, *,
-           scheduler=None, resume: bool = False,
-           until_finished: bool = False) -> tune.Tuner:
+           scheduler=None, resume: bool = False) -> tune.Tuner:
     """A Tuner for one phase (an arm's search, or a study's final re-trainings); restored when resuming, with this
-    process's callbacks. ``until_finished``: the searcher alone says when the phase is done (a study's searchers
-    count their trials themselves, and agree with Tune's on --resume; Tune's own count could not be corrected)."""
+    process's callbacks. The searcher alone says when the phase is done: it counts its trials itself and on
+    ``--resume`` agrees with the trials Tune saved (:class:`tl_sweep.space.Agreeing`); Tune's count could not."""
     s = cfg.spec
     res = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
     if ctx.memory_limit:
@@ -305,8 +304,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         return tuner
     return tune.Tuner(
         fn,
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=-1 if until_finished else total,
+        tune_config=tune.TuneConfig(search_alg=space.Agreeing(search_alg), scheduler=scheduler, num_samples=-1,
                                     # a new process per trial costs seconds of imports (and on a GPU a CUDA
                                     # context and cuDNN's autotuning); a worker whose memory grew is replaced
                                     # instead (trainable.Worker, space.Scheduler; ray#32698)
@@ -399,7 +397,7 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior), plan,
-                           scheduler=space.make_scheduler(s, log), resume=resume, until_finished=True))
+                           scheduler=space.make_scheduler(s, log), resume=resume))
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
@@ -414,9 +412,9 @@ def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: l
              resume: bool, plan: Plan | None = None) -> list[TrialResult]:
     """A phase that re-trains given configurations (a study's selection, its finals): one Tuner over them."""
     s = cfg.spec
-    points = space.Agreeing(space.Points([c.to_tune() for c in configs], s.trials_at_once))
+    points = space.Points([c.to_tune() for c in configs], s.trials_at_once)
     return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, plan,
-                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume, until_finished=True))
+                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
 
 
 def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,

@@ -20,7 +20,6 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search import Searcher as TuneSearcher
 from ray.tune.search.search_generator import SearchGenerator
 
@@ -194,11 +193,73 @@ def _tpe(space: Space, budget: int, seed: int, depths: list[int] | None, extra: 
 
 
 def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=None,
-                  name: str | None = None) -> ConcurrencyLimiter:
-    """A plain sweep's search: seeded TPE behind a concurrency limit (its Optuna study ``name`` in ``storage``)."""
+                  name: str | None = None) -> Budget:
+    """A plain sweep's search: seeded TPE, ``search.num_trials`` trials, ``trials_at_once`` at a time (its Optuna
+    study ``name`` in ``storage``)."""
     searcher = _tpe(s.search.space, s.search.num_trials, s.seed, depths, {"arm": arm, "seed": s.seed, "role": "trial"},
                     storage, name)
-    return ConcurrencyLimiter(searcher, max_concurrent=s.trials_at_once)
+    return Budget(searcher, s.search.num_trials, s.trials_at_once)
+
+
+class Budget(TuneSearcher):
+    """A plain sweep's search: its TPE (``searcher``) given ``budget`` trials, at most ``max_concurrent`` at a
+    time. It counts its trials itself, so that on ``--resume`` it can follow the trials Tune saved
+    (:class:`Agreeing`): Ray's ``ConcurrencyLimiter`` and Tune's ``num_samples`` would count a trial Tune never
+    had, and the sweep would end one trial short."""
+
+    def __init__(self, searcher: Searcher, budget: int, max_concurrent: int):
+        super().__init__(metric=contract.METRIC, mode=contract.MODE)
+        self.searcher, self.budget, self.max_concurrent = searcher, budget, max(1, max_concurrent)
+        self.issued, self.running = 0, set()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if len(self.running) >= self.max_concurrent:
+            return None
+        if self.issued >= self.budget:
+            return None if self.running else TuneSearcher.FINISHED
+        config = self.searcher.suggest(trial_id)
+        self.issued += 1
+        self.running.add(trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.running.discard(trial_id)
+        self.searcher.on_trial_complete(trial_id, result, error)
+
+    def done(self) -> bool:
+        return not self.running and self.issued >= self.budget
+
+    def agree(self, saved: dict[str, tuple[str, dict, dict]]) -> int:
+        """A trial given out that Tune never had is given again (its Optuna trial ends FAIL); one Tune has that
+        this state never gave counts. Returns how many it corrected."""
+        n = 0
+        for trial_id in [t for t in self.running if t not in saved]:
+            self.running.discard(trial_id)
+            self.issued -= 1
+            self.searcher.forget(trial_id)
+            n += 1
+        for trial_id, (status, _, _) in saved.items():
+            if trial_id in self.searcher.trials:
+                continue
+            self.issued += 1
+            n += 1
+            if status != "TERMINATED":  # Tune runs it (again) and tells its end
+                self.running.add(trial_id)
+        return n
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
 
 
 @dataclass(eq=False)
@@ -387,15 +448,15 @@ class StudySearcher(TuneSearcher):
 
 
 def study_searcher(s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
-                   prior: dict[tuple[str, int], float] | None = None) -> Agreeing:
+                   prior: dict[tuple[str, int], float] | None = None) -> StudySearcher:
     """A study's searcher: one Optuna study per cell and search repeat, named ``<prefix><arm>@k=<depth>/search<r>``
     in ``storage`` (optuna-dashboard opens them)."""
-    return Agreeing(StudySearcher(s, cells, storage, prefix, prior, max_concurrent=s.trials_at_once))
+    return StudySearcher(s, cells, storage, prefix, prior, max_concurrent=s.trials_at_once)
 
 
 class Agreeing(SearchGenerator):
-    """Tune's search loop around a study's searcher (:class:`StudySearcher`, :class:`Points`), which on ``--resume``
-    agrees with the trials Tune restored.
+    """Tune's search loop around one of tl-sweep's searchers (:class:`Budget`, :class:`StudySearcher`,
+    :class:`Points`), which on ``--resume`` agrees with the trials Tune restored.
 
     A driver writes Tune's trials and the searcher's state to a staging folder, and a background thread copies
     them to ``storage`` one file after the other; a driver killed between the two copies leaves a pair that
