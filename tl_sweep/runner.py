@@ -335,7 +335,7 @@ def _results(grid) -> list[TrialResult]:
     return out
 
 
-def _fit(tuner: tune.Tuner) -> list[TrialResult]:
+def _fit(tuner: tune.Tuner, at_once: int) -> list[TrialResult]:
     """``tuner.fit()``, raising :class:`Interrupted` when Ctrl-C ended it early.
 
     Tune swallows the first SIGINT: its handler saves the experiment, ends the loop and puts the previous
@@ -343,18 +343,24 @@ def _fit(tuner: tune.Tuner) -> list[TrialResult]:
     """
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT)
+    # Only for this fit (a Tuner the caller runs afterwards in this process keeps Tune's defaults):
     # MLflow is the record: Tune's TensorBoard and CSV copies of every result (the TensorBoard file flushed at
-    # each, ~10 ms of the driver per trial) are left out; its result.json stays (a JsonLoggerCallback). Only
-    # for this fit: a Tuner the caller runs afterwards in this process keeps its default loggers.
-    was = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # each, ~10 ms of the driver per trial) are left out; its result.json stays (a JsonLoggerCallback).
+    # Tune keeps one trial waiting for resources at a time behind a searcher that is not its ConcurrencyLimiter
+    # (tl-sweep's count their trials themselves, space.Agreeing): as many as run at once, as the limiter had it
+    # (Tune's documented variable; a value the user set wins).
+    env = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+           "TUNE_MAX_PENDING_TRIALS_PG": os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", str(at_once))}
+    was = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         grid = tuner.fit()
     finally:
-        if was is None:
-            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-        else:
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = was
+        for k, v in was.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     if main and signal.getsignal(signal.SIGINT) is before:
         raise Interrupted("interrupted")
     if main:
@@ -397,14 +403,14 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior), plan,
-                           scheduler=space.make_scheduler(s, log), resume=resume))
+                           scheduler=space.make_scheduler(s, log), resume=resume), s.trials_at_once)
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
         tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log,
                        space.make_searcher(s, arm, storage=storage, name=prefix + arm), plan,
                        scheduler=space.make_scheduler(s, log), resume=resume)
-        out += _fit(tuner)
+        out += _fit(tuner, s.trials_at_once)
     return out
 
 
@@ -414,7 +420,7 @@ def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: l
     s = cfg.spec
     points = space.Points([c.to_tune() for c in configs], s.trials_at_once)
     return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, plan,
-                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume))
+                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume), s.trials_at_once)
 
 
 def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
