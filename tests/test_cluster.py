@@ -27,46 +27,6 @@ SMALL = sets("study=null", "search.num_trials=2", "search.max_concurrent=2", "se
              "scheduler.kind=fifo")
 
 
-def test_submit_runs_trials_on_both_nodes_into_one_mlflow_server(two_nodes, mlflow_server, tmp_path):
-    args = ["submit", SPEC, "--address", two_nodes["dashboard"], *SMALL,
-            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=cluster",
-            "--set", f"storage={tmp_path / 'results'}"]
-    proc = tl(*args, env=two_nodes["env"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "SUCCEEDED" in proc.stdout
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("cluster")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep"]
-    trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
-    assert len(parents) == 1 and len(trials) == 2
-    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
-    assert all(t.info.status == "FINISHED" for t in trials)
-    assert len({t.data.tags["tl_sweep.node"] for t in trials}) == 2  # one trial per 1-CPU node
-    # the winner's best weights went from Ray Tune's storage to the server, with its logged models
-    best = max(trials, key=lambda t: t.data.metrics["best_val_acc"])
-    assert [a.path for a in client.list_artifacts(best.info.run_id)] == ["best.pt"]
-
-
-def test_submit_no_wait_prints_the_job_id(two_nodes, mlflow_server, tmp_path):
-    args = ["submit", SPEC, "--address", two_nodes["dashboard"], "--no-wait", *SMALL,
-            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=nowait"]
-    proc = tl(*args, env=two_nodes["env"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    job_id = proc.stdout.strip().splitlines()[-1]
-    stop = subprocess.run([RAY, "job", "stop", job_id, "--address", two_nodes["dashboard"]],
-                          env=two_nodes["env"], capture_output=True, text=True, timeout=120)
-    assert stop.returncode == 0, stop.stderr
-
-
-def test_wrong_token_is_one_line(two_nodes, tmp_path):
-    env = dict(two_nodes["env"], RAY_AUTH_TOKEN="not-the-token")
-    proc = tl("submit", SPEC, "--address", two_nodes["dashboard"], *SMALL, env=env, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
-
-
 def test_no_dashboard_is_one_line(tmp_path):
     proc = tl("submit", SPEC, "--address", f"http://127.0.0.1:{free_port()}", *SMALL, cwd=tmp_path)
     assert proc.returncode == 2 and "no Ray dashboard answers" in proc.stderr
@@ -106,6 +66,46 @@ def test_node_probe_names_what_a_node_cannot_see(tmp_path, mlflow_server):
     assert problems[1].startswith(f"data: {tmp_path / 'not-here'} does not exist on this node")
     dead = f"http://127.0.0.1:{free_port()}"
     assert "is not reachable from this node" in cluster._probe(None, None, dead, [])[0]
+
+
+def test_submit_runs_trials_on_both_nodes_into_one_mlflow_server(two_nodes, mlflow_server, tmp_path):
+    args = ["submit", SPEC, "--address", two_nodes["dashboard"], *SMALL,
+            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=cluster",
+            "--set", f"storage={tmp_path / 'results'}"]
+    proc = tl(*args, env=two_nodes["env"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("cluster")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tl_sweep.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("tl_sweep.role") == "trial"]
+    assert len(parents) == 1 and len(trials) == 2
+    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
+    assert all(t.info.status == "FINISHED" for t in trials)
+    assert len({t.data.tags["tl_sweep.node"] for t in trials}) == 2  # one trial per 1-CPU node
+    # the winner's best weights went from Ray Tune's storage to the server, with its logged models
+    best = max(trials, key=lambda t: t.data.metrics["best_val_acc"])
+    assert [a.path for a in client.list_artifacts(best.info.run_id)] == ["best.pt"]
+
+
+def test_submit_no_wait_prints_the_job_id(two_nodes, mlflow_server, tmp_path):
+    args = ["submit", SPEC, "--address", two_nodes["dashboard"], "--no-wait", *SMALL,
+            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=nowait"]
+    proc = tl(*args, env=two_nodes["env"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
+    stop = subprocess.run([RAY, "job", "stop", job_id, "--address", two_nodes["dashboard"]],
+                          env=two_nodes["env"], capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+
+
+def test_wrong_token_is_one_line(two_nodes, tmp_path):
+    env = dict(two_nodes["env"], RAY_AUTH_TOKEN="not-the-token")
+    proc = tl("submit", SPEC, "--address", two_nodes["dashboard"], *SMALL, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
 
 
 def test_ray_job_submit_of_tl_sweep_run_survives_its_working_dir(two_nodes, mlflow_server, tmp_path, cache_dir):

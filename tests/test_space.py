@@ -49,7 +49,7 @@ def test_same_spec_proposes_the_same_first_trials():
 def test_early_stopped_trials_are_pruned_not_complete():
     cfg = spec.load(SPEC)
     limiter = space.make_searcher(cfg.spec, "a")
-    searcher = limiter.searcher
+    searcher = limiter.tpe
     a, b = limiter.suggest("a"), limiter.suggest("b")
     for tid in ("a", "b"):
         searcher.on_trial_result(tid, {"val_acc": 0.5, "training_iteration": 1})
@@ -126,7 +126,7 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
     finally:
         ray.shutdown()
     epochs_run = sorted(r.metrics["epoch"] for r in grid)
-    states = [t.state for t in searcher.searcher.study.trials]
+    states = [t.state for t in searcher.tpe.study.trials]
     stopped = sum(e < 3 for e in epochs_run)
     assert stopped >= 1, epochs_run  # lr_mult spreads the scores: ASHA stops the worse half at its rungs
     assert states.count(TrialState.PRUNED) == stopped
@@ -246,4 +246,4 @@ def test_a_restored_plain_search_follows_the_trials_tune_saved():
             searcher.on_trial_complete(tid, {"best_val_acc": 0.5, "epoch": config["epochs"]})
     searcher.on_trial_complete("a", {"best_val_acc": 0.5, "epoch": a["epochs"]})
     assert given == ["a", "c", "d"] and searcher.suggest("f") == searcher.FINISHED and searcher.done()
-    assert "b" not in searcher.searcher.trials
+    assert "b" not in searcher.tpe.trials

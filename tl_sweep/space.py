@@ -202,14 +202,14 @@ def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=No
 
 
 class Budget(TuneSearcher):
-    """A plain sweep's search: its TPE (``searcher``) given ``budget`` trials, at most ``max_concurrent`` at a
-    time. It counts its trials itself, so that on ``--resume`` it can follow the trials Tune saved
-    (:class:`Agreeing`): Ray's ``ConcurrencyLimiter`` and Tune's ``num_samples`` would count a trial Tune never
-    had, and the sweep would end one trial short."""
+    """A plain sweep's search: its TPE (``tpe``; an attribute named ``searcher`` would make Tune save this as a
+    wrapper) given ``budget`` trials, at most ``max_concurrent`` at a time. It counts its trials itself, so that on
+    ``--resume`` it can follow the trials Tune saved (:class:`Agreeing`): Ray's ``ConcurrencyLimiter`` and Tune's
+    ``num_samples`` would count a trial Tune never had, and the sweep would end one trial short."""
 
-    def __init__(self, searcher: Searcher, budget: int, max_concurrent: int):
+    def __init__(self, tpe: Searcher, budget: int, max_concurrent: int):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
-        self.searcher, self.budget, self.max_concurrent = searcher, budget, max(1, max_concurrent)
+        self.tpe, self.budget, self.max_concurrent = tpe, budget, max(1, max_concurrent)
         self.issued, self.running = 0, set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -220,17 +220,17 @@ class Budget(TuneSearcher):
             return None
         if self.issued >= self.budget:
             return None if self.running else TuneSearcher.FINISHED
-        config = self.searcher.suggest(trial_id)
+        config = self.tpe.suggest(trial_id)
         self.issued += 1
         self.running.add(trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searcher.on_trial_result(trial_id, result)
+        self.tpe.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.running.discard(trial_id)
-        self.searcher.on_trial_complete(trial_id, result, error)
+        self.tpe.on_trial_complete(trial_id, result, error)
 
     def done(self) -> bool:
         return not self.running and self.issued >= self.budget
@@ -242,10 +242,10 @@ class Budget(TuneSearcher):
         for trial_id in [t for t in self.running if t not in saved]:
             self.running.discard(trial_id)
             self.issued -= 1
-            self.searcher.forget(trial_id)
+            self.tpe.forget(trial_id)
             n += 1
         for trial_id, (status, _, _) in saved.items():
-            if trial_id in self.searcher.trials:
+            if trial_id in self.tpe.trials:
                 continue
             self.issued += 1
             n += 1
