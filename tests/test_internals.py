@@ -49,7 +49,7 @@ def test_a_stopped_trials_thread_ends_before_its_worker_does_and_a_worker_asked_
     from ray import tune
 
     from conftest import SPEC
-    from tl_sweep import space, spec
+    from tl_sweep import schedule, spec
 
     def _trial(config):  # reports as run_trial does, with its protocol for its thread's end (trainable._ENDED)
         from ray import tune  # noqa: F811
@@ -71,7 +71,7 @@ def test_a_stopped_trials_thread_ends_before_its_worker_does_and_a_worker_asked_
         grid = tune.Tuner(tune.with_resources(fn, {"cpu": 1}),
                           param_space={"n": tune.grid_search([1, 2, 3, 4]), "dir": str(tmp_path), "unwind": 1.5,
                                        "replace": 2},
-                          tune_config=tune.TuneConfig(scheduler=space.make_scheduler(cfg.spec), reuse_actors=True,
+                          tune_config=tune.TuneConfig(scheduler=schedule.make_scheduler(cfg.spec), reuse_actors=True,
                                                       max_concurrent_trials=1),
                           run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
                                                     stop={"training_iteration": 2})).fit()

@@ -5,7 +5,7 @@ test_resume, test_cluster, test_report's study; the study's rules are tests/test
 from __future__ import annotations
 
 from conftest import SPEC
-from tl_sweep import data, runner, space, spec
+from tl_sweep import data, runner, schedule, space, spec
 from tl_sweep.contract import TrialConfig
 
 
@@ -34,7 +34,7 @@ def test_a_trials_context_comes_from_the_resolved_config():
                             classes=[5, 6, 7, 8, 9], log=lambda m: None)
     ctx = runner.trial_context(cfg, prepared, {"scratch": ("none", None)}, repeats=(prepared, prepared))
     assert not ctx.use_gpu and ctx.gpu_share == 0  # auto on a machine without a GPU
-    assert ctx.min_epochs == 2 and ctx.rungs == (1.0,) == space.rungs(cfg.spec)  # epochs 2..6, grace 1
+    assert ctx.min_epochs == 2 and ctx.rungs == (1.0,) == schedule.rungs(cfg.spec)  # epochs 2..6, grace 1
     assert not ctx.keep_search_weights  # a study publishes its finals only
     assert len(ctx.digests) == 2 and set(ctx.digests[0]) == {"train", "val", "test"}
     assert ctx.worker_growth == 0.25 and ctx.checkpoint_every == 1 and ctx.checkpoint_seconds == 30

@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import SPEC
-from tl_sweep import contract, space, spec
+from tl_sweep import contract, schedule, space, spec
 from tl_sweep.contract import TrialConfig
 
 
@@ -68,9 +68,9 @@ def test_rungs_are_the_ones_ray_asha_uses_and_fall_at_one_fraction_of_every_sche
     for sets, expected in ((["study=null"], (1.0,)), (["study=null", "search.space.epochs={low: 9, high: 12}"],
                                                         (1.0, 3.0))):
         cfg = spec.load(SPEC, sets)
-        asha = space.make_scheduler(cfg.spec).make()  # the ASHA the sweep's scheduler runs
+        asha = schedule.make_scheduler(cfg.spec).make()  # the ASHA the sweep's scheduler runs
         milestones = sorted(m for m, _ in asha._brackets[0]._rungs if m < asha._max_t)
-        assert space.rungs(cfg.spec) == expected == tuple(milestones)
+        assert schedule.rungs(cfg.spec) == expected == tuple(milestones)
     # a 3-epoch trial of 4 steps per epoch reaches the rung at half its schedule: step 6, inside epoch 2
     assert contract.rung_steps((1.0,), 2, 12) == {6: 1.0} and contract.rung_steps((1.0,), 2, 5) == {2: 1.0}
 
@@ -79,7 +79,7 @@ def test_a_study_runs_asha_inside_each_cell_never_across():
     from types import SimpleNamespace
 
     cfg = spec.load(SPEC)
-    sched = space.make_scheduler(cfg.spec)
+    sched = schedule.make_scheduler(cfg.spec)
     trial = lambda tid, arm, k, r=0: SimpleNamespace(trial_id=tid, config=TrialConfig.of(  # noqa: E731
         arm=arm, seed=0, unfrozen_blocks=k, search=r).to_tune())
     a1, a2, b1, c1 = trial("a1", "src", 0), trial("a2", "src", 0), trial("b1", "src", 5), trial("c1", "src", 0, 1)
@@ -94,7 +94,7 @@ def test_a_study_runs_asha_inside_each_cell_never_across():
 
 def test_constant_epochs_keep_plain_asha():
     cfg = spec.load(SPEC, ["search.space.epochs=4", "study=null"])
-    sched = space.make_scheduler(cfg.spec).make()
+    sched = schedule.make_scheduler(cfg.spec).make()
     assert sched._max_t == 4  # progress == epoch when every trial has the same schedule
 
 
@@ -116,8 +116,8 @@ def test_a_real_tune_run_with_constant_epochs_tells_optuna_pruned(tmp_path):
 
     cfg = spec.load(SPEC, ["study=null", "search.space.epochs=3", "search.num_trials=8", "search.max_concurrent=2",
                            "search.space.unfrozen_blocks=0", "scheduler.reduction_factor=2"])
-    searcher, scheduler = space.make_searcher(cfg.spec, "a"), space.make_scheduler(cfg.spec)
-    assert space.rungs(cfg.spec) == (1.0, 2.0)
+    searcher, scheduler = space.make_searcher(cfg.spec, "a"), schedule.make_scheduler(cfg.spec)
+    assert schedule.rungs(cfg.spec) == (1.0, 2.0)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -213,7 +213,7 @@ def test_asha_never_leaves_a_cell_fewer_than_min_candidates_full_schedules():
     from types import SimpleNamespace
 
     cfg = spec.load(SPEC, ["study.trials_per_cell=4", "study.min_candidates=3", "scheduler.reduction_factor=2"])
-    sched = space.make_scheduler(cfg.spec)
+    sched = schedule.make_scheduler(cfg.spec)
     config = TrialConfig.of(arm="src", seed=0, unfrozen_blocks=0).to_tune()
     trials = [SimpleNamespace(trial_id=f"t{i}", config=config) for i in range(4)]
     for t in trials:
@@ -222,7 +222,7 @@ def test_asha_never_leaves_a_cell_fewer_than_min_candidates_full_schedules():
     got = [sched.on_trial_result(None, t, rung(acc)) for t, acc in zip(trials, (0.9, 0.2, 0.1, 0.05))]
     assert got == [sched.CONTINUE, sched.STOP, sched.CONTINUE, sched.CONTINUE], got
     assert sched.on_trial_result(None, trials[0], {"progress": 2.0, "val_acc": 0.95}) == sched.STOP  # its end
-    plain = space.make_scheduler(spec.load(SPEC, ["study.trials_per_cell=4", "study.min_candidates=1",
+    plain = schedule.make_scheduler(spec.load(SPEC, ["study.trials_per_cell=4", "study.min_candidates=1",
                                                   "scheduler.reduction_factor=2"]).spec)
     for t in trials:
         plain.on_trial_add(None, t)

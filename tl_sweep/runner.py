@@ -36,8 +36,8 @@ import torch
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from tl_sweep import cluster, cohort, contract, data, internals, limits, models, publish, redact, sources, space, \
-    study, tracking, train, trainable, transferability
+from tl_sweep import cluster, cohort, contract, data, internals, limits, models, publish, redact, schedule, sources, \
+    space, study, tracking, train, trainable, transferability
 # the callbacks by the names a sweep saved before they had their own module pickled them under (--resume)
 from tl_sweep.callbacks import Plan, Progress, Recorder, StaleCheckpoints, drop_checkpoint  # noqa: F401
 from tl_sweep.contract import Tag, TrialConfig, TrialContext, TrialReport, TrialResult
@@ -152,7 +152,7 @@ def trial_context(cfg: Config, data_: data.Prepared, arms: dict[str, tuple[str, 
         feature_cache=s.data.feature_cache, gpu_share=gpu, precision=s.resources.precision,
         memory_limit=int(s.resources.memory_gb * 2**30) if s.resources.memory_gb else None,
         checkpoint_every=s.failures.checkpoint_every,
-        checkpoint_seconds=s.failures.checkpoint_seconds, rungs=space.rungs(s), repeats=tuple(repeats),
+        checkpoint_seconds=s.failures.checkpoint_seconds, rungs=schedule.rungs(s), repeats=tuple(repeats),
         worker_growth=s.resources.worker_growth, run_tags=dict(run_tags or {}),
         dataset=(s.data.dataset.rstrip("/").split("/")[-1], s.data.dataset),
         digests=tuple(data.split_digests(p) for p in (repeats or (data_,))),
@@ -307,7 +307,7 @@ def _tuner(cfg: Config, ctx: TrialContext, name: str, total: int, log: log_fn, s
         tune_config=tune.TuneConfig(search_alg=space.Agreeing(search_alg), scheduler=scheduler, num_samples=-1,
                                     # a new process per trial costs seconds of imports (and on a GPU a CUDA
                                     # context and cuDNN's autotuning); a worker whose memory grew is replaced
-                                    # instead (trainable.Worker, space.Scheduler; ray#32698)
+                                    # instead (trainable.Worker, schedule.Scheduler; ray#32698)
                                     reuse_actors=True,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=s.storage, verbose=0,
@@ -403,13 +403,13 @@ def search(cfg: Config, ctx: TrialContext, parent: str, log: log_fn, resume: boo
                 f"{s.study.trials_per_cell} trials = {n} trials, {how} (ASHA within each cell)")
         return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, "search"), n, log,
                            space.study_searcher(s, cfg.cells, storage, prefix, prior), plan,
-                           scheduler=space.make_scheduler(s, log), resume=resume), s.trials_at_once)
+                           scheduler=schedule.make_scheduler(s, log), resume=resume), s.trials_at_once)
     out, n = [], s.search.num_trials
     for arm in ctx.arms:
         log(f"ray: arm {arm}: {n} trials, {how}")
         tuner = _tuner(cfg, ctx, _phase_name(cfg, parent, arm), n, log,
                        space.make_searcher(s, arm, storage=storage, name=prefix + arm), plan,
-                       scheduler=space.make_scheduler(s, log), resume=resume)
+                       scheduler=schedule.make_scheduler(s, log), resume=resume)
         out += _fit(tuner, s.trials_at_once)
     return out
 
@@ -420,7 +420,7 @@ def _retrain(cfg: Config, ctx: TrialContext, parent: str, phase: str, configs: l
     s = cfg.spec
     points = space.Points([c.to_tune() for c in configs], s.trials_at_once)
     return _fit(_tuner(cfg, ctx, _phase_name(cfg, parent, phase), len(configs), log, points, plan,
-                       scheduler=space.make_scheduler(s, log, finals=True), resume=resume), s.trials_at_once)
+                       scheduler=schedule.make_scheduler(s, log, finals=True), resume=resume), s.trials_at_once)
 
 
 def select(cfg: Config, ctx: TrialContext, parent: str, trials: list[TrialResult], log: log_fn,
