@@ -89,7 +89,10 @@ def test_a_restored_study_search_agrees_with_the_trials_tune_saved():
     mine = next(c for c in searcher.searches if c.cell == cell["a"])
     assert mine.issued == 2 and mine.scores == [(True, 0.6)]  # a's cell: a (running) and z (ended)
     given = {cell["a"]: 2}
-    searcher.on_trial_complete("a", {"best_val_acc": 0.7, "epoch": a["epochs"]})
+    # and a trial this state saw running that Tune saved ended: ended here (Tune will not report it again)
+    assert searcher.agree({"a": ("TERMINATED", a, {"best_val_acc": 0.7, "epoch": a["epochs"]}),
+                           "z": ("TERMINATED", z, {"best_val_acc": 0.6, "epoch": a["epochs"]})}) == 1
+    assert "a" not in searcher.owner and mine.scores == [(True, 0.6), (True, 0.7)] and mine.issued == 2
     n = 0
     while (c := searcher.suggest(f"n{n}")) is not searcher.FINISHED:
         assert c is not None, "the searcher waits on a trial that does not run"

@@ -244,6 +244,8 @@ def test_a_restored_plain_search_follows_the_trials_tune_saved():
         if (config := searcher.suggest(tid)) not in (None, searcher.FINISHED):
             given.append(tid)
             searcher.on_trial_complete(tid, {"best_val_acc": 0.5, "epoch": config["epochs"]})
-    searcher.on_trial_complete("a", {"best_val_acc": 0.5, "epoch": a["epochs"]})
-    assert given == ["a", "c", "d"] and searcher.suggest("f") == searcher.FINISHED and searcher.done()
+    assert given == ["a", "c", "d"] and searcher.suggest("f") is None  # a still runs
+    # a ended after this state was saved, and Tune saved it ended: it will not report again, so it ends here
+    saved = {t: ("TERMINATED", {}, {"best_val_acc": 0.5, "epoch": a["epochs"]}) for t in given}
+    assert searcher.agree(saved) == 1 and searcher.suggest("f") == searcher.FINISHED and searcher.done()
     assert "b" not in searcher.tpe.trials

@@ -211,7 +211,7 @@ class Budget(TuneSearcher):
     def __init__(self, tpe: Searcher, budget: int, max_concurrent: int):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         self.tpe, self.budget, self.max_concurrent = tpe, budget, max(1, max_concurrent)
-        self.issued, self.running = 0, set()
+        self.issued, self.running, self.adopted = 0, set(), set()  # adopted: trials Tune had that it never gave
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -237,18 +237,23 @@ class Budget(TuneSearcher):
         return not self.running and self.issued >= self.budget
 
     def agree(self, saved: dict[str, tuple[str, dict, dict]]) -> int:
-        """A trial given out that Tune never had is given again (its Optuna trial ends FAIL); one Tune has that
-        this state never gave counts. Returns how many it corrected."""
+        """A trial given out that Tune never had is given again (its Optuna trial ends FAIL); one it saw running
+        that Tune saved ended is ended with Tune's last result; one Tune has that this state never gave counts.
+        Returns how many it corrected."""
         n = 0
         for trial_id in [t for t in self.running if t not in saved]:
             self.running.discard(trial_id)
             self.issued -= 1
             self.tpe.forget(trial_id)
             n += 1
+        for trial_id in [t for t in self.running if saved[t][0] == "TERMINATED"]:  # ended after this state was saved
+            self.on_trial_complete(trial_id, saved[trial_id][2])
+            n += 1
         for trial_id, (status, _, _) in saved.items():
-            if trial_id in self.tpe.trials:
+            if trial_id in self.tpe.trials or trial_id in self.adopted:
                 continue
             self.issued += 1
+            self.adopted.add(trial_id)
             n += 1
             if status != "TERMINATED":  # Tune runs it (again) and tells its end
                 self.running.add(trial_id)
@@ -309,6 +314,7 @@ class StudySearcher(TuneSearcher):
     """
 
     max_concurrent = 1_000_000  # in a state saved before it had its own limit, the ConcurrencyLimiter around it
+    adopted: frozenset | set = frozenset()  # trials Tune had that this searcher never gave (:meth:`agree`)
 
     def __init__(self, s: Spec, cells: list[tuple[str, int]], storage=None, prefix: str = "",
                  prior: dict[tuple[str, int], float] | None = None, max_concurrent: int = 1_000_000):
@@ -408,9 +414,11 @@ class StudySearcher(TuneSearcher):
 
     def agree(self, saved: dict[str, tuple[str, dict, dict]]) -> int:
         """Agree with the trials Tune restored (:func:`tl_sweep.internals.saved_trials`): a trial given out that
-        Tune does not have is given again (its cell's count goes back, its Optuna trial ends FAIL); a trial Tune
-        has that this state never gave is counted in its cell (running: it is followed to its end; ended: its
-        score counts at the rung, though its TPE never saw it). Returns how many trials it corrected."""
+        Tune does not have is given again (its cell's count goes back, its Optuna trial ends FAIL); one this state
+        saw running that Tune saved ended is ended here with Tune's last result (Tune will not report it again,
+        and the search would wait on it for ever); a trial Tune has that this state never gave is counted in its
+        cell (running: it is followed to its end; ended: its score counts at the rung, though its TPE never saw
+        it). Returns how many trials it corrected."""
         n = 0
         for trial_id in [t for t in self.owner if t not in saved]:
             c = self.owner.pop(trial_id)
@@ -418,14 +426,19 @@ class StudySearcher(TuneSearcher):
             self.epochs.pop(trial_id, None)
             c.tpe.forget(trial_id)
             n += 1
+        for trial_id in [t for t in self.owner if saved[t][0] == "TERMINATED"]:  # ended after this state was saved:
+            self.on_trial_complete(trial_id, saved[trial_id][2])  # Tune will not say so again
+            n += 1
         for trial_id, (status, config, result) in saved.items():
-            if trial_id in self.owner or any(trial_id in c.tpe.trials for c in self.searches):
+            if trial_id in self.owner or trial_id in self.adopted or any(trial_id in c.tpe.trials
+                                                                           for c in self.searches):
                 continue
             tc = TrialConfig.from_tune(config)
             c = next((c for c in self.searches if c.key == study.Cell.of(tc)), None)
             if c is None:
                 continue
             c.issued += 1
+            self.adopted = {*self.adopted, trial_id}
             n += 1
             if status == "TERMINATED":
                 report = TrialReport.of(result)
