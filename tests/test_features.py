@@ -19,7 +19,9 @@ FAMILY_EXAMPLES = [
     ("resnet18", 64), ("regnet_x_400mf", 64), ("alexnet", 64), ("vgg11_bn", 64), ("squeezenet1_1", 64),
     ("densenet121", 64), ("efficientnet_b0", 64), ("mobilenet_v2", 64), ("mobilenet_v3_small", 64),
     ("mobilenet_v3_large", 64), ("mnasnet0_5", 64), ("shufflenet_v2_x0_5", 64), ("googlenet", 64),
-    ("inception_v3", 80), ("convnext_tiny", 64), ("swin_t", 64), ("maxvit_t", 224), ("vit_b_32", 224),
+    ("inception_v3", 80), ("convnext_tiny", 64), ("swin_t", 64),
+    # the two families whose forward needs 224 px take 9 s each: in the full suite, out of the quick subset
+    pytest.param("maxvit_t", 224, marks=pytest.mark.slow), pytest.param("vit_b_32", 224, marks=pytest.mark.slow),
 ]
 
 
