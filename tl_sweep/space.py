@@ -64,7 +64,23 @@ class DefineByRun:
 # ------------------------------------------------------------------------------------ searcher, scheduler
 
 
-class Searcher(TuneSearcher):
+class OwnSearcher(TuneSearcher):
+    """A searcher of tl-sweep's own: its space, metric and mode are its own (Tune's are not passed on), and its
+    saved state is its attributes."""
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class Searcher(OwnSearcher):
     """A seeded TPE over one search space, through Optuna's public ask-and-tell API.
 
     Each Tune trial is one Optuna trial: :meth:`suggest` asks Optuna for one and samples the space through it
@@ -87,9 +103,6 @@ class Searcher(TuneSearcher):
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial
         self.schedules: dict[str, int] = {}  # Tune trial id -> its epochs, until it ends
         self.ended: set[str] = set()
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # the space, metric and mode are this searcher's own
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
         if trial_id not in self.trials:
@@ -202,7 +215,7 @@ def make_searcher(s: Spec, arm: str, depths: list[int] | None = None, storage=No
     return Budget(searcher, s.search.num_trials, s.trials_at_once)
 
 
-class Budget(TuneSearcher):
+class Budget(OwnSearcher):
     """A plain sweep's search: its TPE (``tpe``; an attribute named ``searcher`` would make Tune save this as a
     wrapper) given ``budget`` trials, at most ``max_concurrent`` at a time. It counts its trials itself, so that on
     ``--resume`` it can follow the trials Tune saved (:class:`Agreeing`): Ray's ``ConcurrencyLimiter`` and Tune's
@@ -212,9 +225,6 @@ class Budget(TuneSearcher):
         super().__init__(metric=contract.METRIC, mode=contract.MODE)
         self.tpe, self.budget, self.max_concurrent = tpe, budget, max(1, max_concurrent)
         self.issued, self.running, self.adopted = 0, set(), set()  # adopted: trials Tune had that it never gave
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if len(self.running) >= self.max_concurrent:
@@ -259,14 +269,6 @@ class Budget(TuneSearcher):
                 self.running.add(trial_id)
         return n
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
 
 @dataclass(eq=False)
 class CellSearch:
@@ -289,13 +291,19 @@ class CellSearch:
         """Its cell in its search repeat."""
         return study.Cell(self.search, self.arm, self.depth)
 
+    def record(self, result: dict | None, epochs: int, error: bool) -> None:
+        """An ended trial's score: whether it ran its whole schedule of ``epochs``, its best validation."""
+        report = TrialReport.of(result)
+        whole = not error and not contract.stopped_early(report.epochs_run, epochs)
+        self.scores.append((whole, -1.0 if error or report.best_val_acc is None else float(report.best_val_acc)))
+
     def rank(self) -> tuple[float, float, float]:
         """Its standing at a rung (:func:`tl_sweep.study.standing`: its search trials ranked as the selection's first
         step ranks them)."""
         return study.standing(self.scores)
 
 
-class StudySearcher(TuneSearcher):
+class StudySearcher(OwnSearcher):
     """A study's searches behind one Tune searcher: one seeded TPE per (cell, search repeat).
 
     ``study.allocate: grid``: each gets the same budget (``study.trials_per_cell``). Suggestions go round-robin
@@ -345,9 +353,6 @@ class StudySearcher(TuneSearcher):
         if not self.halving or c.arm == "scratch":
             return self.budget
         return self.rungs[self.rung[c.search]] if c in self.alive[c.search] else 0
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # each cell's searcher has its own space, metric and mode
 
     def suggest(self, trial_id: str):
         if len(self.owner) >= self.max_concurrent:
@@ -403,9 +408,7 @@ class StudySearcher(TuneSearcher):
         if trial_id in self.owner:
             c = self.owner.pop(trial_id)
             c.tpe.on_trial_complete(trial_id, result, error)
-            report, epochs = TrialReport.of(result), self.epochs.pop(trial_id, 0)
-            whole = not error and not contract.stopped_early(report.epochs_run, epochs)
-            c.scores.append((whole, -1.0 if error or report.best_val_acc is None else float(report.best_val_acc)))
+            c.record(result, self.epochs.pop(trial_id, 0), error)
 
     def done(self) -> bool:
         """Every search has had its trials (or was cut) and none runs."""
@@ -441,16 +444,10 @@ class StudySearcher(TuneSearcher):
             self.adopted = {*self.adopted, trial_id}
             n += 1
             if status == "TERMINATED":
-                report = TrialReport.of(result)
-                whole = not report.trial_error and not contract.stopped_early(report.epochs_run, tc.epochs)
-                c.scores.append((whole, -1.0 if report.best_val_acc is None else float(report.best_val_acc)))
+                c.record(result, tc.epochs, error=bool(TrialReport.of(result).trial_error))
             else:  # running, pending or errored: Tune runs it (again) and tells its end
                 self.owner[trial_id], self.epochs[trial_id] = c, tc.epochs
         return n
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
@@ -499,7 +496,7 @@ class Agreeing(SearchGenerator):
             self.set_state({**self.get_state(), "finished": False})
 
 
-class Points(TuneSearcher):
+class Points(OwnSearcher):
     """A study's re-trainings (its selection, its finals): the given configurations, each trained once, at most
     ``max_concurrent`` at a time; finished when each has been given out and none runs.
 
@@ -514,9 +511,6 @@ class Points(TuneSearcher):
         self.configs, self.max_concurrent = [dict(c) for c in configs], max(1, max_concurrent)
         self.given: dict[str, int] = {}  # trial id -> its configuration's index
         self.running: set[str] = set()
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if len(self.running) >= self.max_concurrent:
@@ -549,11 +543,3 @@ class Points(TuneSearcher):
             if status != "TERMINATED":  # Tune runs it (again) and tells its end
                 self.running.add(trial_id)
         return len(set(before) ^ set(self.given))
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
